@@ -1,0 +1,281 @@
+"""The one validated configuration object, loaded once per task.
+
+A mistake in the YAML must surface as one actionable line that names the key
+(``accounts[acme].timezone: unknown time zone 'Europe/Olso'``), never as a
+stack trace deep inside a task.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import phonenumbers
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_ENV_VAR = "CALL_CONVERSIONS_CONFIG"
+DEFAULT_CONFIG_PATH = PROJECT_ROOT / "config" / "call_conversions.yaml"
+
+CONSENT_VALUES = ("GRANTED", "DENIED", "UNKNOWN")
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, with a message that says what to fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _known_currency(code: str) -> str:
+    from callconv.currencies import ISO_4217
+
+    code = code.strip().upper()
+    if code not in ISO_4217:
+        raise ValueError(f"unknown ISO 4217 currency {code!r}")
+    return code
+
+
+class CrmColumns(_Strict):
+    """Maps the CRM's column names to ours."""
+
+    caller_phone: str
+    conversion_time: str
+    outcome: str
+    value: str | None = None
+    currency: str | None = None
+    crm_id: str | None = None
+    call_start: str | None = None
+
+
+class CrmSource(_Strict):
+    kind: Literal["file", "sql"] = "file"
+    # Landing URI: local folder, file:// or gs://. Files live under
+    # {landing_uri}/{account_id}/{YYYY-MM-DD}/*.csv[.gz].
+    landing_uri: str = "var/landing"
+    delimiter: str = ","
+    encoding: Literal["utf-8", "utf-8-sig", "latin-1", "cp1252"] = "utf-8-sig"
+    decimal: Literal[".", ","] = "."
+    columns: CrmColumns
+    # For kind=sql: a common-sql connection and a query taking
+    # :window_start, :window_end and :account_id.
+    conn_id: str | None = None
+    query: str | None = None
+
+    @field_validator("delimiter")
+    @classmethod
+    def _one_char(cls, value: str) -> str:
+        if len(value) != 1:
+            raise ValueError("must be a single character")
+        return value
+
+    @model_validator(mode="after")
+    def _sql_needs_query(self) -> CrmSource:
+        if self.kind == "sql" and not (self.conn_id and self.query):
+            raise ValueError("kind 'sql' needs both conn_id and query")
+        return self
+
+
+class MatchRules(_Strict):
+    window_days: int = Field(30, ge=1, le=90)
+    attribution: Literal["last", "first"] = "last"
+    min_duration_seconds: int = Field(0, ge=0)
+    forwarded_only: bool = True
+    crm_call_start_tolerance_seconds: int = Field(120, ge=0)
+    # How several sales on one call under one action become one conversion.
+    merge_rule: Literal["sum", "latest"] = "sum"
+
+
+class ValidationRules(_Strict):
+    min_rows: int = Field(0, ge=0)
+    max_rows: int = Field(5_000_000, ge=1)
+    max_bad_row_share: float = Field(0.2, ge=0, le=1)
+    expect_data: bool = True
+
+
+class Retention(_Strict):
+    default_days: int = Field(90, ge=1)
+    landing_days: int | None = Field(None, ge=1)
+    quarantine_days: int | None = Field(None, ge=1)
+    data_docs_days: int | None = Field(None, ge=1)
+    conversion_files_days: int | None = Field(None, ge=1)
+    warehouse_days: int | None = Field(None, ge=1)
+    hard_max_days: int = Field(400, ge=1)
+
+    def days(self, data_class: str) -> int:
+        return getattr(self, f"{data_class}_days") or self.default_days
+
+
+class ConversionAction(_Strict):
+    id: str
+    name: str
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _numeric_id(cls, value: object) -> str:
+        text = str(value).strip() if value is not None else ""
+        if not text.isdigit():
+            raise ValueError(f"conversion action id must be digits, got {value!r}")
+        return text
+
+
+class Consent(_Strict):
+    ad_user_data: Literal[CONSENT_VALUES] = "UNKNOWN"  # type: ignore[valid-type]
+    ad_personalization: Literal[CONSENT_VALUES] = "UNKNOWN"  # type: ignore[valid-type]
+
+
+_CUSTOMER_ID = re.compile(r"^\d{3}-?\d{3}-?\d{4}$")
+
+
+class Account(_Strict):
+    id: str = Field(pattern=r"^[a-z0-9_]{1,64}$")
+    customer_id: str
+    login_customer_id: str | None = None
+    timezone: str
+    default_region: str
+    default_currency: str
+    delivery: Literal["api", "file"] = "api"
+    conversion_actions: dict[str, ConversionAction] = Field(min_length=1)
+    consent: Consent = Consent()
+    match: MatchRules | None = None
+    retention: Retention | None = None
+
+    @field_validator("customer_id", "login_customer_id", mode="before")
+    @classmethod
+    def _customer_id(cls, value: object) -> str | None:
+        if value is None:
+            return None
+        text = str(value).strip()
+        if not _CUSTOMER_ID.match(text):
+            raise ValueError(f"customer id must be 10 digits like 123-456-7890, got {text!r}")
+        return text.replace("-", "")
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}") from None
+        return value
+
+    @field_validator("default_region")
+    @classmethod
+    def _region(cls, value: str) -> str:
+        region = value.strip().upper()
+        if region not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(f"unknown phone region {value!r} (use an ISO 3166 code such as NO)")
+        return region
+
+    @field_validator("default_currency")
+    @classmethod
+    def _currency(cls, value: str) -> str:
+        return _known_currency(value)
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    def action_resource(self, action_id: str) -> str:
+        return f"customers/{self.customer_id}/conversionActions/{action_id}"
+
+
+class Settings(_Strict):
+    warehouse_conn_id: str = "call_conversions_warehouse"
+    google_ads_conn_id: str = "google_ads_default"
+    export_uri: str = "var/export"
+    data_docs_uri: str = "var/data_docs"
+    crm_source: CrmSource
+    match: MatchRules = MatchRules()
+    validation: ValidationRules = ValidationRules()
+    retention: Retention = Retention()
+    accounts: list[Account] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_accounts(self) -> Settings:
+        seen: set[str] = set()
+        for account in self.accounts:
+            if account.id in seen:
+                raise ValueError(f"account id {account.id!r} appears twice")
+            seen.add(account.id)
+        return self
+
+    def account(self, account_id: str) -> Account:
+        for account in self.accounts:
+            if account.id == account_id:
+                return account
+        known = ", ".join(a.id for a in self.accounts)
+        raise ConfigError(f"unknown account {account_id!r}; configured accounts: {known}")
+
+    def match_rules(self, account: Account) -> MatchRules:
+        return account.match or self.match
+
+    def retention_for(self, account: Account) -> Retention:
+        return account.retention or self.retention
+
+    def match_window(self, account: Account) -> timedelta:
+        return timedelta(days=self.match_rules(account).window_days)
+
+    def resolve_uri(self, uri: str) -> str:
+        """Relative local paths are taken from the project root."""
+        if "://" in uri or os.path.isabs(uri):
+            return uri
+        return str(PROJECT_ROOT / uri)
+
+
+def _location(loc: tuple, raw: dict) -> str:
+    """Render a pydantic error location as ``accounts[acme].timezone``."""
+    parts: list[str] = []
+    node: object = raw
+    for step in loc:
+        if isinstance(step, int):
+            label = step
+            if isinstance(node, list) and step < len(node) and isinstance(node[step], dict):
+                label = node[step].get("id", step)
+            parts[-1] = f"{parts[-1]}[{label}]" if parts else f"[{label}]"
+            node = node[step] if isinstance(node, list) and step < len(node) else None
+        else:
+            parts.append(str(step))
+            node = node.get(step) if isinstance(node, dict) else None
+    return ".".join(parts) or "(top level)"
+
+
+def parse_settings(raw: object, source: str = "config") -> Settings:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the file must hold a mapping at the top level")
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "missing":
+            message = "required key is missing"
+        elif first["type"] == "extra_forbidden":
+            message = "unknown key"
+        more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+        raise ConfigError(f"{source}: {_location(first['loc'], raw)}: {message}{more}") from None
+
+
+def config_path() -> Path:
+    return Path(os.environ.get(CONFIG_ENV_VAR) or DEFAULT_CONFIG_PATH)
+
+
+def load_settings(path: str | os.PathLike | None = None) -> Settings:
+    path = Path(path) if path else config_path()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found (set {CONFIG_ENV_VAR})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    return parse_settings(raw, source=str(path))

@@ -1,0 +1,149 @@
+"""Warehouse tables, as SQLAlchemy Core, shared by every stage and by Alembic.
+
+The same definitions run on PostgreSQL, SQLite and BigQuery (through its
+SQLAlchemy dialect), so the types stay portable: timezone-aware DateTime,
+Numeric for money, String for codes. Every time column holds UTC.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+UTC_TIME = sa.DateTime(timezone=True)
+MONEY = sa.Numeric(18, 4)
+
+# The input contract: filled by the telephony or call-tracking system.
+# The pipeline only ever writes caller_e164 and caller_parse_status.
+call_logs = sa.Table(
+    "call_logs",
+    metadata,
+    sa.Column("account_id", sa.String(64), primary_key=True),
+    sa.Column("source_call_id", sa.String(128), primary_key=True),
+    sa.Column("caller_number", sa.String(64), nullable=False),
+    sa.Column("caller_e164", sa.String(20)),
+    sa.Column("caller_parse_status", sa.String(32)),
+    sa.Column("call_start", UTC_TIME, nullable=False),
+    sa.Column("duration_seconds", sa.Integer, nullable=False),
+    sa.Column("dialled_number", sa.String(64)),
+    sa.Column("via_google_forwarding", sa.Boolean, nullable=False),
+    sa.Index("ix_call_logs_caller_start", "caller_e164", "call_start"),
+    sa.Index("ix_call_logs_unnormalised", "account_id", "caller_parse_status"),
+)
+
+# One row per CRM file (or query result) taken in, so nothing is imported twice.
+crm_imports = sa.Table(
+    "crm_imports",
+    metadata,
+    sa.Column("account_id", sa.String(64), primary_key=True),
+    sa.Column("checksum", sa.String(64), primary_key=True),
+    sa.Column("source_uri", sa.String(1024), nullable=False),
+    sa.Column("business_date", sa.Date, nullable=False),
+    sa.Column("row_count", sa.Integer, nullable=False),
+    sa.Column("run_id", sa.String(250), nullable=False),
+    sa.Column("imported_at", UTC_TIME, nullable=False),
+)
+
+# Normalised sales, one per CRM record; the sale_key is the CRM id when it
+# has one, else a hash of the row, so a re-import upserts in place.
+crm_sales = sa.Table(
+    "crm_sales",
+    metadata,
+    sa.Column("account_id", sa.String(64), primary_key=True),
+    sa.Column("sale_key", sa.String(64), primary_key=True),
+    sa.Column("crm_id", sa.String(128)),
+    sa.Column("import_checksum", sa.String(64), nullable=False),
+    sa.Column("source_row", sa.Integer, nullable=False),
+    sa.Column("business_date", sa.Date, nullable=False),
+    sa.Column("caller_e164", sa.String(20)),
+    sa.Column("conversion_time", UTC_TIME, nullable=False),
+    sa.Column("crm_call_start", UTC_TIME),
+    sa.Column("outcome", sa.String(128), nullable=False),
+    sa.Column("conversion_action_id", sa.String(32), nullable=False),
+    sa.Column("conversion_value", MONEY),
+    sa.Column("currency_code", sa.String(3)),
+    sa.Column("matched_call_id", sa.String(128)),
+    sa.Column("matched_call_start", UTC_TIME),
+    sa.Column("conversion_key", sa.String(64)),
+    sa.Column("unmatched_reason", sa.String(32)),
+    sa.Index("ix_crm_sales_day", "account_id", "business_date"),
+    sa.Index("ix_crm_sales_call", "account_id", "matched_call_id", "conversion_action_id"),
+    sa.Index("ix_crm_sales_conversion", "account_id", "conversion_key"),
+)
+
+# Rows that failed validation or normalisation, with the reason.
+quarantine = sa.Table(
+    "quarantine",
+    metadata,
+    sa.Column("account_id", sa.String(64), primary_key=True),
+    sa.Column("import_checksum", sa.String(64), primary_key=True),
+    sa.Column("source_row", sa.Integer, primary_key=True),
+    sa.Column("business_date", sa.Date, nullable=False),
+    sa.Column("reason", sa.String(48), nullable=False),
+    sa.Column("detail", sa.String(256)),
+    sa.Column("crm_id", sa.String(128)),
+    sa.Column("raw_record", sa.JSON),
+    sa.Column("run_id", sa.String(250), nullable=False),
+    sa.Index("ix_quarantine_day", "account_id", "business_date"),
+)
+
+# One conversion per (call, conversion action): what will be sent to Google.
+matches = sa.Table(
+    "matches",
+    metadata,
+    sa.Column("conversion_key", sa.String(64), primary_key=True),
+    sa.Column("account_id", sa.String(64), nullable=False),
+    sa.Column("business_date", sa.Date, nullable=False),
+    sa.Column("source_call_id", sa.String(128), nullable=False),
+    sa.Column("caller_e164", sa.String(20)),
+    sa.Column("call_start", UTC_TIME, nullable=False),
+    sa.Column("conversion_action_id", sa.String(32), nullable=False),
+    sa.Column("conversion_time", UTC_TIME, nullable=False),
+    sa.Column("conversion_value", MONEY),
+    sa.Column("currency_code", sa.String(3)),
+    sa.Column("sale_count", sa.Integer, nullable=False),
+    sa.Column("run_id", sa.String(250), nullable=False),
+    sa.UniqueConstraint("account_id", "source_call_id", "conversion_action_id", name="uq_matches_call_action"),
+    sa.Index("ix_matches_day", "account_id", "business_date"),
+)
+
+# Delivery state per conversion. The payload is copied in when the row turns
+# pending, so what is retried is exactly what was first sent.
+upload_ledger = sa.Table(
+    "upload_ledger",
+    metadata,
+    sa.Column("conversion_key", sa.String(64), primary_key=True),
+    sa.Column("account_id", sa.String(64), nullable=False),
+    sa.Column("business_date", sa.Date, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("caller_e164", sa.String(20)),
+    sa.Column("call_start", UTC_TIME, nullable=False),
+    sa.Column("conversion_action_id", sa.String(32), nullable=False),
+    sa.Column("conversion_time", UTC_TIME, nullable=False),
+    sa.Column("conversion_value", MONEY),
+    sa.Column("currency_code", sa.String(3)),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("park_until", UTC_TIME),
+    sa.Column("error_code", sa.String(64)),
+    sa.Column("error_message", sa.String(512)),
+    sa.Column("delivered_at", UTC_TIME),
+    sa.Column("delivered_by", sa.String(8)),
+    sa.Column("run_id", sa.String(250), nullable=False),
+    sa.Index("ix_upload_ledger_state", "account_id", "state"),
+)
+
+# One row per (DAG run, account): counts by stage, for reports and alerts.
+run_summary = sa.Table(
+    "run_summary",
+    metadata,
+    sa.Column("run_id", sa.String(250), primary_key=True),
+    sa.Column("account_id", sa.String(64), primary_key=True),
+    sa.Column("business_date", sa.Date, nullable=False),
+    sa.Column("window_start", UTC_TIME, nullable=False),
+    sa.Column("window_end", UTC_TIME, nullable=False),
+    sa.Column("counts", sa.JSON, nullable=False),
+    sa.Column("updated_at", UTC_TIME, nullable=False),
+)
+
+LEDGER_STATES = ("pending", "uploaded", "parked", "failed", "delivered")

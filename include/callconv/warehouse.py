@@ -1,0 +1,45 @@
+"""Warehouse access: engines and migrations, for PostgreSQL, SQLite or BigQuery."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import sqlalchemy as sa
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+
+
+def create_engine(url: str) -> sa.Engine:
+    engine = sa.create_engine(url, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+        # The embedded demo warehouse: one writer, enforced foreign keys, WAL for readers.
+        @sa.event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection, _record):
+            cursor = dbapi_connection.cursor()
+            cursor.execute("pragma journal_mode=wal")
+            cursor.execute("pragma busy_timeout=30000")
+            cursor.close()
+
+    return engine
+
+
+def alembic_config(url: str):
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def migrate(url: str, revision: str = "head") -> None:
+    """Bring the warehouse schema to ``revision``; running it again is a no-op."""
+    from alembic import command
+
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    command.upgrade(alembic_config(url), revision)
+    log.info("warehouse schema is at %s", revision)

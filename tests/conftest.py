@@ -1,0 +1,71 @@
+"""Shared fixtures. The warehouse is always a real PostgreSQL.
+
+Each test session gets a schema of its own, dropped afterwards. A server that
+cannot be reached fails the run with a message saying so; it never skips.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+DEFAULT_WAREHOUSE_TEST_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+
+
+def warehouse_test_url() -> str:
+    return os.environ.get("WAREHOUSE_TEST_URL") or DEFAULT_WAREHOUSE_TEST_URL
+
+
+@pytest.fixture(scope="session")
+def pg_admin_engine():
+    import sqlalchemy as sa
+
+    url = warehouse_test_url()
+    engine = sa.create_engine(url, pool_pre_ping=True)
+    try:
+        with engine.connect() as connection:
+            connection.execute(sa.text("select 1"))
+    except Exception as error:  # noqa: BLE001 - turned into a clear failure
+        pytest.fail(
+            f"PostgreSQL is required for integration tests and could not be reached at "
+            f"{engine.url.render_as_string(hide_password=True)} (WAREHOUSE_TEST_URL): "
+            f"{type(error).__name__}: {str(error).splitlines()[0]}",
+            pytrace=False,
+        )
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_schema_url(pg_admin_engine):
+    """A fresh schema with the project's migrations applied; its URL pins search_path."""
+    import sqlalchemy as sa
+
+    from callconv.warehouse import migrate
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with pg_admin_engine.begin() as connection:
+        connection.execute(sa.text(f'create schema "{schema}"'))
+    url = pg_admin_engine.url.update_query_dict({"options": f"-csearch_path={schema}"})
+    url_text = url.render_as_string(hide_password=False)
+    migrate(url_text)
+    yield url_text
+    with pg_admin_engine.begin() as connection:
+        connection.execute(sa.text(f'drop schema "{schema}" cascade'))
+
+
+@pytest.fixture()
+def warehouse(pg_schema_url):
+    """An engine on the session schema, with every table emptied before the test."""
+    import sqlalchemy as sa
+
+    from callconv.schema import metadata
+
+    engine = sa.create_engine(pg_schema_url)
+    with engine.begin() as connection:
+        for table in reversed(metadata.sorted_tables):
+            connection.execute(table.delete())
+    yield engine
+    engine.dispose()
