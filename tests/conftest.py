@@ -8,8 +8,15 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 
 import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Airflow reads its home at import: keep tests off ~/airflow and away from the demo's.
+os.environ.setdefault("AIRFLOW_HOME", str(PROJECT_ROOT / ".airflow" / "test"))
+os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(PROJECT_ROOT / "dags"))
 
 DEFAULT_WAREHOUSE_TEST_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 

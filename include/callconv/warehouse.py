@@ -43,3 +43,22 @@ def migrate(url: str, revision: str = "head") -> None:
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     command.upgrade(alembic_config(url), revision)
     log.info("warehouse schema is at %s", revision)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import os
+
+    parser = argparse.ArgumentParser(prog="python -m callconv.warehouse")
+    parser.add_argument("command", choices=("migrate",))
+    parser.add_argument("--url", default=os.environ.get("CALL_CONVERSIONS_WAREHOUSE_URL"))
+    args = parser.parse_args(argv)
+    if not args.url:
+        parser.error("give --url or set CALL_CONVERSIONS_WAREHOUSE_URL")
+    logging.basicConfig(level=logging.WARNING)
+    migrate(args.url)
+    print("warehouse schema is up to date")
+
+
+if __name__ == "__main__":
+    main()

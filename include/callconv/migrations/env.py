@@ -1,8 +1,9 @@
 """Alembic environment: runs online against the URL set by callconv.warehouse."""
 
 from alembic import context
-from callconv.schema import metadata
 from sqlalchemy import engine_from_config, pool
+
+from callconv.schema import metadata
 
 config = context.config
 

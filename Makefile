@@ -1,0 +1,56 @@
+# The two commands a newcomer needs:  make demo   and   make test
+# Both create .venv and install what is missing on first use.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_DATE ?= 2026-11-27
+DEMO_ACCOUNT ?= nordic_plumbing
+
+export AIRFLOW_HOME := $(CURDIR)/.airflow
+export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
+export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
+export AIRFLOW__CORE__LOAD_EXAMPLES := False
+export AIRFLOW__CORE__UNIT_TEST_MODE := False
+export CALL_CONVERSIONS_WAREHOUSE_URL ?= sqlite:///$(CURDIR)/var/warehouse.db
+export AIRFLOW_CONN_CALL_CONVERSIONS_WAREHOUSE ?= {"conn_type": "generic", "extra": {"sqlalchemy_url": "$(CALL_CONVERSIONS_WAREHOUSE_URL)"}}
+
+.PHONY: install demo test lint airflow migrate clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt -r requirements-dev.txt -c constraints.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+migrate: $(STAMP)
+	$(BIN)/python -m callconv.warehouse migrate
+
+demo: $(STAMP)
+	@mkdir -p var $(AIRFLOW_HOME)
+	$(BIN)/airflow db migrate > $(AIRFLOW_HOME)/db-migrate.log 2>&1 || (cat $(AIRFLOW_HOME)/db-migrate.log; exit 1)
+	$(BIN)/python -m callconv.warehouse migrate
+	$(BIN)/python -m callconv.demo seed --date $(DEMO_DATE) --warehouse-url "$(CALL_CONVERSIONS_WAREHOUSE_URL)"
+	$(BIN)/airflow dags test call_conversions_import__$(DEMO_ACCOUNT) $$($(BIN)/python -c "import datetime as d; print(d.date.fromisoformat('$(DEMO_DATE)') + d.timedelta(days=1))") > var/demo-run.log 2>&1 \
+		|| (tail -50 var/demo-run.log; echo "demo run failed; full log in var/demo-run.log"; exit 1)
+	@echo "Airflow run log: var/demo-run.log"
+	@$(BIN)/python -m callconv.demo summary --date $(DEMO_DATE) --warehouse-url "$(CALL_CONVERSIONS_WAREHOUSE_URL)"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+airflow: $(STAMP)
+	@mkdir -p var $(AIRFLOW_HOME)
+	$(BIN)/python -m callconv.warehouse migrate
+	$(BIN)/airflow standalone
+
+clean:
+	rm -rf var $(AIRFLOW_HOME)

@@ -1,0 +1,83 @@
+"""
+### Daily call-conversion import
+
+One DAG per account in `config/call_conversions.yaml` (or `$CALL_CONVERSIONS_CONFIG`),
+scheduled at local midnight in the account's time zone. Each run covers one
+account-local day, `[data_interval_start, data_interval_end)`:
+
+1. **take_in_crm_extracts**: read the day's CRM files from the landing area,
+   validate them with Great Expectations, normalise phones, times and money,
+   and store sales and quarantined rows. Files already imported are skipped.
+2. **normalise_call_logs**: give the window's call-log rows an E.164 caller.
+3. **match_sales**: match each sale to its call inside the warehouse.
+4. **write_conversion_file**: write the day's file in Google's import template.
+
+Every task is safe to rerun, and a backfill of a day gives the same tables.
+Logs carry counts and reason codes, never a phone number.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from airflow.sdk import Param, dag, task
+from airflow.timetables.interval import CronDataIntervalTimetable
+
+from callconv.config import load_settings
+
+DEFAULT_ARGS = {
+    "owner": "data-engineering",
+    "retries": 2,
+    "retry_delay": timedelta(minutes=5),
+    "retry_exponential_backoff": True,
+}
+
+
+def build_import_dag(account_id: str, timezone: str):
+    @dag(
+        dag_id=f"call_conversions_import__{account_id}",
+        schedule=CronDataIntervalTimetable("0 0 * * *", timezone=timezone),
+        catchup=False,
+        max_active_runs=1,
+        default_args=DEFAULT_ARGS,
+        doc_md=__doc__,
+        tags=["call-conversions", "google-ads", f"account:{account_id}"],
+        params={
+            "reimport": Param(
+                False, type="boolean", description="Read the day's CRM files again even if already imported."
+            ),
+        },
+    )
+    def call_conversions_import():
+        @task(retries=0)
+        def take_in_crm_extracts(**context) -> dict:
+            """Validation failures are about the data, so retrying cannot help."""
+            from callconv.steps import take_in_crm_extracts as run
+
+            return run(account_id, context, reimport=bool(context["params"]["reimport"]))
+
+        @task
+        def normalise_call_logs(**context) -> dict:
+            from callconv.steps import normalise_call_logs as run
+
+            return run(account_id, context)
+
+        @task
+        def match_sales(**context) -> dict:
+            from callconv.steps import match_sales as run
+
+            return run(account_id, context)
+
+        @task
+        def write_conversion_file(**context) -> dict:
+            from callconv.steps import write_conversion_file as run
+
+            return run(account_id, context)
+
+        take_in_crm_extracts() >> normalise_call_logs() >> match_sales() >> write_conversion_file()
+
+    return call_conversions_import()
+
+
+for _account in load_settings().accounts:
+    build_import_dag(_account.id, _account.timezone)

@@ -1,0 +1,106 @@
+"""Stage 5 (file path): the day's conversions in Google's call-conversion import template.
+
+The layout is Google's: an optional ``Parameters:TimeZone=`` row, the header
+row, then one row per conversion with times written in that zone. Header names
+live in one constant because they come from Google's template, not from code.
+
+The file must be safe to open in a spreadsheet: text cells that start with
+``=``, ``+``, ``-`` or ``@`` get a leading apostrophe so they are never run as
+formulas. The phone column is the exception, since Google must read it as
+written: it gets a leading tab instead, which spreadsheets keep as text and
+Google's importer trims as whitespace.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from dataclasses import dataclass
+from datetime import date
+
+import sqlalchemy as sa
+
+from callconv.config import Account
+from callconv.match import as_utc
+from callconv.schema import matches
+
+log = logging.getLogger(__name__)
+
+TEMPLATE_HEADER = (
+    "Caller's Phone Number",
+    "Call Start Time",
+    "Conversion Name",
+    "Conversion Time",
+    "Conversion Value",
+    "Conversion Currency",
+    "Ad User Data",
+    "Ad Personalization",
+)
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+@dataclass(frozen=True)
+class ConversionFile:
+    path: str
+    rows: int
+
+
+def safe_text(cell: str) -> str:
+    """Neutralise a text cell that a spreadsheet would run as a formula."""
+    return f"'{cell}" if cell.startswith(FORMULA_STARTS) else cell
+
+
+def phone_cell(e164: str) -> str:
+    return f"\t{e164}"
+
+
+def render(account: Account, rows: list[dict]) -> bytes:
+    names = {action.id: action.name for action in account.conversion_actions.values()}
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([f"Parameters:TimeZone={account.timezone}"])
+    writer.writerow(TEMPLATE_HEADER)
+    for row in rows:
+        value = row["conversion_value"]
+        writer.writerow(
+            [
+                phone_cell(row["caller_e164"]),
+                as_utc(row["call_start"]).astimezone(account.tz).strftime(TIME_FORMAT),
+                safe_text(names[row["conversion_action_id"]]),
+                as_utc(row["conversion_time"]).astimezone(account.tz).strftime(TIME_FORMAT),
+                "" if value is None else f"{value:f}".rstrip("0").rstrip("."),
+                safe_text(row["currency_code"] or ""),
+                account.consent.ad_user_data.title(),
+                account.consent.ad_personalization.title(),
+            ]
+        )
+    return out.getvalue().encode("utf-8")
+
+
+def day_conversions(engine: sa.Engine, account_id: str, business_date: date) -> list[dict]:
+    with engine.connect() as connection:
+        rows = connection.execute(
+            sa.select(matches)
+            .where(matches.c.account_id == account_id, matches.c.business_date == business_date)
+            .order_by(matches.c.conversion_time, matches.c.conversion_key)
+        ).mappings()
+        return [dict(row) for row in rows]
+
+
+def file_name(account_id: str, business_date: date) -> str:
+    return f"call_conversions_{account_id}_{business_date.isoformat()}.csv"
+
+
+def write_conversion_file(engine: sa.Engine, account: Account, business_date: date, export_root) -> ConversionFile:
+    """Write (or replace) the day's file; the same day always yields the same bytes."""
+    rows = day_conversions(engine, account.id, business_date)
+    folder = export_root / account.id / business_date.isoformat()
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / file_name(account.id, business_date)
+    staging = folder / f".{target.name}.partial"
+    staging.write_bytes(render(account, rows))
+    staging.rename(target)
+    log.info("conversion file: %d conversions written to %s", len(rows), target)
+    return ConversionFile(path=str(target), rows=len(rows))

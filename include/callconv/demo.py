@@ -1,0 +1,197 @@
+"""A small, realistic, synthetic data set for the demo, and a summary of what a run did.
+
+``python -m callconv.demo seed --date 2026-11-27`` fills the warehouse's call
+logs for the 30 days before that date and drops one CRM extract for the day in
+the landing area. ``python -m callconv.demo summary --date ...`` prints the
+outcome. Every number comes from a seeded generator, so each seed is the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import random
+from datetime import UTC, date, datetime, time, timedelta
+
+import sqlalchemy as sa
+
+from callconv.config import Account, Settings, load_settings
+from callconv.schema import call_logs, crm_sales, quarantine, run_summary, upload_ledger
+
+# National and international ways a Norwegian CRM and switchboard write numbers.
+WRITTEN_FORMS = (
+    lambda n: f"+47 {n[:3]} {n[3:5]} {n[5:]}",
+    lambda n: f"0047{n}",
+    lambda n: f"{n[:3]} {n[3:5]} {n[5:]}",
+    lambda n: f"(+47) {n[:2]}.{n[2:4]}.{n[4:6]}.{n[6:]}",
+    lambda n: f"+47-{n}",
+)
+
+
+def _callers(rng: random.Random, count: int) -> list[str]:
+    """Valid Norwegian mobile numbers, as national significant numbers."""
+    import phonenumbers
+
+    callers: list[str] = []
+    while len(callers) < count:
+        candidate = f"{rng.choice('49')}{rng.randrange(10**6, 10**7):07d}"
+        if phonenumbers.is_valid_number(phonenumbers.parse(candidate, "NO")):
+            callers.append(candidate)
+    return callers
+
+
+def make_call_logs(account: Account, business_date: date, rng: random.Random, callers: list[str]) -> list[dict]:
+    """About 40 calls a day over the match window, a fifth of them not forwarded."""
+    tz = account.tz
+    rows = []
+    for day_offset in range(30, -1, -1):
+        day = business_date - timedelta(days=day_offset)
+        for index in range(40):
+            local = datetime.combine(day, time(8)) + timedelta(seconds=rng.randrange(0, 10 * 3600))
+            rows.append(
+                {
+                    "account_id": account.id,
+                    "source_call_id": f"call-{day:%Y%m%d}-{index:03d}",
+                    "caller_number": rng.choice(WRITTEN_FORMS)(rng.choice(callers)),
+                    "call_start": local.replace(tzinfo=tz).astimezone(UTC),
+                    "duration_seconds": rng.choice((12, 45, 95, 180, 420, 900)),
+                    "dialled_number": "+4721000000",
+                    "via_google_forwarding": rng.random() < 0.8,
+                }
+            )
+    return rows
+
+
+def make_crm_extract(settings: Settings, account: Account, business_date: date, calls: list[dict], rng) -> bytes:
+    """Sales after about a third of the day's and the week's calls, plus a few bad rows."""
+    columns = settings.crm_source.columns
+    header = [
+        columns.crm_id,
+        columns.caller_phone,
+        columns.call_start,
+        columns.conversion_time,
+        columns.outcome,
+        columns.value,
+        columns.currency,
+    ]
+    tz = account.tz
+    day_start = datetime.combine(business_date, time(0), tzinfo=tz)
+    recent = [c for c in calls if c["call_start"] >= (day_start - timedelta(days=7)).astimezone(UTC)]
+    out = io.StringIO()
+    writer = csv.writer(out, delimiter=settings.crm_source.delimiter, lineterminator="\r\n")
+    writer.writerow(header)
+    case = 1000
+    for call in rng.sample(recent, k=len(recent) // 3):
+        start_local = call["call_start"].astimezone(tz)
+        sold_at = start_local + timedelta(minutes=rng.randrange(5, 90))
+        if sold_at.date() != business_date:
+            sold_at = datetime.combine(business_date, time(rng.randrange(8, 18), rng.randrange(60)), tzinfo=tz)
+        if sold_at <= start_local:
+            continue
+        case += 1
+        amount = f"{rng.randrange(500, 25000)},{rng.randrange(100):02d}"
+        writer.writerow(
+            [
+                f"S-{case}",
+                rng.choice(WRITTEN_FORMS)(_digits(call["caller_number"])),
+                start_local.strftime("%Y-%m-%d %H:%M:%S") if rng.random() < 0.5 else "",
+                sold_at.strftime("%Y-%m-%d %H:%M:%S"),
+                rng.choice(("sale", "sale", "upsell")),
+                amount,
+                rng.choice(("NOK", "", "nok")),
+            ]
+        )
+    noon = f"{business_date} 12:00:00"
+    writer.writerow([f"S-{case + 1}", "12", "", noon, "sale", "100,00", "NOK"])  # too short a number
+    writer.writerow([f"S-{case + 2}", "+47 400 00 000", "", "yesterday", "sale", "", ""])  # unreadable time
+    writer.writerow([f"S-{case + 3}", "+47 400 00 001", "", noon, "refund", "", ""])  # unknown outcome
+    writer.writerow([f"S-{case + 4}", "+47 912 00 000", "", noon, "sale", "-50,00", "NOK"])  # negative value
+    writer.writerow([f"S-{case + 5}", "+47 915 55 555", "", noon, "sale", "990,00", "NOK"])  # no such caller
+    return out.getvalue().encode("utf-8-sig")
+
+
+def _digits(written: str) -> str:
+    digits = "".join(ch for ch in written if ch.isdigit())
+    return digits[-8:]
+
+
+def seed(engine: sa.Engine, settings: Settings, landing_root, business_date: date, seed_value: int = 7) -> dict:
+    """Replace the demo account's call logs and drop the day's CRM extract (idempotent)."""
+    account = settings.accounts[0]
+    rng = random.Random(seed_value)
+    callers = _callers(rng, 120)
+    calls = make_call_logs(account, business_date, rng, callers)
+    with engine.begin() as connection:
+        connection.execute(call_logs.delete().where(call_logs.c.account_id == account.id))
+        connection.execute(call_logs.insert(), calls)
+    folder = landing_root / account.id / business_date.isoformat()
+    folder.mkdir(parents=True, exist_ok=True)
+    extract = folder / f"crm_sales_{business_date:%Y%m%d}.csv"
+    extract.write_bytes(make_crm_extract(settings, account, business_date, calls, rng))
+    return {"account": account.id, "call_logs": len(calls), "extract": str(extract)}
+
+
+def summary(engine: sa.Engine, account: Account, business_date: date) -> str:
+    day = sa.and_(crm_sales.c.account_id == account.id, crm_sales.c.business_date == business_date)
+    with engine.connect() as connection:
+        sales = connection.scalar(sa.select(sa.func.count()).select_from(crm_sales).where(day))
+        matched = connection.scalar(
+            sa.select(sa.func.count()).select_from(crm_sales).where(day, crm_sales.c.matched_call_id.is_not(None))
+        )
+        unmatched = connection.execute(
+            sa.select(crm_sales.c.unmatched_reason, sa.func.count())
+            .where(day, crm_sales.c.unmatched_reason.is_not(None))
+            .group_by(crm_sales.c.unmatched_reason)
+        ).all()
+        quarantined = connection.execute(
+            sa.select(quarantine.c.reason, sa.func.count())
+            .where(quarantine.c.account_id == account.id, quarantine.c.business_date == business_date)
+            .group_by(quarantine.c.reason)
+        ).all()
+        ledger = connection.execute(
+            sa.select(upload_ledger.c.state, sa.func.count())
+            .where(upload_ledger.c.account_id == account.id, upload_ledger.c.business_date == business_date)
+            .group_by(upload_ledger.c.state)
+        ).all()
+        last_run = connection.execute(
+            sa.select(run_summary.c.counts)
+            .where(run_summary.c.account_id == account.id, run_summary.c.business_date == business_date)
+            .order_by(run_summary.c.updated_at.desc())
+        ).first()
+    lines = [
+        f"Account {account.id}, day {business_date} ({account.timezone})",
+        f"  sales normalised:   {sales}",
+        f"  quarantined:        {dict(sorted(quarantined))}",
+        f"  matched to a call:  {matched}",
+        f"  unmatched:          {dict(sorted(unmatched))}",
+        f"  upload ledger:      {dict(sorted(ledger))}",
+    ]
+    counts = last_run[0] if last_run else {}
+    if "conversion_file" in counts:
+        lines.append(f"  conversion file:    {counts['conversion_file']['path']}")
+    if "upload" in counts:
+        lines.append(f"  upload:             {counts['upload']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from callconv.runtime import storage_root
+    from callconv.warehouse import create_engine
+
+    parser = argparse.ArgumentParser(prog="python -m callconv.demo")
+    parser.add_argument("command", choices=("seed", "summary"))
+    parser.add_argument("--date", type=date.fromisoformat, required=True, help="the account-local day")
+    parser.add_argument("--warehouse-url", required=True)
+    args = parser.parse_args(argv)
+    settings = load_settings()
+    engine = create_engine(args.warehouse_url)
+    if args.command == "seed":
+        result = seed(engine, settings, storage_root(settings.crm_source.landing_uri, settings), args.date)
+        print(f"Seeded {result['call_logs']} call-log rows and one CRM extract for {result['account']}, {args.date}")
+    else:
+        print(summary(engine, settings.accounts[0], args.date))
+
+
+if __name__ == "__main__":
+    main()

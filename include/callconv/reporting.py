@@ -1,0 +1,49 @@
+"""The per-run summary: one row per (DAG run, account), counts by stage."""
+
+from __future__ import annotations
+
+import logging
+from datetime import date, datetime
+
+import sqlalchemy as sa
+
+from callconv.schema import run_summary
+
+log = logging.getLogger(__name__)
+
+
+def record_stage(
+    engine: sa.Engine,
+    run_id: str,
+    account_id: str,
+    business_date: date,
+    window: tuple[datetime, datetime],
+    stage: str,
+    counts: dict,
+) -> None:
+    """Merge one stage's counts into the run's row; a rerun of the stage overwrites its own part."""
+    key = sa.and_(run_summary.c.run_id == run_id, run_summary.c.account_id == account_id)
+    with engine.begin() as connection:
+        current = connection.scalar(sa.select(run_summary.c.counts).where(key).with_for_update())
+        merged = {**(current or {}), stage: counts}
+        values = {"counts": merged, "updated_at": window[1], "business_date": business_date}
+        if current is None:
+            connection.execute(
+                run_summary.insert().values(
+                    run_id=run_id, account_id=account_id, window_start=window[0], window_end=window[1], **values
+                )
+            )
+        else:
+            connection.execute(run_summary.update().where(key).values(**values))
+
+
+def run_counts(engine: sa.Engine, run_id: str, account_id: str) -> dict:
+    with engine.connect() as connection:
+        return (
+            connection.scalar(
+                sa.select(run_summary.c.counts).where(
+                    run_summary.c.run_id == run_id, run_summary.c.account_id == account_id
+                )
+            )
+            or {}
+        )

@@ -1,0 +1,97 @@
+"""One function per DAG task: take the window from the context, run the stage, record its counts.
+
+DAG files call these from inside their task bodies, so nothing here runs at
+parse time, and each returns only a small dict of counts for XCom.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from callconv.runtime import log_group, storage_root, task_scope
+
+log = logging.getLogger(__name__)
+
+
+def _record(scope, stage: str, counts: dict) -> dict:
+    from callconv.intake import business_date_of
+    from callconv.reporting import record_stage
+
+    window = scope.window
+    record_stage(
+        scope.engine,
+        window.run_id,
+        scope.account.id,
+        business_date_of(scope.account, window.start),
+        (window.start, window.end),
+        stage,
+        counts,
+    )
+    return counts
+
+
+def take_in_crm_extracts(account_id: str, context, reimport: bool = False) -> dict:
+    from callconv.intake import take_in_day
+
+    scope = task_scope(account_id, context)
+    settings = scope.settings
+    with log_group(f"intake {account_id} {scope.window.start:%Y-%m-%d %H:%M} to {scope.window.end:%Y-%m-%d %H:%M} UTC"):
+        outcome = take_in_day(
+            scope.engine,
+            settings,
+            scope.account,
+            scope.window.start,
+            scope.window.end,
+            scope.window.run_id,
+            landing_root=storage_root(settings.crm_source.landing_uri, settings),
+            data_docs_root=storage_root(settings.data_docs_uri, settings),
+            reimport=reimport,
+        )
+    return _record(scope, "intake", outcome.as_counts())
+
+
+def normalise_call_logs(account_id: str, context) -> dict:
+    from callconv.call_logs import normalise_call_logs as normalise
+
+    scope = task_scope(account_id, context)
+    with log_group(f"normalise call logs {account_id}"):
+        counts = normalise(
+            scope.engine,
+            account_id,
+            scope.account.default_region,
+            scope.window.start,
+            scope.window.end,
+            scope.settings.match_window(scope.account),
+        )
+    return _record(scope, "call_logs", counts)
+
+
+def match_sales(account_id: str, context) -> dict:
+    from callconv.intake import business_date_of
+    from callconv.match import match_day
+
+    scope = task_scope(account_id, context)
+    with log_group(f"match {account_id}"):
+        outcome = match_day(
+            scope.engine,
+            account_id,
+            business_date_of(scope.account, scope.window.start),
+            scope.settings.match_rules(scope.account),
+            scope.window.run_id,
+        )
+    return _record(scope, "match", outcome.as_counts())
+
+
+def write_conversion_file(account_id: str, context) -> dict:
+    from callconv.conversion_file import write_conversion_file as write
+    from callconv.intake import business_date_of
+
+    scope = task_scope(account_id, context)
+    with log_group(f"conversion file {account_id}"):
+        written = write(
+            scope.engine,
+            scope.account,
+            business_date_of(scope.account, scope.window.start),
+            storage_root(scope.settings.export_uri, scope.settings),
+        )
+    return _record(scope, "conversion_file", {"written": written.rows, "path": written.path})
