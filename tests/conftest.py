@@ -76,3 +76,18 @@ def warehouse(pg_schema_url):
             connection.execute(table.delete())
     yield engine
     engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    """Airflow's own metadata DB (SQLite under AIRFLOW_HOME), migrated once per run."""
+    import subprocess
+    import sys
+
+    home = Path(os.environ["AIRFLOW_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, f"airflow db migrate failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    return home

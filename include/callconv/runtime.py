@@ -68,13 +68,17 @@ def warehouse_url_from_connection(conn) -> str:
     )
 
 
-@lru_cache(maxsize=4)
 def warehouse_engine(conn_id: str):
     from airflow.sdk import Connection
 
+    return _engine_for(warehouse_url_from_connection(Connection.get(conn_id)))
+
+
+@lru_cache(maxsize=4)
+def _engine_for(url: str):
     from callconv.warehouse import create_engine
 
-    return create_engine(warehouse_url_from_connection(Connection.get(conn_id)))
+    return create_engine(url)
 
 
 def storage_root(uri: str, settings: Settings, conn_id: str | None = None):

@@ -61,7 +61,9 @@ def normalise_call_logs(account_id: str, context) -> dict:
             scope.account.default_region,
             scope.window.start,
             scope.window.end,
-            scope.settings.match_window(scope.account),
+            # Twice the match window, so a sale whose caller called only long ago is told apart
+            # from one whose caller never called (calls_outside_window vs no_call_from_number).
+            2 * scope.settings.match_window(scope.account),
         )
     return _record(scope, "call_logs", counts)
 

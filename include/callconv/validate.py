@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -39,6 +39,9 @@ from callconv.validate_prepare import (
     prepare_table_frame,
     value_pattern,
 )
+
+if TYPE_CHECKING:
+    from callconv.config import ValidationRules
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +115,7 @@ def validate_extract(
     frame: pd.DataFrame,
     known_outcomes: set[str],
     decimal: str,
-    rules: Any,
+    rules: ValidationRules,
     data_docs_dir: Path | None = None,
     run_name: str = "run",
 ) -> ValidationReport:
@@ -130,9 +133,9 @@ def validate_extract(
 
     runner = _GxRunner(data_docs_dir, run_name)
 
-    # 1. Table checks: cheap, on a frame of trimmed values with phones reduced to a flag.
+    # 1. Table checks, on a frame with the canonical columns and rows but no values.
     table = runner.validate(TABLE_SUITE, _table_expectations(rules), prepare_table_frame(frame))
-    columns_result = table[_COLUMNS_CHECK]
+    columns_result = _tagged(table, _COLUMNS_CHECK)
     if not columns_result.success:
         missing = sorted(columns_result.result["details"]["mismatched"].get("missing", []))
         runner.reject(
@@ -140,7 +143,7 @@ def validate_extract(
             f"(required: {', '.join(REQUIRED_COLUMNS)})",
             kind="missing_columns",
         )
-    row_count = int(table[_ROW_COUNT_CHECK].result["observed_value"])
+    row_count = int(_tagged(table, _ROW_COUNT_CHECK).result["observed_value"])
     warnings: list[str] = []
     if row_count == 0:
         if rules.expect_data:
@@ -165,7 +168,7 @@ def validate_extract(
         prepare_row_frame(frame, decimal),
     )
     row_reasons: dict[int, list[str]] = {}
-    for result in rows.values():
+    for result in rows:
         if result.success:
             continue
         reason = result.expectation_config.meta[_REASON_KEY]
@@ -212,13 +215,29 @@ def _counts_text(reason_counts: dict[str, int]) -> str:
     return ", ".join(f"{reason}={count}" for reason, count in reason_counts.items())
 
 
+def _raised(info: dict | None) -> bool:
+    """Whether GX caught an exception: flat ``{"raised_exception": ...}`` or one per metric."""
+    if not info:
+        return False
+    if info.get("raised_exception"):
+        return True
+    return any(
+        (value.get("raised_exception") if isinstance(value, dict) else getattr(value, "raised_exception", False))
+        for value in info.values()
+    )
+
+
+def _tagged(results: list, tag: str) -> Any:
+    return next(result for result in results if result.expectation_config.meta[_REASON_KEY] == tag)
+
+
 # --- expectations -------------------------------------------------------------------------
 
 _COLUMNS_CHECK = "required_columns"
 _ROW_COUNT_CHECK = "row_count"
 
 
-def _table_expectations(rules: Any) -> list:
+def _table_expectations(rules: ValidationRules) -> list:
     import great_expectations.expectations as gxe
 
     return [
@@ -266,16 +285,17 @@ def _row_expectations(present: list[str], known_outcomes: set[str], decimal: str
             value_set=sorted(known_outcomes),
             **tagged(OUTCOME_UNKNOWN, "the outcome must be one mapped to a conversion action"),
         ),
-        gxe.ExpectColumnValuesToNotBeNull(
-            column="outcome", **tagged(OUTCOME_UNKNOWN, "the outcome must not be blank")
-        ),
+        gxe.ExpectColumnValuesToNotBeNull(column="outcome", **tagged(OUTCOME_UNKNOWN, "the outcome must not be blank")),
     ]
     if "value" in present:
         expectations += [
             gxe.ExpectColumnValuesToMatchRegex(
                 column="value",
                 regex=value_pattern(decimal).pattern,
-                **tagged(VALUE_UNPARSEABLE, f"the value, when given, must be a number written with decimal separator '{decimal}'"),
+                **tagged(
+                    VALUE_UNPARSEABLE,
+                    f"the value, when given, must be a number written with decimal separator '{decimal}'",
+                ),
             ),
             gxe.ExpectColumnValuesToBeBetween(
                 column="value_amount",
@@ -327,7 +347,7 @@ class _GxRunner:
         )
 
         self._gx = gx
-        self._docs_dir = Path(data_docs_dir) if data_docs_dir is not None else None
+        self._docs_dir = Path(data_docs_dir).resolve() if data_docs_dir is not None else None
         sites = {}
         if self._docs_dir is not None:
             sites[_SITE_NAME] = {
@@ -353,11 +373,8 @@ class _GxRunner:
         self._run_id = RunIdentifier(run_name=run_name, run_time=datetime.now(UTC))
         self._docs_path: str | None = None
 
-    def validate(self, suite_name: str, expectations: list, frame: pd.DataFrame) -> dict[str, Any]:
-        """Run one suite on ``frame``; results keyed by the expectations' reason tag.
-
-        Several expectations may share a tag, so the key is made unique by suffixing.
-        """
+    def validate(self, suite_name: str, expectations: list, frame: pd.DataFrame) -> list:
+        """Run one suite on ``frame``; the expectation results, each tagged in its meta."""
         gx = self._gx
         suite = self._context.suites.add(gx.ExpectationSuite(name=suite_name))
         for expectation in expectations:
@@ -370,23 +387,16 @@ class _GxRunner:
             result_format={"result_format": "COMPLETE"},
             run_id=self._run_id,
         )
-        results: dict[str, Any] = {}
         for result in outcome.results:
-            info = result.exception_info or {}
-            if info.get("raised_exception"):
-                # A broken check is our bug, not bad data; the message never holds row values.
+            if _raised(result.exception_info):
+                # A check that cannot run is our bug, not bad data. Say which one; the
+                # exception text is left out as it could quote values.
+                config = result.expectation_config
                 raise RuntimeError(
-                    f"GX could not evaluate {result.expectation_config.type} "
-                    f"on {result.expectation_config.kwargs.get('column', 'the table')}: "
-                    f"{str(info.get('exception_message', '')).splitlines()[:1]}"
+                    f"GX could not evaluate {config.type} on {config.kwargs.get('column', 'the table')} "
+                    f"(suite {suite_name}); see the Great Expectations debug log"
                 )
-            tag = result.expectation_config.meta[_REASON_KEY]
-            key, number = tag, 1
-            while key in results:
-                number += 1
-                key = f"{tag}#{number}"
-            results[key] = result
-        return results
+        return list(outcome.results)
 
     def build_docs(self) -> str | None:
         if self._docs_dir is None:

@@ -100,9 +100,7 @@ def prepare_row_frame(frame: pd.DataFrame, decimal: str) -> pd.DataFrame:
     phone = clean_text(frame["caller_phone"])
     time = clean_text(frame["conversion_time"])
     columns: dict[str, pd.Series] = {
-        "caller_phone": pd.Series(PHONE_MISSING, index=frame.index, dtype=object).where(
-            phone.isna(), PHONE_PRESENT
-        ),
+        "caller_phone": pd.Series(PHONE_MISSING, index=frame.index, dtype=object).where(phone.isna(), PHONE_PRESENT),
         "conversion_time": time,
         "conversion_time_unparseable": time.where(~readable_times(time) & time.notna(), None),
         "outcome": clean_text(frame["outcome"]),

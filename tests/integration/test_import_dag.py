@@ -1,0 +1,270 @@
+"""The import DAG, run through ``dag.test()`` on PostgreSQL with a data set whose answers are known.
+
+The CRM extract below mixes every case the matcher must get right, and the
+assertions name the exact conversions, quarantine rows and unmatched reasons.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from zoneinfo import ZoneInfo
+
+import pytest
+import sqlalchemy as sa
+import yaml
+
+from callconv.schema import call_logs, crm_imports, crm_sales, matches, quarantine, run_summary, upload_ledger
+
+pytestmark = pytest.mark.integration
+
+OSLO = ZoneInfo("Europe/Oslo")
+DAY = date(2026, 11, 27)
+ACCOUNT = "test_shop"
+SALE_ACTION, UPSELL_ACTION = "111", "222"
+
+
+def oslo(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=OSLO).astimezone(UTC)
+
+
+CALLS = [
+    # source id, caller as the switchboard wrote it, local start, seconds, forwarded
+    ("a-old", "+47 912 34 567", "2026-11-20 10:00:00", 300, True),
+    ("a-new", "0047 91234567", "2026-11-27 09:00:00", 120, True),
+    ("b-old", "41234567", "2026-10-10 10:00:00", 300, True),  # 48 days before: outside the window
+    ("c-short", "92345678", "2026-11-26 10:00:00", 10, True),
+    ("d-direct", "93456789", "2026-11-26 11:00:00", 200, False),
+    ("f-after", "95678901", "2026-11-27 15:00:00", 200, True),  # after the sale only
+    ("g-1", "46789012", "2026-11-27 08:00:00", 400, True),
+    ("h-2", "47890123", "2026-11-25 12:00:00", 60, True),  # same second as h-1
+    ("h-1", "47890123", "2026-11-25 12:00:00", 60, True),
+    ("i-crm", "48901234", "2026-11-25 09:00:00", 60, True),  # the CRM names this one
+    ("i-late", "48901234", "2026-11-26 09:00:00", 60, True),
+    ("x-junk", "not a number", "2026-11-26 09:00:00", 60, True),
+]
+
+HEADER = ["Deal", "Phone", "Call started", "Closed at", "Outcome", "Amount", "Currency"]
+CRM_ROWS = [
+    ["S1", "+47 912 34 567", "", "2026-11-27 10:00:00", "sale", "1 234,50", "nok"],
+    ["S2", "412 34 567", "", "2026-11-27 10:00:00", "sale", "100,00", ""],
+    ["S3", "92 34 56 78", "", "2026-11-27 10:00:00", "sale", "", ""],
+    ["S4", "(+47) 93.45.67.89", "", "2026-11-27 10:00:00", "upsell", "50", "NOK"],
+    ["S5", "94567890", "", "2026-11-27 10:00:00", "sale", "75", "NOK"],
+    ["S6", "95678901", "", "2026-11-27 11:00:00", "sale", "10", "NOK"],
+    ["S7", "46789012", "", "2026-11-27 09:00:00", "sale", "100", "NOK"],
+    ["S8", "+4746789012", "", "2026-11-27 12:30:00", "sale", "250,25", "NOK"],
+    ["S9", "47890123", "", "2026-11-27 10:00:00", "sale", "20", "EUR"],
+    ["S10", "48901234", "2026-11-25 09:01:00", "2026-11-27 10:00:00", "sale", "30", "NOK"],
+    ["S11", "+47 99 88 77 66", "", "2026-11-27T09:00:00+00:00", "upsell", "5", "NOK"],
+    ["Q1", "12", "", "2026-11-27 10:00:00", "sale", "1", "NOK"],
+    ["Q2", "91234567", "", "not a time", "sale", "1", "NOK"],
+    ["Q3", "91234567", "", "2026-11-27 10:00:00", "refund", "1", "NOK"],
+    ["Q4", "91234567", "", "2026-11-27 10:00:00", "sale", "-5", "NOK"],
+    ["Q5", "91234567", "", "2026-11-28 10:00:00", "sale", "1", "NOK"],
+    ["S1", "+47 912 34 567", "", "2026-11-27 10:05:00", "sale", "1", "NOK"],
+]
+
+EXPECTED_CONVERSIONS = {
+    # caller, call (source id), action, conversion time (UTC), value, currency, sales merged
+    ("+4791234567", "a-new", SALE_ACTION, oslo("2026-11-27 10:00:00"), Decimal("1234.5"), "NOK", 1),
+    ("+4746789012", "g-1", SALE_ACTION, oslo("2026-11-27 12:30:00"), Decimal("350.25"), "NOK", 2),
+    ("+4747890123", "h-1", SALE_ACTION, oslo("2026-11-27 10:00:00"), Decimal("20"), "EUR", 1),
+    ("+4748901234", "i-crm", SALE_ACTION, oslo("2026-11-27 10:00:00"), Decimal("30"), "NOK", 1),
+}
+EXPECTED_UNMATCHED = {
+    "S2": "calls_outside_window",
+    "S3": "calls_too_short",
+    "S4": "only_non_forwarded_calls",
+    "S5": "no_call_from_number",
+    "S6": "calls_outside_window",
+    "S11": "no_call_from_number",
+}
+EXPECTED_QUARANTINE = {
+    # 1-based data row: reason
+    12: "phone_too_short",
+    13: "time_unparseable",
+    14: "outcome_unknown",
+    15: "value_negative",
+    16: "time_in_future",
+    17: "duplicate_crm_id",
+}
+
+
+@pytest.fixture()
+def project(tmp_path, warehouse, pg_schema_url, airflow_db, monkeypatch):
+    """A config, landing area and warehouse for the test account, wired through env vars."""
+    config = {
+        "warehouse_conn_id": "test_warehouse",
+        "export_uri": str(tmp_path / "export"),
+        "data_docs_uri": str(tmp_path / "docs"),
+        "crm_source": {
+            "landing_uri": str(tmp_path / "landing"),
+            "delimiter": ";",
+            "decimal": ",",
+            "columns": {
+                "crm_id": "Deal",
+                "caller_phone": "Phone",
+                "call_start": "Call started",
+                "conversion_time": "Closed at",
+                "outcome": "Outcome",
+                "value": "Amount",
+                "currency": "Currency",
+            },
+        },
+        "match": {"window_days": 30, "min_duration_seconds": 30, "forwarded_only": True},
+        "validation": {"max_bad_row_share": 0.5},
+        "accounts": [
+            {
+                "id": ACCOUNT,
+                "customer_id": "111-222-3333",
+                "timezone": "Europe/Oslo",
+                "default_region": "NO",
+                "default_currency": "NOK",
+                "conversion_actions": {
+                    "sale": {"id": SALE_ACTION, "name": "Phone sale"},
+                    "upsell": {"id": UPSELL_ACTION, "name": "Upsell"},
+                },
+            }
+        ],
+    }
+    config_path = tmp_path / "call_conversions.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("CALL_CONVERSIONS_CONFIG", str(config_path))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_TEST_WAREHOUSE", json.dumps({"conn_type": "generic", "extra": {"sqlalchemy_url": pg_schema_url}})
+    )
+
+    with warehouse.begin() as connection:
+        connection.execute(
+            call_logs.insert(),
+            [
+                {
+                    "account_id": ACCOUNT,
+                    "source_call_id": call_id,
+                    "caller_number": number,
+                    "call_start": oslo(start),
+                    "duration_seconds": seconds,
+                    "via_google_forwarding": forwarded,
+                }
+                for call_id, number, start, seconds, forwarded in CALLS
+            ],
+        )
+    folder = tmp_path / "landing" / ACCOUNT / DAY.isoformat()
+    folder.mkdir(parents=True)
+    with open(folder / "deals.csv", "w", newline="", encoding="utf-8-sig") as handle:
+        writer = csv.writer(handle, delimiter=";")
+        writer.writerow(HEADER)
+        writer.writerows(CRM_ROWS)
+    return tmp_path
+
+
+def run_import_dag(logical_date: datetime):
+    from dags.call_conversion_import import build_import_dag
+
+    dag = build_import_dag(ACCOUNT, "Europe/Oslo")
+    return dag.test(logical_date=logical_date)
+
+
+def snapshot(engine) -> dict:
+    tables = {}
+    with engine.connect() as connection:
+        for table in (crm_imports, crm_sales, quarantine, matches, upload_ledger, call_logs):
+            ordered = connection.execute(sa.select(table).order_by(*table.primary_key.columns)).mappings().all()
+            # run_id only says which run last touched a row; everything else must not move.
+            tables[table.name] = [{k: v for k, v in row.items() if k != "run_id"} for row in ordered]
+    return tables
+
+
+def test_one_day_gives_the_known_matches_quarantine_and_reasons(project, warehouse):
+    dag_run = run_import_dag(datetime(2026, 11, 28, tzinfo=OSLO))
+    assert dag_run.state == "success"
+    assert dag_run.data_interval_start == oslo("2026-11-27 00:00:00")
+    assert dag_run.data_interval_end == oslo("2026-11-28 00:00:00")
+
+    with warehouse.connect() as connection:
+        conversions = {
+            (
+                row.caller_e164,
+                row.source_call_id,
+                row.conversion_action_id,
+                row.conversion_time,
+                row.conversion_value.normalize(),
+                row.currency_code,
+                row.sale_count,
+            )
+            for row in connection.execute(sa.select(matches))
+        }
+        call_starts = dict(connection.execute(sa.select(matches.c.source_call_id, matches.c.call_start)).all())
+        unmatched = dict(
+            connection.execute(
+                sa.select(crm_sales.c.crm_id, crm_sales.c.unmatched_reason).where(
+                    crm_sales.c.unmatched_reason.is_not(None)
+                )
+            ).all()
+        )
+        quarantined = dict(connection.execute(sa.select(quarantine.c.source_row, quarantine.c.reason)).all())
+        ledger = connection.execute(sa.select(upload_ledger.c.state, sa.func.count()).group_by("state")).all()
+        summary = connection.scalar(sa.select(run_summary.c.counts))
+
+    assert conversions == EXPECTED_CONVERSIONS
+    assert call_starts["a-new"] == oslo("2026-11-27 09:00:00")
+    assert unmatched == EXPECTED_UNMATCHED
+    assert quarantined == EXPECTED_QUARANTINE
+    assert ledger == [("pending", 4)]
+    assert summary["intake"]["read"] == len(CRM_ROWS)
+    assert summary["match"]["matched"] == 5 and summary["match"]["conversions"] == 4
+
+    exported = project / "export" / ACCOUNT / DAY.isoformat() / f"call_conversions_{ACCOUNT}_{DAY}.csv"
+    lines = exported.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "Parameters:TimeZone=Europe/Oslo"
+    assert lines[1].startswith("Caller's Phone Number,Call Start Time,Conversion Name,Conversion Time")
+    assert "\t+4791234567,2026-11-27 09:00:00,Phone sale,2026-11-27 10:00:00,1234.5,NOK,Unknown,Unknown" in lines
+    assert len(lines) == 2 + len(EXPECTED_CONVERSIONS)
+
+
+def test_running_the_same_day_twice_leaves_identical_tables(project, warehouse):
+    logical_date = datetime(2026, 11, 28, tzinfo=OSLO)
+    assert run_import_dag(logical_date).state == "success"
+    first = snapshot(warehouse)
+    exported = project / "export" / ACCOUNT / DAY.isoformat() / f"call_conversions_{ACCOUNT}_{DAY}.csv"
+    first_file = exported.read_bytes()
+
+    assert run_import_dag(logical_date).state == "success"
+    second = snapshot(warehouse)
+    assert second == first
+    assert exported.read_bytes() == first_file
+    assert len(first["matches"]) == len(EXPECTED_CONVERSIONS)
+
+
+def test_a_file_without_the_phone_column_fails_the_task_with_a_clear_message(project, warehouse, capfd):
+    folder = project / "landing" / ACCOUNT / DAY.isoformat()
+    (folder / "deals.csv").write_text("Deal;Closed at;Outcome\nS1;2026-11-27 10:00:00;sale\n", encoding="utf-8")
+    dag_run = run_import_dag(datetime(2026, 11, 28, tzinfo=OSLO))
+    assert dag_run.state == "failed"
+    output = "".join(capfd.readouterr())
+    assert "required column 'Phone' (for caller_phone) not found" in output
+    with warehouse.connect() as connection:
+        assert connection.scalar(sa.select(sa.func.count()).select_from(crm_sales)) == 0
+        assert connection.scalar(sa.select(sa.func.count()).select_from(crm_imports)) == 0
+
+
+def test_no_phone_number_reaches_the_log(project, caplog, capfd):
+    caplog.set_level("DEBUG")
+    assert run_import_dag(datetime(2026, 11, 28, tzinfo=OSLO)).state == "success"
+    logged = caplog.text + "".join(capfd.readouterr())
+    digits = {"".join(ch for ch in row[1] if ch.isdigit())[-8:] for row in CRM_ROWS if len(row[1]) > 6}
+    digits |= {"".join(ch for ch in number if ch.isdigit())[-8:] for _, number, *_ in CALLS if number[0] != "n"}
+    leaked = sorted(d for d in digits if d in logged)
+    assert leaked == []
+    assert "quarantined" in logged and "matched" in logged
+
+
+def test_window_is_the_local_day_across_a_dst_change(project, warehouse):
+    """2026-03-29 in Oslo is 23 hours long; the run's window must be exactly that day."""
+    dag_run = run_import_dag(datetime(2026, 3, 30, tzinfo=OSLO))
+    assert dag_run.data_interval_start == oslo("2026-03-29 00:00:00")
+    assert dag_run.data_interval_end == oslo("2026-03-30 00:00:00")
+    assert dag_run.data_interval_end - dag_run.data_interval_start == timedelta(hours=23)
