@@ -14,6 +14,7 @@ import io
 import logging
 from dataclasses import dataclass
 from datetime import date
+from decimal import Decimal
 
 import pandas as pd
 import sqlalchemy as sa
@@ -100,6 +101,26 @@ def map_columns(frame: pd.DataFrame, source: CrmSource, label: str) -> pd.DataFr
     mapped = frame[list(present)].rename(columns=present)
     mapped.index = pd.RangeIndex(1, len(mapped) + 1)
     return mapped
+
+
+def frame_from_query(rows: pd.DataFrame, source: CrmSource, label: str) -> CrmExtract:
+    """A CRM query's result, as text like a file's, identified by the checksum of its content."""
+    as_text = rows.astype(object).where(rows.notna(), None)
+    for column in as_text.columns:
+        as_text[column] = [_cell_text(value, source.decimal) for value in as_text[column]]
+    canonical = as_text.to_csv(index=False).encode("utf-8")
+    frame = map_columns(as_text.reset_index(drop=True), source, label)
+    return CrmExtract(source_uri=label, checksum=hashlib.sha256(canonical).hexdigest(), frame=frame)
+
+
+def _cell_text(value, decimal: str) -> str | None:
+    if value is None:
+        return None
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if isinstance(value, float | Decimal) and not isinstance(value, bool):
+        return format(value, "f").replace(".", decimal)
+    return str(value)
 
 
 def imported_checksums(connection, account_id: str, checksums: list[str]) -> set[str]:

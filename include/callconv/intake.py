@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime
 
@@ -18,7 +19,7 @@ import sqlalchemy as sa
 
 from callconv import normalise
 from callconv.config import Account, Settings
-from callconv.extract import CrmExtract, imported_checksums, landing_files, read_crm_file
+from callconv.extract import CrmExtract, frame_from_query, imported_checksums, landing_files, read_crm_file
 from callconv.schema import crm_imports, crm_sales, quarantine
 from callconv.validate import ExtractRejected, validate_extract
 
@@ -58,24 +59,37 @@ def take_in_day(
     window_start: datetime,
     window_end: datetime,
     run_id: str,
-    landing_root,
+    landing_root=None,
     data_docs_root=None,
     reimport: bool = False,
+    query_crm: Callable[[dict], pd.DataFrame] | None = None,
 ) -> IntakeOutcome:
+    """Take in the day's extracts: files from the landing area, or one CRM query's result.
+
+    ``query_crm`` runs the configured query with the window as parameters; the
+    DAG passes one built on the CRM's Airflow connection (common-sql).
+    """
     business_date = business_date_of(account, window_start)
     outcome = IntakeOutcome()
-    files = landing_files(landing_root, account.id, business_date)
-    outcome.files_seen = len(files)
-    for path in files:
-        extract = read_crm_file(path, settings.crm_source)
+    if settings.crm_source.kind == "sql":
+        if query_crm is None:
+            raise ValueError("crm_source.kind is 'sql' but no CRM query runner was given")
+        parameters = {"window_start": window_start, "window_end": window_end, "account_id": account.id}
+        label = f"sql:{settings.crm_source.conn_id}:{account.id}:{business_date}"
+        extracts = [frame_from_query(query_crm(parameters), settings.crm_source, label)]
+    else:
+        files = landing_files(landing_root, account.id, business_date)
+        extracts = (read_crm_file(path, settings.crm_source) for path in files)
+    for extract in extracts:
+        outcome.files_seen += 1
         with engine.connect() as connection:
             seen = imported_checksums(connection, account.id, [extract.checksum])
         if seen and not reimport:
             outcome.files_skipped += 1
-            log.info("intake: %s already imported (checksum %s), skipped", path.name, extract.checksum[:12])
+            log.info("intake: extract %s already imported, skipped", extract.checksum[:12])
             continue
         _take_in_file(engine, settings, account, extract, business_date, window_end, run_id, data_docs_root, outcome)
-    if not files and settings.validation.expect_data:
+    if not outcome.files_seen and settings.validation.expect_data:
         outcome.warnings.append(f"no CRM extract for {business_date} in the landing area")
     for warning in outcome.warnings:
         log.warning("intake: %s", warning)

@@ -46,8 +46,19 @@ def take_in_crm_extracts(account_id: str, context, reimport: bool = False) -> di
             landing_root=storage_root(settings.crm_source.landing_uri, settings),
             data_docs_root=storage_root(settings.data_docs_uri, settings),
             reimport=reimport,
+            query_crm=crm_query_runner(settings.crm_source),
         )
     return _record(scope, "intake", outcome.as_counts())
+
+
+def crm_query_runner(source):
+    """Run the configured CRM query through the connection's common-sql hook (DbApiHook.get_df)."""
+    if source.kind != "sql":
+        return None
+    from airflow.sdk import BaseHook
+
+    hook = BaseHook.get_hook(source.conn_id)
+    return lambda parameters: hook.get_df(source.query, parameters=parameters, df_type="pandas")
 
 
 def normalise_call_logs(account_id: str, context) -> dict:

@@ -268,3 +268,70 @@ def test_window_is_the_local_day_across_a_dst_change(project, warehouse):
     assert dag_run.data_interval_start == oslo("2026-03-29 00:00:00")
     assert dag_run.data_interval_end == oslo("2026-03-30 00:00:00")
     assert dag_run.data_interval_end - dag_run.data_interval_start == timedelta(hours=23)
+
+
+def test_a_crm_database_query_is_a_second_source(project, warehouse, pg_schema_url, monkeypatch):
+    """The same deals, read from a CRM table through the connection's common-sql hook."""
+    schema = sa.make_url(pg_schema_url).query["options"].removeprefix("-csearch_path=")
+    with warehouse.begin() as connection:
+        connection.execute(
+            sa.text(
+                "create table crm_deals (batch_day date, deal text, phone text, call_started text,"
+                " closed_at text, outcome text, amount text, currency text)"
+            )
+        )
+        connection.execute(
+            sa.text("insert into crm_deals values (:day, :d, :p, :s, :c, :o, :a, :cur)"),
+            [dict(zip(("d", "p", "s", "c", "o", "a", "cur"), row, strict=True), day=DAY) for row in CRM_ROWS]
+            + [
+                {
+                    "day": date(2026, 11, 26),
+                    "d": "OLD",
+                    "p": "91234567",
+                    "s": None,
+                    "c": "2026-11-26 10:00:00",
+                    "o": "sale",
+                    "a": "1",
+                    "cur": "NOK",
+                }
+            ],
+        )
+    config_path = project / "call_conversions.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    config["crm_source"].update(
+        kind="sql",
+        conn_id="test_crm",
+        query=(
+            'select deal as "Deal", phone as "Phone", call_started as "Call started", closed_at as "Closed at",'
+            f' outcome as "Outcome", amount as "Amount", currency as "Currency" from "{schema}".crm_deals'
+            " where batch_day = (%(window_start)s::timestamptz at time zone 'Europe/Oslo')::date"
+            " and %(account_id)s = 'test_shop' order by deal = 'S1' desc, closed_at, deal"
+        ),
+    )
+    config_path.write_text(yaml.safe_dump(config))
+    url = sa.make_url(pg_schema_url)
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_TEST_CRM",
+        json.dumps(
+            {"conn_type": "postgres", "host": url.host, "port": url.port, "login": url.username, "schema": url.database}
+        ),
+    )
+    assert run_import_dag(datetime(2026, 11, 28, tzinfo=OSLO)).state == "success"
+    with warehouse.connect() as connection:
+        conversions = {
+            (
+                r.caller_e164,
+                r.source_call_id,
+                r.conversion_action_id,
+                r.conversion_time,
+                r.conversion_value.normalize(),
+                r.currency_code,
+                r.sale_count,
+            )
+            for r in connection.execute(sa.select(matches))
+        }
+        imports = connection.execute(sa.select(crm_imports.c.source_uri, crm_imports.c.row_count)).all()
+        quarantined = connection.scalars(sa.select(quarantine.c.reason).order_by(quarantine.c.reason)).all()
+    assert conversions == EXPECTED_CONVERSIONS
+    assert imports == [(f"sql:test_crm:{ACCOUNT}:{DAY}", len(CRM_ROWS))]
+    assert sorted(quarantined) == sorted(EXPECTED_QUARANTINE.values())
