@@ -57,6 +57,7 @@ crm_sales = sa.Table(
     sa.Column("source_row", sa.Integer, nullable=False),
     sa.Column("business_date", sa.Date, nullable=False),
     sa.Column("caller_e164", sa.String(20)),
+    sa.Column("caller_hmac", sa.String(64)),
     sa.Column("conversion_time", UTC_TIME, nullable=False),
     sa.Column("crm_call_start", UTC_TIME),
     sa.Column("outcome", sa.String(128), nullable=False),
@@ -97,6 +98,7 @@ matches = sa.Table(
     sa.Column("business_date", sa.Date, nullable=False),
     sa.Column("source_call_id", sa.String(128), nullable=False),
     sa.Column("caller_e164", sa.String(20)),
+    sa.Column("caller_hmac", sa.String(64)),
     sa.Column("call_start", UTC_TIME, nullable=False),
     sa.Column("conversion_action_id", sa.String(32), nullable=False),
     sa.Column("conversion_time", UTC_TIME, nullable=False),
@@ -118,6 +120,7 @@ upload_ledger = sa.Table(
     sa.Column("business_date", sa.Date, nullable=False),
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("caller_e164", sa.String(20)),
+    sa.Column("caller_hmac", sa.String(64)),
     sa.Column("call_start", UTC_TIME, nullable=False),
     sa.Column("conversion_action_id", sa.String(32), nullable=False),
     sa.Column("conversion_time", UTC_TIME, nullable=False),
@@ -144,6 +147,19 @@ run_summary = sa.Table(
     sa.Column("window_end", UTC_TIME, nullable=False),
     sa.Column("counts", sa.JSON, nullable=False),
     sa.Column("updated_at", UTC_TIME, nullable=False),
+)
+
+# One row per purge: what the retention DAG removed or redacted, and up to when.
+retention_audit = sa.Table(
+    "retention_audit",
+    metadata,
+    sa.Column("run_id", sa.String(250), primary_key=True),
+    sa.Column("account_id", sa.String(64), primary_key=True),
+    sa.Column("data_class", sa.String(32), primary_key=True),
+    sa.Column("cutoff", sa.Date, nullable=False),
+    sa.Column("affected", sa.Integer, nullable=False),
+    sa.Column("forced", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("recorded_at", UTC_TIME, nullable=False),
 )
 
 LEDGER_STATES = ("pending", "uploaded", "parked", "failed", "delivered")
