@@ -15,8 +15,9 @@ a string (or missing), indexed by source row number. Validation has two steps:
 
 GX never sees a phone number: it validates a frame in which ``caller_phone`` is
 reduced to a presence flag, so neither the Data Docs nor a validation result
-can contain one. Values are compared after trimming whitespace (and, for
-currencies, upper-casing); later stages must normalise the same way.
+can contain one. Values are compared after trimming whitespace (currencies also
+upper-cased, as normalisation does); times and values are read by the
+normalisation stage's own parsers (see :mod:`callconv.validate_prepare`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from callconv.validate_prepare import (
     REQUIRED_COLUMNS,
     prepare_row_frame,
     prepare_table_frame,
-    value_pattern,
 )
 
 if TYPE_CHECKING:
@@ -75,15 +75,16 @@ _REASON_KEY = "callconv_reason"
 class ExtractRejected(Exception):
     """The extract as a whole is unusable; the message says why, without row contents.
 
-    ``kind`` is one of ``missing_columns``, ``too_few_rows``, ``too_many_rows``,
-    ``too_many_bad_rows``. ``report`` is set for ``too_many_bad_rows``.
+    ``kind`` is ``missing_columns``, ``too_few_rows``, ``too_many_rows`` or
+    ``too_many_bad_rows`` when raised here (``rejected`` when not given), and
+    ``report`` is set for ``too_many_bad_rows``.
     """
 
     def __init__(
         self,
         message: str,
         *,
-        kind: str,
+        kind: str = "rejected",
         report: ValidationReport | None = None,
         data_docs_path: str | None = None,
     ) -> None:
@@ -278,7 +279,10 @@ def _row_expectations(present: list[str], known_outcomes: set[str], decimal: str
         ),
         gxe.ExpectColumnValuesToBeNull(
             column="conversion_time_unparseable",
-            **tagged(TIME_UNPARSEABLE, "the conversion time must read as a date and time; unreadable ones are listed"),
+            **tagged(
+                TIME_UNPARSEABLE,
+                "the conversion time must read as a date and time, year first; unreadable ones are listed",
+            ),
         ),
         gxe.ExpectColumnValuesToBeInSet(
             column="outcome",
@@ -289,17 +293,15 @@ def _row_expectations(present: list[str], known_outcomes: set[str], decimal: str
     ]
     if "value" in present:
         expectations += [
-            gxe.ExpectColumnValuesToMatchRegex(
-                column="value",
-                regex=value_pattern(decimal).pattern,
+            gxe.ExpectColumnValuesToBeNull(
+                column="value_unparseable",
                 **tagged(
                     VALUE_UNPARSEABLE,
-                    f"the value, when given, must be a number written with decimal separator '{decimal}'",
+                    f"the value, when given, must be an amount written with decimal separator '{decimal}'",
                 ),
             ),
-            gxe.ExpectColumnValuesToBeBetween(
-                column="value_amount",
-                min_value=0,
+            gxe.ExpectColumnValuesToBeNull(
+                column="value_negative",
                 **tagged(VALUE_NEGATIVE, "the value, when given, must not be negative"),
             ),
         ]

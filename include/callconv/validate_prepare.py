@@ -1,19 +1,25 @@
 """The frames that Great Expectations validates for one CRM extract, computed in pandas.
 
 GX is handed only trimmed values and helper columns, never a phone number:
-``caller_phone`` becomes the flag ``present`` / ``missing``. Helper columns turn
-checks that GX has no expectation for into simple ones:
+``caller_phone`` becomes the flag ``present`` / ``missing``. Helper columns hold
+the raw value where a row fails a check GX has no expectation for, else null:
 
-* ``conversion_time_unparseable``: the raw time where it cannot be read, else null;
-* ``value_amount``: the value as a float where it is a well-formed number, else null;
-* ``crm_id_repeat``: the CRM id where an earlier row (in file order) already had it, else null.
+* ``conversion_time_unparseable``: a time that cannot be read;
+* ``value_unparseable`` / ``value_negative``: a value that is not an amount, or is below zero;
+* ``crm_id_repeat``: a CRM id that an earlier row (in file order) already had.
+
+Times and values are judged by the normalisation stage's own parsers
+(:mod:`callconv.normalise`), so validation never quarantines a row that
+normalisation would accept, nor passes one it would refuse as unreadable.
 """
 
 from __future__ import annotations
 
-import re
+from datetime import UTC
 
 import pandas as pd
+
+from callconv import normalise
 
 REQUIRED_COLUMNS = ("caller_phone", "conversion_time", "outcome")
 OPTIONAL_COLUMNS = ("value", "currency", "crm_id", "call_start")
@@ -21,17 +27,6 @@ CANONICAL_COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
 
 PHONE_PRESENT = "present"
 PHONE_MISSING = "missing"
-
-# Digit-group separators accepted beside each decimal separator.
-_GROUP_SEPARATORS = {
-    ".": (",", " ", "\u00a0", "\u202f", "'"),
-    ",": (".", " ", "\u00a0", "\u202f"),
-}
-
-# Vectorised formats tried before the slow per-value "mixed" parser. They only
-# decide whether a time is readable; which reading is right (day or month first,
-# which time zone) is for the normalisation stage.
-_FAST_TIME_FORMATS = ("ISO8601", "%d.%m.%Y %H:%M:%S", "%d.%m.%Y %H:%M", "%d.%m.%Y")
 
 
 def clean_text(series: pd.Series) -> pd.Series:
@@ -46,44 +41,10 @@ def clean_text(series: pd.Series) -> pd.Series:
     return out
 
 
-def value_pattern(decimal: str) -> re.Pattern[str]:
-    """A plain number, optionally signed, with digit groups and the given decimal separator."""
-    grouped = "|".join(rf"\d{{1,3}}(?:{re.escape(sep)}\d{{3}})+" for sep in _GROUP_SEPARATORS[decimal])
-    return re.compile(rf"^[+-]?(?:\d+|{grouped})(?:{re.escape(decimal)}\d+)?$")
-
-
-def parse_amounts(values: pd.Series, decimal: str) -> pd.Series:
-    """Floats for the values matching :func:`value_pattern`, NaN elsewhere (and for None)."""
-    amounts = pd.Series(float("nan"), index=values.index, dtype=float)
-    text = values[values.notna()].astype(str)
-    text = text[text.str.match(value_pattern(decimal))]
-    if text.empty:
-        return amounts
-    separators = "".join(re.escape(sep) for sep in _GROUP_SEPARATORS[decimal])
-    plain = text.str.replace(f"[{separators}]", "", regex=True)
-    if decimal == ",":
-        plain = plain.str.replace(",", ".", regex=False)
-    amounts.loc[plain.index] = pd.to_numeric(plain, errors="coerce").to_numpy(dtype=float)
-    return amounts
-
-
-def readable_times(values: pd.Series) -> pd.Series:
-    """True where a (trimmed, non-null) value reads as a date and time, with or without offset.
-
-    Words pandas would accept alone ("now", "today") are not times in an extract: a
-    value needs at least one digit.
-    """
-    unique = pd.Series(pd.unique(values.dropna().astype(str)), dtype=object)
-    readable: set[str] = set()
-    pending = unique[unique.str.contains(r"\d", regex=True)]
-    for time_format in (*_FAST_TIME_FORMATS, "mixed"):
-        if pending.empty:
-            break
-        parsed = pd.to_datetime(pending, format=time_format, utc=True, errors="coerce")
-        done = parsed.notna().to_numpy()
-        readable.update(pending[done])
-        pending = pending[~done]
-    return values.isin(readable)
+def _where_reason(values: pd.Series, reasons: pd.Series, reason: str) -> pd.Series:
+    """``values`` (an object Series) where the row has ``reason``, else None."""
+    hit = values.notna() & (reasons == reason).fillna(False).astype(bool)
+    return values.where(hit, None)
 
 
 def prepare_table_frame(frame: pd.DataFrame) -> pd.DataFrame:
@@ -99,16 +60,19 @@ def prepare_row_frame(frame: pd.DataFrame, decimal: str) -> pd.DataFrame:
     """
     phone = clean_text(frame["caller_phone"])
     time = clean_text(frame["conversion_time"])
+    # Only readability matters here; the zone is applied when normalising.
+    time_reasons = normalise.parse_local_times(time, UTC)["reason"]
     columns: dict[str, pd.Series] = {
         "caller_phone": pd.Series(PHONE_MISSING, index=frame.index, dtype=object).where(phone.isna(), PHONE_PRESENT),
         "conversion_time": time,
-        "conversion_time_unparseable": time.where(~readable_times(time) & time.notna(), None),
+        "conversion_time_unparseable": _where_reason(time, time_reasons, "time_unparseable"),
         "outcome": clean_text(frame["outcome"]),
     }
     if "value" in frame.columns:
         value = clean_text(frame["value"])
-        columns["value"] = value
-        columns["value_amount"] = parse_amounts(value, decimal)
+        value_reasons = normalise.parse_values(value, decimal)["reason"]
+        columns["value_unparseable"] = _where_reason(value, value_reasons, "value_unparseable")
+        columns["value_negative"] = _where_reason(value, value_reasons, "value_negative")
     if "currency" in frame.columns:
         currency = clean_text(frame["currency"])
         upper = currency[currency.notna()].str.upper()
