@@ -1,0 +1,226 @@
+"""The sandbox speaks Google's protocol: checked with the real client over TLS, no database."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+
+from callconv.ads_client import (
+    API_VERSION,
+    SSL_ROOTS_ENV_VAR,
+    client_from_settings,
+    decode_partial_failure,
+    error_code_name,
+    get_upload_service,
+    is_empty_result,
+)
+from callconv.sandbox import ActionSpec, SandboxServer, ensure_certificate
+
+# gRPC reads its trusted roots once per process: set them while collecting.
+CERT_DIR = Path(tempfile.gettempdir()) / f"callconv-sandbox-tests-{os.getuid()}"
+CERT_PATH, _ = ensure_certificate(CERT_DIR)
+os.environ[SSL_ROOTS_ENV_VAR] = str(CERT_PATH)
+
+CUSTOMER = "1234567890"
+NOW = datetime(2026, 3, 2, 1, 0, tzinfo=UTC)
+CALL = ("+4791000001", datetime(2026, 3, 1, 7, 0, tzinfo=UTC))
+
+
+@pytest.fixture()
+def sandbox():
+    server = SandboxServer(
+        customers={
+            CUSTOMER: [
+                ActionSpec(id="111", name="Phone sale"),
+                ActionSpec(id="222", name="Paused", status="PAUSED"),
+                ActionSpec(id="333", name="Web", type="WEBPAGE"),
+                ActionSpec(id="444", name="New", created_at=NOW - timedelta(hours=2)),
+                ActionSpec(id="555", name="Late", tracking_since=NOW - timedelta(hours=13)),
+            ]
+        },
+        calls=[CALL],
+        clock=lambda: NOW,
+        cert_dir=CERT_DIR,
+    ).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def client(sandbox):
+    return client_from_settings(sandbox.client_settings())
+
+
+def conversion(client, caller=CALL[0], start="2026-03-01 08:00:00+01:00", at="2026-03-01 10:00:00+01:00", action="111"):
+    row = client.get_type("CallConversion")
+    row.caller_id = caller
+    row.call_start_date_time = start
+    row.conversion_date_time = at
+    row.conversion_action = f"customers/{CUSTOMER}/conversionActions/{action}"
+    row.conversion_value = 10.0
+    row.currency_code = "NOK"
+    return row
+
+
+def upload(client, rows, *, customer=CUSTOMER, partial_failure=True, validate_only=False):
+    request = client.get_type("UploadCallConversionsRequest")
+    request.customer_id = customer
+    request.conversions.extend(rows)
+    request.partial_failure = partial_failure
+    request.validate_only = validate_only
+    return get_upload_service(client).upload_call_conversions(request=request)
+
+
+def test_accepts_a_known_call_over_tls(sandbox, client):
+    response = upload(client, [conversion(client)])
+
+    assert len(response.results) == 1 and not is_empty_result(response.results[0])
+    assert response.results[0].caller_id == CALL[0]
+    assert decode_partial_failure(client, response) == {}
+    (accepted,) = sandbox.accepted()
+    assert accepted.call_start == CALL[1]
+    assert sandbox.endpoint.startswith("localhost:")
+
+
+def test_row_errors_come_back_as_partial_failure_with_row_indexes(sandbox, client):
+    rows = [
+        conversion(client, at="2026-03-01 11:00:00+01:00"),
+        conversion(client, at="2026-03-01 11:00:00+01:00"),  # the same again
+        conversion(client, action="222"),
+        conversion(client, action="333"),
+        conversion(client, action="444"),
+        conversion(client, action="555"),
+        conversion(client, start="2026-03-01T08:00:00"),
+        conversion(client, caller="0047 91"),
+        conversion(client, at="2026-03-01 07:59:59+01:00"),
+        conversion(client, start="2026-03-01 23:00:00+01:00", at="2026-03-02 01:30:00+01:00"),
+        conversion(client, start="2025-12-01 08:00:00+01:00", at="2025-12-01 10:00:00+01:00"),
+        conversion(client, start="2026-03-01 08:00:01+01:00"),
+    ]
+
+    response = upload(client, rows)
+
+    errors = {index: code for index, (code, _message) in decode_partial_failure(client, response).items()}
+    assert errors == {
+        1: "DUPLICATE_CALL_CONVERSION_IN_REQUEST",
+        2: "NO_CONVERSION_ACTION_FOUND",
+        3: "INVALID_CONVERSION_ACTION_TYPE",
+        4: "TOO_RECENT_CONVERSION_ACTION",
+        5: "CONVERSION_TRACKING_NOT_ENABLED_AT_CALL_TIME",
+        6: "INVALID_STRING_DATE_TIME_SECONDS_WITH_OFFSET",
+        7: "UNPARSEABLE_CALLERS_PHONE_NUMBER",
+        8: "CONVERSION_PRECEDES_CALL",
+        9: "TOO_RECENT_CALL",
+        10: "EXPIRED_CALL",
+        11: "CALL_NOT_FOUND",
+    }
+    assert len(response.results) == len(rows)
+    assert [is_empty_result(r) for r in response.results] == [False] + [True] * 11
+    assert len(sandbox.accepted()) == 1
+
+    again = upload(client, [conversion(client, at="2026-03-01 11:00:00+01:00")])
+    assert decode_partial_failure(client, again)[0][0] == "CALL_CONVERSION_ALREADY_EXISTS"
+
+
+def test_validate_only_checks_but_records_nothing(sandbox, client):
+    response = upload(client, [conversion(client), conversion(client, action="222")], validate_only=True)
+
+    assert list(response.results) == []
+    assert set(decode_partial_failure(client, response)) == {1}
+    assert sandbox.accepted() == []
+
+
+def test_request_level_errors_raise_google_ads_exception(sandbox, client):
+    from google.ads.googleads.errors import GoogleAdsException
+
+    cases = [
+        ({"partial_failure": False}, [conversion(client)], "PARTIAL_FAILURE_MODE_REQUIRED"),
+        ({}, [conversion(client)] * 2001, "TOO_MANY_CONVERSIONS_IN_REQUEST"),
+        ({"customer": "9999999999"}, [conversion(client)], "USER_PERMISSION_DENIED"),
+    ]
+    for kwargs, rows, code in cases:
+        with pytest.raises(GoogleAdsException) as raised:
+            upload(client, rows, **kwargs)
+        assert [error_code_name(e) for e in raised.value.failure.errors] == [code]
+        assert raised.value.request_id.startswith("sandbox-")
+    assert sandbox.accepted() == []
+
+
+def test_quota_exhaustion_carries_a_google_ads_failure_in_trailing_metadata(sandbox, client):
+    from google.api_core.exceptions import ResourceExhausted
+
+    sandbox.exhaust_quota(next_calls=1)
+    with pytest.raises(ResourceExhausted) as raised:
+        upload(client, [conversion(client)])
+
+    trailing = dict(raised.value.response.trailing_metadata())
+    failure_type = type(client.get_type("GoogleAdsFailure"))
+    failure = failure_type.deserialize(trailing[f"google.ads.googleads.{API_VERSION}.errors.googleadsfailure-bin"])
+    assert error_code_name(failure.errors[0]) == "RESOURCE_EXHAUSTED"
+    assert len(upload(client, [conversion(client)]).results) == 1  # only the next call
+
+
+def test_die_after_accept_records_then_fails(sandbox, client):
+    from google.api_core.exceptions import ServiceUnavailable
+
+    sandbox.die_after_accept()
+    with pytest.raises(ServiceUnavailable):
+        upload(client, [conversion(client)])
+    assert len(sandbox.accepted()) == 1
+
+
+def test_plaintext_clients_are_refused(sandbox):
+    channel = grpc.insecure_channel(f"127.0.0.1:{sandbox.port}")
+    call = channel.unary_unary(
+        f"/google.ads.googleads.{API_VERSION}.services.ConversionUploadService/UploadCallConversions",
+        request_serializer=lambda message: b"",
+        response_deserializer=lambda data: data,
+    )
+    with pytest.raises(grpc.RpcError) as raised:
+        call(b"", timeout=2)
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    channel.close()
+
+
+def test_command_line_sandbox_serves_the_real_client():
+    command = [
+        sys.executable,
+        "-m",
+        "callconv.sandbox",
+        "--customer",
+        "123-456-7890",
+        "--action",
+        "111:Phone sale",
+        "--cert-dir",
+        str(CERT_DIR),
+        "--now",
+        NOW.isoformat(),
+    ]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(["include", os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=Path(__file__).parents[2]
+    )
+    try:
+        lines = []
+        for line in process.stdout:
+            lines.append(line.strip())
+            if line.startswith("Ctrl-C"):
+                break
+        endpoint = next(line for line in lines if "serving on" in line).rsplit(" ", 1)[1]
+        assert f"export {SSL_ROOTS_ENV_VAR}={CERT_PATH}" in lines
+        client = client_from_settings(
+            {"developer_token": "sandbox-dev-token", "access_token": "sandbox-token", "endpoint": endpoint}
+        )
+        response = upload(client, [conversion(client)])
+        # The sandbox knows no calls here: Google's answer for an unknown call.
+        assert decode_partial_failure(client, response)[0][0] == "CALL_NOT_FOUND"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
