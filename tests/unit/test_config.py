@@ -1,0 +1,357 @@
+"""Configuration loading: the shipped file, and one clear line for every mistake."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from callconv.config import (
+    CONFIG_ENV_VAR,
+    DEFAULT_CONFIG_PATH,
+    ConfigError,
+    config_path,
+    load_settings,
+    parse_settings,
+)
+
+ACCOUNT = "nordic_plumbing"
+
+
+@pytest.fixture(scope="module")
+def shipped_raw() -> dict:
+    return yaml.safe_load(DEFAULT_CONFIG_PATH.read_text(encoding="utf-8"))
+
+
+def write_config(tmp_path: Path, raw: dict, name: str = "call_conversions.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def broken_message(tmp_path: Path, raw: dict, mutate) -> tuple[Path, str]:
+    """Apply ``mutate`` to a copy of the shipped config, load it from disk, return the error text."""
+    changed = copy.deepcopy(raw)
+    mutate(changed)
+    path = write_config(tmp_path, changed)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    message = str(caught.value)
+    assert "\n" not in message and "\r" not in message
+    return path, message
+
+
+def first_account(raw: dict) -> dict:
+    return raw["accounts"][0]
+
+
+# --- the shipped file -------------------------------------------------------------
+
+
+def test_shipped_config_loads_with_its_values():
+    settings = load_settings(DEFAULT_CONFIG_PATH)
+
+    assert settings.warehouse_conn_id == "call_conversions_warehouse"
+    assert settings.google_ads_conn_id == "google_ads_default"
+    assert settings.crm_source.kind == "file"
+    assert settings.crm_source.delimiter == ";"
+    assert settings.crm_source.decimal == ","
+    assert settings.crm_source.encoding == "utf-8-sig"
+    assert settings.crm_source.columns.caller_phone == "Telefon"
+    assert settings.crm_source.columns.value == "Beløp"
+    assert settings.match.attribution == "last"
+    assert settings.match.min_duration_seconds == 30
+    assert settings.match.forwarded_only is True
+    assert settings.retention.days("landing") == 90
+
+    account = settings.account(ACCOUNT)
+    assert [a.id for a in settings.accounts] == [ACCOUNT]
+    assert account.customer_id == "1234567890"  # dashes dropped
+    assert account.timezone == "Europe/Oslo"
+    assert str(account.tz) == "Europe/Oslo"
+    assert account.default_region == "NO"  # quoted in YAML, so not the boolean false
+    assert account.default_currency == "NOK"
+    assert {key: (a.id, a.name) for key, a in account.conversion_actions.items()} == {
+        "sale": ("555000111", "Phone sale"),
+        "upsell": ("555000222", "Support upsell"),
+    }
+    assert account.consent.ad_user_data == "GRANTED"
+    assert account.consent.ad_personalization == "DENIED"
+    assert account.action_resource("555000111") == "customers/1234567890/conversionActions/555000111"
+    assert settings.match_rules(account) is settings.match
+    assert settings.match_window(account).days == 30
+
+
+def test_unknown_account_names_the_configured_ones():
+    settings = load_settings(DEFAULT_CONFIG_PATH)
+    with pytest.raises(ConfigError, match=r"unknown account 'acme'; configured accounts: nordic_plumbing"):
+        settings.account("acme")
+
+
+# --- one line per mistake ---------------------------------------------------------
+
+
+def test_unknown_time_zone(tmp_path, shipped_raw):
+    path, message = broken_message(tmp_path, shipped_raw, lambda r: first_account(r).update(timezone="Europe/Olso"))
+    assert message == f"{path}: accounts[nordic_plumbing].timezone: unknown time zone 'Europe/Olso'"
+    assert "accounts[nordic_plumbing].timezone" in message
+    assert "unknown time zone 'Europe/Olso'" in message
+
+
+def test_time_zone_that_is_a_path_is_refused(tmp_path, shipped_raw):
+    _, message = broken_message(tmp_path, shipped_raw, lambda r: first_account(r).update(timezone="../etc/passwd"))
+    assert message.endswith("accounts[nordic_plumbing].timezone: unknown time zone '../etc/passwd'")
+
+
+@pytest.mark.parametrize("customer_id", ["123-456-789", "123-456-78901", "abc-def-ghij", "123 456 7890"])
+def test_bad_customer_id(tmp_path, shipped_raw, customer_id):
+    path, message = broken_message(tmp_path, shipped_raw, lambda r: first_account(r).update(customer_id=customer_id))
+    assert message == (
+        f"{path}: accounts[nordic_plumbing].customer_id: "
+        f"customer id must be 10 digits like 123-456-7890, got {customer_id!r}"
+    )
+
+
+def test_bad_login_customer_id_names_that_key(tmp_path, shipped_raw):
+    _, message = broken_message(tmp_path, shipped_raw, lambda r: first_account(r).update(login_customer_id="42"))
+    assert "accounts[nordic_plumbing].login_customer_id: customer id must be 10 digits" in message
+
+
+@pytest.mark.parametrize("customer_id", [1234567890, "1234567890", "123-4567890"])
+def test_customer_id_forms_that_are_accepted(customer_id, shipped_raw):
+    raw = copy.deepcopy(shipped_raw)
+    first_account(raw)["customer_id"] = customer_id
+    assert parse_settings(raw).accounts[0].customer_id == "1234567890"
+
+
+def test_conversion_action_id_missing(tmp_path, shipped_raw):
+    path, message = broken_message(
+        tmp_path, shipped_raw, lambda r: first_account(r)["conversion_actions"]["sale"].pop("id")
+    )
+    assert message == f"{path}: accounts[nordic_plumbing].conversion_actions.sale.id: required key is missing"
+
+
+@pytest.mark.parametrize("action_id", ["55a", "", "555-000", "5.5"])
+def test_conversion_action_id_not_numeric(tmp_path, shipped_raw, action_id):
+    path, message = broken_message(
+        tmp_path, shipped_raw, lambda r: first_account(r)["conversion_actions"]["sale"].update(id=action_id)
+    )
+    assert message == (
+        f"{path}: accounts[nordic_plumbing].conversion_actions.sale.id: "
+        f"conversion action id must be digits, got {action_id!r}"
+    )
+
+
+def test_conversion_action_id_as_yaml_int_becomes_text(shipped_raw):
+    raw = copy.deepcopy(shipped_raw)
+    first_account(raw)["conversion_actions"]["sale"]["id"] = 555000111
+    action = parse_settings(raw).accounts[0].conversion_actions["sale"]
+    assert action.id == "555000111"
+    assert isinstance(action.id, str)
+
+
+@pytest.mark.parametrize(
+    "action_id",
+    [
+        pytest.param(
+            "²",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="bug: config.py ConversionAction._numeric_id uses str.isdigit(), which accepts '²'",
+            ),
+        ),
+        pytest.param(
+            "５５５０００１１１",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="bug: config.py ConversionAction._numeric_id uses str.isdigit(), which accepts full-width "
+                "digits",
+            ),
+        ),
+    ],
+)
+def test_conversion_action_id_must_be_ascii_digits(shipped_raw, action_id):
+    raw = copy.deepcopy(shipped_raw)
+    first_account(raw)["conversion_actions"]["sale"]["id"] = action_id
+    with pytest.raises(ConfigError, match=r"accounts\[nordic_plumbing\]\.conversion_actions\.sale\.id"):
+        parse_settings(raw)
+
+
+@pytest.mark.xfail(strict=True, reason="bug: config.py _CUSTOMER_ID uses \\d, which matches non-ASCII digits")
+def test_customer_id_must_be_ascii_digits(shipped_raw):
+    raw = copy.deepcopy(shipped_raw)
+    first_account(raw)["customer_id"] = "١٢٣-٤٥٦-٧٨٩٠"  # Arabic-Indic digits
+    with pytest.raises(ConfigError, match=r"accounts\[nordic_plumbing\]\.customer_id"):
+        parse_settings(raw)
+
+
+def test_unknown_currency(tmp_path, shipped_raw):
+    path, message = broken_message(tmp_path, shipped_raw, lambda r: first_account(r).update(default_currency="XYZ"))
+    assert message == f"{path}: accounts[nordic_plumbing].default_currency: unknown ISO 4217 currency 'XYZ'"
+
+
+def test_currency_and_region_are_upper_cased(shipped_raw):
+    raw = copy.deepcopy(shipped_raw)
+    first_account(raw).update(default_currency=" eur ", default_region="de")
+    account = parse_settings(raw).accounts[0]
+    assert account.default_currency == "EUR"
+    assert account.default_region == "DE"
+
+
+def test_unknown_phone_region(tmp_path, shipped_raw):
+    path, message = broken_message(tmp_path, shipped_raw, lambda r: first_account(r).update(default_region="XX"))
+    assert message == (
+        f"{path}: accounts[nordic_plumbing].default_region: unknown phone region 'XX' (use an ISO 3166 code such as NO)"
+    )
+
+
+def test_unknown_top_level_key(tmp_path, shipped_raw):
+    path, message = broken_message(tmp_path, shipped_raw, lambda r: r.update(warehouse_url="sqlite://"))
+    assert message == f"{path}: warehouse_url: unknown key"
+
+
+def test_unknown_account_key_names_the_account(tmp_path, shipped_raw):
+    path, message = broken_message(tmp_path, shipped_raw, lambda r: first_account(r).update(time_zone="Europe/Oslo"))
+    assert message == f"{path}: accounts[nordic_plumbing].time_zone: unknown key"
+
+
+def test_missing_caller_phone_column(tmp_path, shipped_raw):
+    path, message = broken_message(tmp_path, shipped_raw, lambda r: r["crm_source"]["columns"].pop("caller_phone"))
+    assert message == f"{path}: crm_source.columns.caller_phone: required key is missing"
+
+
+def test_duplicate_account_ids(tmp_path, shipped_raw):
+    def duplicate(raw):
+        twin = copy.deepcopy(first_account(raw))
+        twin["customer_id"] = "999-888-7777"
+        raw["accounts"].append(twin)
+
+    path, message = broken_message(tmp_path, shipped_raw, duplicate)
+    assert message.startswith(f"{path}: ")
+    assert "account id 'nordic_plumbing' appears twice" in message
+
+
+def test_second_account_is_named_by_its_id(tmp_path, shipped_raw):
+    def add_broken(raw):
+        other = copy.deepcopy(first_account(raw))
+        other.update(id="acme", timezone="Mars/Olympus")
+        raw["accounts"].append(other)
+
+    _, message = broken_message(tmp_path, shipped_raw, add_broken)
+    assert message.endswith("accounts[acme].timezone: unknown time zone 'Mars/Olympus'")
+
+
+def test_several_mistakes_report_the_first_and_count_the_rest(tmp_path, shipped_raw):
+    _, message = broken_message(
+        tmp_path, shipped_raw, lambda r: first_account(r).update(customer_id="x", timezone="Europe/Olso")
+    )
+    assert "accounts[nordic_plumbing].customer_id: customer id must be 10 digits like 123-456-7890, got 'x'" in message
+    assert message.endswith(" (and 1 more)")
+
+
+def test_sql_source_needs_conn_id_and_query(tmp_path, shipped_raw):
+    _, message = broken_message(tmp_path, shipped_raw, lambda r: r["crm_source"].update(kind="sql"))
+    assert message.endswith("crm_source: kind 'sql' needs both conn_id and query")
+
+
+def test_delimiter_must_be_one_character(tmp_path, shipped_raw):
+    _, message = broken_message(tmp_path, shipped_raw, lambda r: r["crm_source"].update(delimiter=";;"))
+    assert message.endswith("crm_source.delimiter: must be a single character")
+
+
+@pytest.mark.xfail(
+    strict=True, reason="bug: config.py _location inserts key names raw, so a key holding a newline splits the line"
+)
+def test_message_is_one_line_even_for_a_key_with_a_newline(shipped_raw):
+    raw = copy.deepcopy(shipped_raw)
+    first_account(raw)["time\nzone"] = "Europe/Oslo"
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(raw)
+    assert "\n" not in str(caught.value)
+
+
+# --- the file itself ------------------------------------------------------------
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("export_uri: var/export\ncrm_source: [1, 2\naccounts: 3\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert str(caught.value) == f"{path}: not valid YAML at line 3"
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert str(caught.value) == f"{path}: the file must hold a mapping at the top level"
+
+
+def test_empty_file_is_not_a_mapping(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("", encoding="utf-8")
+    with pytest.raises(ConfigError, match="must hold a mapping at the top level"):
+        load_settings(path)
+
+
+def test_file_not_found_mentions_the_env_var(tmp_path):
+    path = tmp_path / "nowhere.yaml"
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    message = str(caught.value)
+    assert message == f"{path}: config file not found (set CALL_CONVERSIONS_CONFIG)"
+    assert CONFIG_ENV_VAR == "CALL_CONVERSIONS_CONFIG"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: config.py load_settings only catches FileNotFoundError; a non-UTF-8 file raises UnicodeDecodeError",
+)
+def test_config_saved_as_latin1_is_a_config_error(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(DEFAULT_CONFIG_PATH.read_text(encoding="utf-8").encode("latin-1"))  # 'Beløp' -> 0xF8
+    with pytest.raises(ConfigError, match=re.escape(str(path))):
+        load_settings(path)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: config.py load_settings only catches FileNotFoundError; a directory raises IsADirectoryError",
+)
+def test_config_path_that_is_a_directory_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=re.escape(str(tmp_path))):
+        load_settings(tmp_path)
+
+
+def test_env_var_points_at_the_file(tmp_path, monkeypatch, shipped_raw):
+    raw = copy.deepcopy(shipped_raw)
+    first_account(raw).update(id="acme", timezone="America/New_York", default_region="US", default_currency="USD")
+    path = write_config(tmp_path, raw, name="from_env.yaml")
+    monkeypatch.setenv(CONFIG_ENV_VAR, str(path))
+
+    assert config_path() == path
+    settings = load_settings()
+    assert [a.id for a in settings.accounts] == ["acme"]
+    assert settings.account("acme").timezone == "America/New_York"
+    assert settings.account("acme").default_currency == "USD"
+
+
+def test_env_var_naming_a_missing_file(tmp_path, monkeypatch):
+    path = tmp_path / "missing.yaml"
+    monkeypatch.setenv(CONFIG_ENV_VAR, str(path))
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert str(caught.value) == f"{path}: config file not found (set CALL_CONVERSIONS_CONFIG)"
+
+
+def test_empty_env_var_falls_back_to_the_shipped_file(monkeypatch):
+    monkeypatch.setenv(CONFIG_ENV_VAR, "")
+    assert config_path() == DEFAULT_CONFIG_PATH
+    monkeypatch.delenv(CONFIG_ENV_VAR)
+    assert config_path() == DEFAULT_CONFIG_PATH
+    assert load_settings().accounts[0].id == ACCOUNT
