@@ -189,6 +189,8 @@ class Account(_Strict):
 class Settings(_Strict):
     warehouse_conn_id: str = "call_conversions_warehouse"
     google_ads_conn_id: str = "google_ads_default"
+    # Secrets, each from an Airflow connection's password (or AIRFLOW_CONN_* env var).
+    hmac_conn_id: str = "call_conversions_hmac"
     export_uri: str = "var/export"
     data_docs_uri: str = "var/data_docs"
     crm_source: CrmSource

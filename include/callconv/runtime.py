@@ -107,6 +107,15 @@ def task_scope(account_id: str, context) -> TaskScope:
     return TaskScope(settings=settings, account=settings.account(account_id), window=TaskWindow.from_context(context))
 
 
+def register_secret(secret: str) -> None:
+    """Have Airflow's log masker hide a secret we read, as it does connection passwords."""
+    try:
+        from airflow.sdk.log import mask_secret
+    except ImportError:  # pragma: no cover - outside Airflow there is no masker to feed
+        return
+    mask_secret(secret)
+
+
 @contextmanager
 def log_group(title: str):
     """Fold a stage's log lines into one section of the Airflow task log."""

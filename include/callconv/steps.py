@@ -7,6 +7,7 @@ parse time, and each returns only a small dict of counts for XCom.
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 from callconv.runtime import log_group, storage_root, task_scope
 
@@ -108,3 +109,55 @@ def write_conversion_file(account_id: str, context) -> dict:
             storage_root(scope.settings.export_uri, scope.settings),
         )
     return _record(scope, "conversion_file", {"written": written.rows, "path": written.path})
+
+
+def hmac_key(conn_id: str) -> bytes:
+    """The key that replaces phone numbers with their keyed hash, from a connection's password."""
+    from airflow.sdk import Connection
+
+    from callconv.runtime import register_secret
+
+    secret = Connection.get(conn_id).password
+    if not secret or len(secret) < 16:
+        raise ValueError(f"connection {conn_id!r} must hold an HMAC key of at least 16 characters in its password")
+    register_secret(secret)
+    return secret.encode()
+
+
+def apply_retention(data_class: str, context) -> list[dict]:
+    """Purge one data class for every account, as of the run's own day; returns the audit counts."""
+    from callconv.config import load_settings
+    from callconv.retention import (
+        cutoff,
+        purge_day_folders,
+        purge_quarantine,
+        record_audit,
+        redact_warehouse,
+    )
+    from callconv.runtime import TaskWindow, warehouse_engine
+
+    settings = load_settings()
+    window = TaskWindow.from_context(context)
+    engine = warehouse_engine(settings.warehouse_conn_id)
+    roots = {
+        "landing": settings.crm_source.landing_uri,
+        "data_docs": settings.data_docs_uri,
+        "conversion_files": settings.export_uri,
+    }
+    key = hmac_key(settings.hmac_conn_id) if data_class == "warehouse" else None
+    done = []
+    with log_group(f"retention {data_class}"):
+        for account in settings.accounts:
+            retention = settings.retention_for(account)
+            as_of = window.end.astimezone(account.tz).date()
+            last_day = cutoff(retention, data_class, as_of)
+            if data_class in roots:
+                purge = purge_day_folders(storage_root(roots[data_class], settings), account, data_class, last_day)
+            elif data_class == "quarantine":
+                purge = purge_quarantine(engine, account, last_day)
+            else:
+                hard_last_day = as_of - timedelta(days=retention.hard_max_days + 1)
+                purge = redact_warehouse(engine, account, last_day, hard_last_day, key, window.end)
+            record_audit(engine, window.run_id, purge, window.end)
+            done.append({"account": account.id, "affected": purge.affected, "forced": purge.forced})
+    return done

@@ -1,0 +1,54 @@
+"""
+### Retention cleanup for call-conversion data
+
+Runs daily and removes personal data once its retention period is over
+(`retention` in the config, per data class and account; 90 days by default):
+
+- **landing**, **data_docs**, **conversion_files**: day folders older than the period are deleted;
+- **quarantine**: quarantined CRM rows are deleted;
+- **warehouse**: phone numbers in sales, matches and the upload ledger are replaced by a keyed hash
+  (HMAC-SHA256, key from the `call_conversions_hmac` connection). Conversions still pending or parked
+  for upload are kept, unless older than `hard_max_days`.
+
+Age is counted up to the run's own day (its data interval), never the clock, so a rerun
+or backfill removes exactly the same data. Every step writes an audit row. The steps run
+even when an earlier one fails, and the `fail_if_any_step_failed` watcher then fails the run.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from airflow.sdk import TriggerRule, dag, task
+from airflow.timetables.interval import CronDataIntervalTimetable
+
+DATA_CLASSES = ("landing", "data_docs", "conversion_files", "quarantine", "warehouse")
+
+
+@dag(
+    dag_id="call_conversions_retention",
+    schedule=CronDataIntervalTimetable("0 0 * * *", timezone="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args={"owner": "data-engineering", "retries": 2, "retry_delay": timedelta(minutes=10)},
+    doc_md=__doc__,
+    tags=["call-conversions", "retention", "privacy"],
+)
+def call_conversions_retention():
+    @task(trigger_rule=TriggerRule.ALL_DONE)
+    def purge(data_class: str, **context) -> list[dict]:
+        from callconv.steps import apply_retention
+
+        return apply_retention(data_class, context)
+
+    @task(trigger_rule=TriggerRule.ONE_FAILED, retries=2)
+    def fail_if_any_step_failed() -> None:
+        raise RuntimeError("a retention step failed; see its task log. Data of that class may be kept too long")
+
+    steps = [purge.override(task_id=f"purge_{name}")(name) for name in DATA_CLASSES]
+    for earlier, later in zip(steps, steps[1:], strict=False):
+        earlier >> later
+    steps >> fail_if_any_step_failed()
+
+
+call_conversions_retention()
