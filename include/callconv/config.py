@@ -120,7 +120,7 @@ class ConversionAction(_Strict):
     @classmethod
     def _numeric_id(cls, value: object) -> str:
         text = str(value).strip() if value is not None else ""
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()):
             raise ValueError(f"conversion action id must be digits, got {value!r}")
         return text
 
@@ -130,7 +130,7 @@ class Consent(_Strict):
     ad_personalization: Literal[CONSENT_VALUES] = "UNKNOWN"  # type: ignore[valid-type]
 
 
-_CUSTOMER_ID = re.compile(r"^\d{3}-?\d{3}-?\d{4}$")
+_CUSTOMER_ID = re.compile(r"^[0-9]{3}-?[0-9]{3}-?[0-9]{4}$")
 
 
 class Account(_Strict):
@@ -243,7 +243,7 @@ def _location(loc: tuple, raw: dict) -> str:
             parts[-1] = f"{parts[-1]}[{label}]" if parts else f"[{label}]"
             node = node[step] if isinstance(node, list) and step < len(node) else None
         else:
-            parts.append(str(step))
+            parts.append(" ".join(str(step).split()))
             node = node.get(step) if isinstance(node, dict) else None
     return ".".join(parts) or "(top level)"
 
@@ -274,6 +274,12 @@ def load_settings(path: str | os.PathLike | None = None) -> Settings:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found (set {CONFIG_ENV_VAR})") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file (set {CONFIG_ENV_VAR})") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start}); save the file as UTF-8") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot be read ({error.strerror})") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:

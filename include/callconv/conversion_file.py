@@ -18,6 +18,7 @@ import io
 import logging
 from dataclasses import dataclass
 from datetime import date
+from decimal import Decimal
 
 import sqlalchemy as sa
 
@@ -56,10 +57,18 @@ def phone_cell(e164: str) -> str:
     return f"\t{e164}"
 
 
+def format_value(value) -> str:
+    """Plain decimal without trailing zeros: 1234.5000 -> 1234.5, 100 -> 100, None -> blank."""
+    if value is None:
+        return ""
+    text = f"{Decimal(value):f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
 def render(account: Account, rows: list[dict]) -> bytes:
     names = {action.id: action.name for action in account.conversion_actions.values()}
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
+    writer = csv.writer(out, lineterminator="\r\n")
     writer.writerow([f"Parameters:TimeZone={account.timezone}"])
     writer.writerow(TEMPLATE_HEADER)
     for row in rows:
@@ -70,7 +79,7 @@ def render(account: Account, rows: list[dict]) -> bytes:
                 as_utc(row["call_start"]).astimezone(account.tz).strftime(TIME_FORMAT),
                 safe_text(names[row["conversion_action_id"]]),
                 as_utc(row["conversion_time"]).astimezone(account.tz).strftime(TIME_FORMAT),
-                "" if value is None else f"{value:f}".rstrip("0").rstrip("."),
+                format_value(value),
                 safe_text(row["currency_code"] or ""),
                 account.consent.ad_user_data.title(),
                 account.consent.ad_personalization.title(),

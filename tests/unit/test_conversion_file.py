@@ -87,9 +87,9 @@ def test_parameters_row_then_header(shipped_account):
 def test_empty_day_is_parameters_and_header_only(shipped_account):
     payload = render(shipped_account, [])
     assert payload == (
-        b"Parameters:TimeZone=Europe/Oslo\n"
+        b"Parameters:TimeZone=Europe/Oslo\r\n"
         b"Caller's Phone Number,Call Start Time,Conversion Name,Conversion Time,"
-        b"Conversion Value,Conversion Currency,Ad User Data,Ad Personalization\n"
+        b"Conversion Value,Conversion Currency,Ad User Data,Ad Personalization\r\n"
     )
 
 
@@ -184,11 +184,6 @@ def test_value_formatting(shipped_account, value, expected):
         (Decimal("0"), "0"),
         (Decimal("1E+2"), "100"),
     ],
-)
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: conversion_file.py render() strips zeros with .rstrip('0') even when the value has no "
-    "decimal point, so Decimal('100') becomes '1' and Decimal('0') becomes ''",
 )
 def test_value_formatting_of_whole_decimals_without_scale(shipped_account, value, expected):
     assert data_row(shipped_account, conversion_value=value)["Conversion Value"] == expected
@@ -290,11 +285,6 @@ def test_names_with_commas_quotes_and_newlines_survive_a_round_trip():
     assert back[3][2] == name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: conversion_file.py render() writes with lineterminator='\\n', so csv.writer does not quote a "
-    "field holding a bare '\\r'; the file then has a carriage return inside an unquoted cell",
-)
 @pytest.mark.parametrize("name", ["Phone\rsale", "\rsale"])
 def test_names_with_a_carriage_return_survive_a_round_trip(name):
     account = make_account(actions={"sale": {"id": SALE_ID, "name": name}})
