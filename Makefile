@@ -6,7 +6,6 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DATE ?= 2026-11-27
-DEMO_ACCOUNT ?= nordic_plumbing
 
 export AIRFLOW_HOME := $(CURDIR)/.airflow
 export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
@@ -33,12 +32,8 @@ migrate: $(STAMP)
 demo: $(STAMP)
 	@mkdir -p var $(AIRFLOW_HOME)
 	$(BIN)/airflow db migrate > $(AIRFLOW_HOME)/db-migrate.log 2>&1 || (cat $(AIRFLOW_HOME)/db-migrate.log; exit 1)
-	$(BIN)/python -m callconv.warehouse migrate
-	$(BIN)/python -m callconv.demo seed --date $(DEMO_DATE) --warehouse-url "$(CALL_CONVERSIONS_WAREHOUSE_URL)"
-	$(BIN)/airflow dags test call_conversions_import__$(DEMO_ACCOUNT) $$($(BIN)/python -c "import datetime as d; print(d.date.fromisoformat('$(DEMO_DATE)') + d.timedelta(days=1))") > var/demo-run.log 2>&1 \
-		|| (tail -50 var/demo-run.log; echo "demo run failed; full log in var/demo-run.log"; exit 1)
-	@echo "Airflow run log: var/demo-run.log"
-	@$(BIN)/python -m callconv.demo summary --date $(DEMO_DATE) --warehouse-url "$(CALL_CONVERSIONS_WAREHOUSE_URL)"
+	$(BIN)/python -m callconv.demo run --date $(DEMO_DATE) --warehouse-url "$(CALL_CONVERSIONS_WAREHOUSE_URL)" \
+		|| (tail -40 var/demo-run.log; exit 1)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -11,6 +11,9 @@ account-local day, `[data_interval_start, data_interval_end)`:
 2. **normalise_call_logs**: give the window's call-log rows an E.164 caller.
 3. **match_sales**: match each sale to its call inside the warehouse.
 4. **write_conversion_file**: write the day's file in Google's import template.
+5. **upload_conversions**: send due conversions through `ConversionUploadService.UploadCallConversions`,
+   exactly once (the upload ledger), parking too-recent calls and retrying them in later runs.
+   `dry_run` sends with `validate_only` and records nothing as uploaded.
 
 Every task is safe to rerun, and a backfill of a day gives the same tables.
 Logs carry counts and reason codes, never a phone number.
@@ -46,6 +49,9 @@ def build_import_dag(account_id: str, timezone: str):
             "reimport": Param(
                 False, type="boolean", description="Read the day's CRM files again even if already imported."
             ),
+            "dry_run": Param(
+                False, type="boolean", description="Validate the upload with Google (validate_only); record nothing."
+            ),
         },
     )
     def call_conversions_import():
@@ -74,7 +80,19 @@ def build_import_dag(account_id: str, timezone: str):
 
             return run(account_id, context)
 
-        take_in_crm_extracts() >> normalise_call_logs() >> match_sales() >> write_conversion_file()
+        @task(retries=3, retry_delay=timedelta(minutes=10))
+        def upload_conversions(**context) -> dict:
+            from callconv.steps import upload_conversions as run
+
+            return run(account_id, context, dry_run=bool(context["params"]["dry_run"]))
+
+        (
+            take_in_crm_extracts()
+            >> normalise_call_logs()
+            >> match_sales()
+            >> write_conversion_file()
+            >> upload_conversions()
+        )
 
     return call_conversions_import()
 

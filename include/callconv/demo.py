@@ -129,7 +129,69 @@ def seed(engine: sa.Engine, settings: Settings, landing_root, business_date: dat
     folder.mkdir(parents=True, exist_ok=True)
     extract = folder / f"crm_sales_{business_date:%Y%m%d}.csv"
     extract.write_bytes(make_crm_extract(settings, account, business_date, calls, rng))
-    return {"account": account.id, "call_logs": len(calls), "extract": str(extract)}
+    return {"account": account.id, "call_logs": len(calls), "extract": str(extract), "calls": calls}
+
+
+def start_sandbox(settings: Settings, calls: list[dict], business_date: date, cert_dir):
+    """Google Ads as a local sandbox that knows the seeded forwarded calls, two days after the sales."""
+    from callconv.normalise import normalise_phone
+    from callconv.sandbox.server import SandboxServer, customers_from_settings
+
+    account = settings.accounts[0]
+    forwarded = [
+        (normalise_phone(call["caller_number"], account.default_region)[0], call["call_start"])
+        for call in calls
+        if call["via_google_forwarding"]
+    ]
+    sandbox_now = datetime.combine(business_date + timedelta(days=2), time(12), tzinfo=account.tz)
+    return SandboxServer(
+        customers=customers_from_settings(settings),
+        calls=[(e164, start) for e164, start in forwarded if e164],
+        clock=lambda: sandbox_now,
+        cert_dir=cert_dir,
+    ).start()
+
+
+def run(settings: Settings, warehouse_url: str, business_date: date, log_path) -> int:
+    """Seed the day, serve the sandbox, run the import DAG through Airflow, print what happened."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from callconv.ads_client import SSL_ROOTS_ENV_VAR
+    from callconv.config import PROJECT_ROOT
+    from callconv.runtime import storage_root
+    from callconv.warehouse import create_engine, migrate
+
+    migrate(warehouse_url)
+    engine = create_engine(warehouse_url)
+    account = settings.accounts[0]
+    seeded = seed(engine, settings, storage_root(settings.crm_source.landing_uri, settings), business_date)
+    print(f"Seeded {seeded['call_logs']} call-log rows and one CRM extract for {account.id}, {business_date}")
+    sandbox = start_sandbox(settings, seeded["calls"], business_date, PROJECT_ROOT / "var" / "sandbox")
+    print(f"Google Ads sandbox serving on {sandbox.endpoint} (TLS, test certificate)")
+    env = {
+        **os.environ,
+        SSL_ROOTS_ENV_VAR: str(sandbox.cert_path),
+        f"AIRFLOW_CONN_{settings.google_ads_conn_id.upper()}": json.dumps(
+            {"conn_type": "google_ads", "extra": {"sandbox": True, **sandbox.client_settings()}}
+        ),
+    }
+    run_after = (business_date + timedelta(days=1)).isoformat()
+    command = [sys.executable, "-m", "airflow", "dags", "test", f"call_conversions_import__{account.id}", run_after]
+    print(f"Running {' '.join(command[2:])} (log: {log_path})", flush=True)
+    try:
+        with open(log_path, "w") as log_file:
+            result = subprocess.run(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, check=False)
+    finally:
+        accepted = len(sandbox.accepted())
+        sandbox.stop()
+    print(summary(engine, account, business_date))
+    print(f"  sandbox holds:      {accepted} accepted conversions")
+    if result.returncode != 0:
+        print(f"The Airflow run failed; see {log_path}")
+    return result.returncode
 
 
 def summary(engine: sa.Engine, account: Account, business_date: date) -> str:
@@ -170,8 +232,12 @@ def summary(engine: sa.Engine, account: Account, business_date: date) -> str:
     counts = last_run[0] if last_run else {}
     if "conversion_file" in counts:
         lines.append(f"  conversion file:    {counts['conversion_file']['path']}")
-    if "upload" in counts:
-        lines.append(f"  upload:             {counts['upload']}")
+    upload = counts.get("upload") or {}
+    if "accepted" in upload:
+        lines.append(
+            f"  upload:             sent {upload['sent']}, accepted {upload['accepted']}, "
+            f"already existed {upload['already_existed']}, parked {upload['parked']}, failed {upload['failed']}"
+        )
     return "\n".join(lines)
 
 
@@ -180,11 +246,14 @@ def main(argv: list[str] | None = None) -> None:
     from callconv.warehouse import create_engine
 
     parser = argparse.ArgumentParser(prog="python -m callconv.demo")
-    parser.add_argument("command", choices=("seed", "summary"))
+    parser.add_argument("command", choices=("run", "seed", "summary"))
     parser.add_argument("--date", type=date.fromisoformat, required=True, help="the account-local day")
     parser.add_argument("--warehouse-url", required=True)
+    parser.add_argument("--log", default="var/demo-run.log", help="where the Airflow run's log goes")
     args = parser.parse_args(argv)
     settings = load_settings()
+    if args.command == "run":
+        raise SystemExit(run(settings, args.warehouse_url, args.date, args.log))
     engine = create_engine(args.warehouse_url)
     if args.command == "seed":
         result = seed(engine, settings, storage_root(settings.crm_source.landing_uri, settings), args.date)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 
 import sqlalchemy as sa
 
@@ -26,7 +26,8 @@ def record_stage(
     with engine.begin() as connection:
         current = connection.scalar(sa.select(run_summary.c.counts).where(key).with_for_update())
         merged = {**(current or {}), stage: counts}
-        values = {"counts": merged, "updated_at": window[1], "business_date": business_date}
+        # updated_at is monitoring metadata (when the stage reported), not business logic.
+        values = {"counts": merged, "updated_at": datetime.now(UTC), "business_date": business_date}
         if current is None:
             connection.execute(
                 run_summary.insert().values(

@@ -111,6 +111,24 @@ def write_conversion_file(account_id: str, context) -> dict:
     return _record(scope, "conversion_file", {"written": written.rows, "path": written.path})
 
 
+def upload_conversions(account_id: str, context, dry_run: bool = False) -> dict:
+    """Send the account's due conversions (pending, and parked ones now due) to Google Ads."""
+    from callconv.ads_client import client_from_airflow_connection
+    from callconv.upload import ledger_counts, upload_pending
+
+    scope = task_scope(account_id, context)
+    if scope.account.delivery != "api":
+        log.info("upload: account %s delivers by file; nothing to send through the API", account_id)
+        return _record(scope, "upload", {"skipped": "delivery is file"})
+    with log_group(f"upload {account_id}{' (dry run)' if dry_run else ''}"):
+        client = client_from_airflow_connection(scope.settings.google_ads_conn_id)
+        outcome = upload_pending(
+            scope.engine, scope.account, client, scope.window.end, scope.window.run_id, dry_run=dry_run
+        )
+        counts = {**outcome.as_dict(), "ledger": ledger_counts(scope.engine, account_id)}
+    return _record(scope, "upload" if not dry_run else "upload_dry_run", counts)
+
+
 def hmac_key(conn_id: str) -> bytes:
     """The key that replaces phone numbers with their keyed hash, from a connection's password."""
     from airflow.sdk import Connection

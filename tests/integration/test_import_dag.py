@@ -8,17 +8,27 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import tempfile
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
 import sqlalchemy as sa
 import yaml
 
+from callconv.ads_client import SSL_ROOTS_ENV_VAR
+from callconv.normalise import normalise_phone
+from callconv.sandbox import ActionSpec, SandboxServer, ensure_certificate
 from callconv.schema import call_logs, crm_imports, crm_sales, matches, quarantine, run_summary, upload_ledger
 
 pytestmark = pytest.mark.integration
+
+# gRPC reads its trusted roots once per process: trust the sandbox certificate before any channel exists.
+CERT_DIR = Path(tempfile.gettempdir()) / f"callconv-sandbox-tests-{os.getuid()}"
+os.environ[SSL_ROOTS_ENV_VAR] = str(ensure_certificate(CERT_DIR)[0])
 
 OSLO = ZoneInfo("Europe/Oslo")
 DAY = date(2026, 11, 27)
@@ -94,7 +104,31 @@ EXPECTED_QUARANTINE = {
 
 
 @pytest.fixture()
-def project(tmp_path, warehouse, pg_schema_url, airflow_db, monkeypatch):
+def sandbox(monkeypatch):
+    """Google Ads as the sandbox: it knows the forwarded calls, and it is two days after the sales."""
+    forwarded = [
+        (normalise_phone(number, "NO")[0], oslo(start))
+        for _, number, start, _, via in CALLS
+        if via and number[0] != "n"
+    ]
+    server = SandboxServer(
+        customers={
+            "1112223333": [ActionSpec(id=SALE_ACTION, name="Phone sale"), ActionSpec(id=UPSELL_ACTION, name="Upsell")]
+        },
+        calls=forwarded,
+        clock=lambda: oslo("2026-11-29 12:00:00"),
+        cert_dir=CERT_DIR,
+    ).start()
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_GOOGLE_ADS_DEFAULT",
+        json.dumps({"conn_type": "google_ads", "extra": {"sandbox": True, **server.client_settings()}}),
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def project(tmp_path, warehouse, pg_schema_url, airflow_db, sandbox, monkeypatch):
     """A config, landing area and warehouse for the test account, wired through env vars."""
     config = {
         "warehouse_conn_id": "test_warehouse",
@@ -178,7 +212,7 @@ def snapshot(engine) -> dict:
     return tables
 
 
-def test_one_day_gives_the_known_matches_quarantine_and_reasons(project, warehouse):
+def test_one_day_gives_the_known_matches_quarantine_and_reasons(project, warehouse, sandbox):
     dag_run = run_import_dag(datetime(2026, 11, 28, tzinfo=OSLO))
     assert dag_run.state == "success"
     assert dag_run.data_interval_start == oslo("2026-11-27 00:00:00")
@@ -213,9 +247,13 @@ def test_one_day_gives_the_known_matches_quarantine_and_reasons(project, warehou
     assert call_starts["a-new"] == oslo("2026-11-27 09:00:00")
     assert unmatched == EXPECTED_UNMATCHED
     assert quarantined == EXPECTED_QUARANTINE
-    assert ledger == [("pending", 4)]
+    assert ledger == [("uploaded", 4)]
     assert summary["intake"]["read"] == len(CRM_ROWS)
     assert summary["match"]["matched"] == 5 and summary["match"]["conversions"] == 4
+    assert summary["upload"]["accepted"] == 4
+    accepted = {(c.caller_id, c.conversion_date_time, c.conversion_action) for c in sandbox.accepted()}
+    assert ("+4791234567", "2026-11-27 10:00:00+01:00", "customers/1112223333/conversionActions/111") in accepted
+    assert len(accepted) == 4
 
     exported = project / "export" / ACCOUNT / DAY.isoformat() / f"call_conversions_{ACCOUNT}_{DAY}.csv"
     lines = exported.read_text(encoding="utf-8").splitlines()
@@ -225,7 +263,7 @@ def test_one_day_gives_the_known_matches_quarantine_and_reasons(project, warehou
     assert len(lines) == 2 + len(EXPECTED_CONVERSIONS)
 
 
-def test_running_the_same_day_twice_leaves_identical_tables(project, warehouse):
+def test_running_the_same_day_twice_leaves_identical_tables(project, warehouse, sandbox):
     logical_date = datetime(2026, 11, 28, tzinfo=OSLO)
     assert run_import_dag(logical_date).state == "success"
     first = snapshot(warehouse)
@@ -237,6 +275,7 @@ def test_running_the_same_day_twice_leaves_identical_tables(project, warehouse):
     assert second == first
     assert exported.read_bytes() == first_file
     assert len(first["matches"]) == len(EXPECTED_CONVERSIONS)
+    assert len(sandbox.accepted()) == len(EXPECTED_CONVERSIONS)  # nothing sent twice
 
 
 def test_a_file_without_the_phone_column_fails_the_task_with_a_clear_message(project, warehouse, capfd):
