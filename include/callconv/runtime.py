@@ -10,7 +10,7 @@ import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
 from pathlib import Path
 
@@ -38,6 +38,13 @@ class TaskWindow:
                 "the import DAGs need a data-interval timetable"
             )
         return cls(start=_plain_utc(start), end=_plain_utc(end), run_id=context["run_id"])
+
+    @classmethod
+    def for_local_day(cls, account: Account, day: date, run_id: str) -> TaskWindow:
+        """Local midnight to local midnight, however long the day is (23 or 25 hours at DST changes)."""
+        start = datetime.combine(day, time(0), tzinfo=account.tz)
+        end = datetime.combine(day + timedelta(days=1), time(0), tzinfo=account.tz)
+        return cls(start=_plain_utc(start), end=_plain_utc(end), run_id=run_id)
 
 
 def _plain_utc(moment) -> datetime:
@@ -102,9 +109,14 @@ class TaskScope:
         return warehouse_engine(self.settings.warehouse_conn_id)
 
 
-def task_scope(account_id: str, context) -> TaskScope:
+def task_scope(account_id: str, context, day: str | None = None) -> TaskScope:
     settings = load_settings()
-    return TaskScope(settings=settings, account=settings.account(account_id), window=TaskWindow.from_context(context))
+    account = settings.account(account_id)
+    if day is None:
+        window = TaskWindow.from_context(context)
+    else:
+        window = TaskWindow.for_local_day(account, date.fromisoformat(day), context["run_id"])
+    return TaskScope(settings=settings, account=account, window=window)
 
 
 def register_secret(secret: str) -> None:

@@ -1,5 +1,8 @@
 """One function per DAG task: take the window from the context, run the stage, record its counts.
 
+``day`` (an account-local ISO date) overrides the run's data interval; the
+rerun DAG uses it to process chosen days of chosen accounts.
+
 DAG files call these from inside their task bodies, so nothing here runs at
 parse time, and each returns only a small dict of counts for XCom.
 """
@@ -31,10 +34,10 @@ def _record(scope, stage: str, counts: dict) -> dict:
     return counts
 
 
-def take_in_crm_extracts(account_id: str, context, reimport: bool = False) -> dict:
+def take_in_crm_extracts(account_id: str, context, reimport: bool = False, day: str | None = None) -> dict:
     from callconv.intake import take_in_day
 
-    scope = task_scope(account_id, context)
+    scope = task_scope(account_id, context, day)
     settings = scope.settings
     with log_group(f"intake {account_id} {scope.window.start:%Y-%m-%d %H:%M} to {scope.window.end:%Y-%m-%d %H:%M} UTC"):
         outcome = take_in_day(
@@ -62,10 +65,10 @@ def crm_query_runner(source):
     return lambda parameters: hook.get_df(source.query, parameters=parameters, df_type="pandas")
 
 
-def normalise_call_logs(account_id: str, context) -> dict:
+def normalise_call_logs(account_id: str, context, day: str | None = None) -> dict:
     from callconv.call_logs import normalise_call_logs as normalise
 
-    scope = task_scope(account_id, context)
+    scope = task_scope(account_id, context, day)
     with log_group(f"normalise call logs {account_id}"):
         counts = normalise(
             scope.engine,
@@ -80,11 +83,11 @@ def normalise_call_logs(account_id: str, context) -> dict:
     return _record(scope, "call_logs", counts)
 
 
-def match_sales(account_id: str, context) -> dict:
+def match_sales(account_id: str, context, day: str | None = None) -> dict:
     from callconv.intake import business_date_of
     from callconv.match import match_day
 
-    scope = task_scope(account_id, context)
+    scope = task_scope(account_id, context, day)
     with log_group(f"match {account_id}"):
         outcome = match_day(
             scope.engine,
@@ -96,11 +99,11 @@ def match_sales(account_id: str, context) -> dict:
     return _record(scope, "match", outcome.as_counts())
 
 
-def write_conversion_file(account_id: str, context) -> dict:
+def write_conversion_file(account_id: str, context, day: str | None = None) -> dict:
     from callconv.conversion_file import write_conversion_file as write
     from callconv.intake import business_date_of
 
-    scope = task_scope(account_id, context)
+    scope = task_scope(account_id, context, day)
     with log_group(f"conversion file {account_id}"):
         written = write(
             scope.engine,
@@ -111,12 +114,12 @@ def write_conversion_file(account_id: str, context) -> dict:
     return _record(scope, "conversion_file", {"written": written.rows, "path": written.path})
 
 
-def upload_conversions(account_id: str, context, dry_run: bool = False) -> dict:
+def upload_conversions(account_id: str, context, dry_run: bool = False, day: str | None = None) -> dict:
     """Send the account's due conversions (pending, and parked ones now due) to Google Ads."""
     from callconv.ads_client import client_from_airflow_connection
     from callconv.upload import ledger_counts, upload_pending
 
-    scope = task_scope(account_id, context)
+    scope = task_scope(account_id, context, day)
     if scope.account.delivery != "api":
         log.info("upload: account %s delivers by file; nothing to send through the API", account_id)
         return _record(scope, "upload", {"skipped": "delivery is file"})
