@@ -99,6 +99,15 @@ class ValidationRules(_Strict):
     expect_data: bool = True
 
 
+class Freshness(_Strict):
+    """When the call logs count as covering a day: the latest call start is at or after the
+    window end minus the grace. The import waits (without holding a worker slot) until then."""
+
+    grace_minutes: int = Field(0, ge=0)
+    poke_minutes: int = Field(10, ge=1)
+    timeout_hours: float = Field(12, gt=0)
+
+
 class Retention(_Strict):
     default_days: int = Field(90, ge=1)
     landing_days: int | None = Field(None, ge=1)
@@ -196,6 +205,7 @@ class Settings(_Strict):
     crm_source: CrmSource
     match: MatchRules = MatchRules()
     validation: ValidationRules = ValidationRules()
+    freshness: Freshness = Freshness()
     retention: Retention = Retention()
     accounts: list[Account] = Field(min_length=1)
 
