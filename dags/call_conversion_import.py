@@ -8,7 +8,9 @@ account-local day, `[data_interval_start, data_interval_end)`:
 1. **take_in_crm_extracts**: read the day's CRM files from the landing area,
    validate them with Great Expectations, normalise phones, times and money,
    and store sales and quarantined rows. Files already imported are skipped.
-2. **normalise_call_logs**: give the window's call-log rows an E.164 caller.
+2. **wait_for_call_logs**: a sensor in reschedule mode (no worker slot held while
+   waiting) until the call logs cover the day (`freshness` in the config).
+   **normalise_call_logs** then gives the window's call-log rows an E.164 caller.
 3. **match_sales**: match each sale to its call inside the warehouse.
 4. **write_conversion_file**: write the day's file in Google's import template.
 5. **upload_conversions**: send due conversions through `ConversionUploadService.UploadCallConversions`,
@@ -26,7 +28,7 @@ from datetime import timedelta
 from airflow.sdk import Param, dag, task
 from airflow.timetables.interval import CronDataIntervalTimetable
 
-from callconv.config import load_settings
+from callconv.config import Settings, load_settings
 
 DEFAULT_ARGS = {
     "owner": "data-engineering",
@@ -36,7 +38,9 @@ DEFAULT_ARGS = {
 }
 
 
-def build_import_dag(account_id: str, timezone: str):
+def build_import_dag(account_id: str, timezone: str, settings: Settings | None = None):
+    freshness = (settings or load_settings()).freshness
+
     @dag(
         dag_id=f"call_conversions_import__{account_id}",
         schedule=CronDataIntervalTimetable("0 0 * * *", timezone=timezone),
@@ -62,6 +66,17 @@ def build_import_dag(account_id: str, timezone: str):
 
             return run(account_id, context, reimport=bool(context["params"]["reimport"]))
 
+        @task.sensor(
+            mode="reschedule",
+            poke_interval=timedelta(minutes=freshness.poke_minutes),
+            timeout=timedelta(hours=freshness.timeout_hours),
+        )
+        def wait_for_call_logs(**context) -> bool:
+            """Times out with the coverage found in its last log line."""
+            from callconv.steps import call_logs_ready
+
+            return call_logs_ready(account_id, context)
+
         @task
         def normalise_call_logs(**context) -> dict:
             from callconv.steps import normalise_call_logs as run
@@ -86,16 +101,14 @@ def build_import_dag(account_id: str, timezone: str):
 
             return run(account_id, context, dry_run=bool(context["params"]["dry_run"]))
 
-        (
-            take_in_crm_extracts()
-            >> normalise_call_logs()
-            >> match_sales()
-            >> write_conversion_file()
-            >> upload_conversions()
-        )
+        matched = match_sales()
+        take_in_crm_extracts() >> matched
+        wait_for_call_logs() >> normalise_call_logs() >> matched
+        matched >> write_conversion_file() >> upload_conversions()
 
     return call_conversions_import()
 
 
-for _account in load_settings().accounts:
-    build_import_dag(_account.id, _account.timezone)
+_settings = load_settings()
+for _account in _settings.accounts:
+    build_import_dag(_account.id, _account.timezone, _settings)

@@ -169,13 +169,21 @@ def _unmatched_reasons(account_id: str, business_date: date, rules: MatchRules):
     )
 
 
-def match_day(engine: sa.Engine, account_id: str, business_date: date, rules: MatchRules, run_id: str) -> MatchOutcome:
-    """Match one account-day in one transaction; rerunning it gives the same tables."""
+def match_day(
+    engine: sa.Engine, account_id: str, business_date: date, rules: MatchRules, run_id: str, rematch: bool = True
+) -> MatchOutcome:
+    """Match one account-day in one transaction; rerunning it gives the same tables.
+
+    With ``rematch`` (the default) every sale of the day not yet delivered is matched
+    afresh, so late call logs or changed rules take effect. Without it, only sales
+    never matched are looked at, and earlier matches stand.
+    """
     with engine.begin() as connection:
         # Forget earlier matches of this day, except those whose conversion was delivered.
+        forget = _not_frozen() if rematch else crm_sales.c.unmatched_reason.is_not(None)
         connection.execute(
             crm_sales.update()
-            .where(_day_sales(account_id, business_date), _not_frozen())
+            .where(_day_sales(account_id, business_date), forget)
             .values(matched_call_id=None, matched_call_start=None, conversion_key=None, unmatched_reason=None)
         )
         frozen = connection.scalar(

@@ -1,4 +1,4 @@
-"""The per-run summary: one row per (DAG run, account), counts by stage."""
+"""The per-run summary: one row per (DAG run, account, day), counts by stage."""
 
 from __future__ import annotations
 
@@ -22,29 +22,26 @@ def record_stage(
     counts: dict,
 ) -> None:
     """Merge one stage's counts into the run's row; a rerun of the stage overwrites its own part."""
-    key = sa.and_(run_summary.c.run_id == run_id, run_summary.c.account_id == account_id)
+    key = sa.and_(
+        run_summary.c.run_id == run_id,
+        run_summary.c.account_id == account_id,
+        run_summary.c.business_date == business_date,
+    )
     with engine.begin() as connection:
         current = connection.scalar(sa.select(run_summary.c.counts).where(key).with_for_update())
         merged = {**(current or {}), stage: counts}
         # updated_at is monitoring metadata (when the stage reported), not business logic.
-        values = {"counts": merged, "updated_at": datetime.now(UTC), "business_date": business_date}
+        values = {"counts": merged, "updated_at": datetime.now(UTC)}
         if current is None:
             connection.execute(
                 run_summary.insert().values(
-                    run_id=run_id, account_id=account_id, window_start=window[0], window_end=window[1], **values
+                    run_id=run_id,
+                    account_id=account_id,
+                    business_date=business_date,
+                    window_start=window[0],
+                    window_end=window[1],
+                    **values,
                 )
             )
         else:
             connection.execute(run_summary.update().where(key).values(**values))
-
-
-def run_counts(engine: sa.Engine, run_id: str, account_id: str) -> dict:
-    with engine.connect() as connection:
-        return (
-            connection.scalar(
-                sa.select(run_summary.c.counts).where(
-                    run_summary.c.run_id == run_id, run_summary.c.account_id == account_id
-                )
-            )
-            or {}
-        )

@@ -136,13 +136,13 @@ upload_ledger = sa.Table(
     sa.Index("ix_upload_ledger_state", "account_id", "state"),
 )
 
-# One row per (DAG run, account): counts by stage, for reports and alerts.
+# One row per (DAG run, account, day): counts by stage, for reports and alerts.
 run_summary = sa.Table(
     "run_summary",
     metadata,
     sa.Column("run_id", sa.String(250), primary_key=True),
     sa.Column("account_id", sa.String(64), primary_key=True),
-    sa.Column("business_date", sa.Date, nullable=False),
+    sa.Column("business_date", sa.Date, primary_key=True),
     sa.Column("window_start", UTC_TIME, nullable=False),
     sa.Column("window_end", UTC_TIME, nullable=False),
     sa.Column("counts", sa.JSON, nullable=False),

@@ -83,7 +83,18 @@ def normalise_call_logs(account_id: str, context, day: str | None = None) -> dic
     return _record(scope, "call_logs", counts)
 
 
-def match_sales(account_id: str, context, day: str | None = None) -> dict:
+def call_logs_ready(account_id: str, context, day: str | None = None) -> bool:
+    """The sensor's poke: do the warehouse's call logs cover this run's window yet?"""
+    from callconv.freshness import call_log_coverage
+
+    scope = task_scope(account_id, context, day)
+    grace = timedelta(minutes=scope.settings.freshness.grace_minutes)
+    coverage = call_log_coverage(scope.engine, account_id, scope.window.end, grace)
+    log.info("freshness %s: %s", account_id, coverage.describe())
+    return coverage.covered
+
+
+def match_sales(account_id: str, context, day: str | None = None, rematch: bool = True) -> dict:
     from callconv.intake import business_date_of
     from callconv.match import match_day
 
@@ -95,6 +106,7 @@ def match_sales(account_id: str, context, day: str | None = None) -> dict:
             business_date_of(scope.account, scope.window.start),
             scope.settings.match_rules(scope.account),
             scope.window.run_id,
+            rematch=rematch,
         )
     return _record(scope, "match", outcome.as_counts())
 

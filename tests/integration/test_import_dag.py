@@ -150,6 +150,7 @@ def project(tmp_path, warehouse, pg_schema_url, airflow_db, sandbox, monkeypatch
         },
         "match": {"window_days": 30, "min_duration_seconds": 30, "forwarded_only": True},
         "validation": {"max_bad_row_share": 0.5},
+        "freshness": {"grace_minutes": 1440},
         "accounts": [
             {
                 "id": ACCOUNT,

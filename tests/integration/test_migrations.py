@@ -16,9 +16,17 @@ pytestmark = pytest.mark.integration
 
 
 def schema_drift(url: str) -> list:
+    """Differences between the migrated database and the code, primary keys included."""
     engine = sa.create_engine(url)
     with engine.connect() as connection:
-        return compare_metadata(MigrationContext.configure(connection), metadata)
+        drift = compare_metadata(MigrationContext.configure(connection), metadata)
+    inspector = sa.inspect(engine)
+    for table in metadata.sorted_tables:
+        expected = [column.name for column in table.primary_key.columns]
+        actual = inspector.get_pk_constraint(table.name)["constrained_columns"]
+        if sorted(actual) != sorted(expected):
+            drift.append(("primary key", table.name, actual, expected))
+    return drift
 
 
 @pytest.fixture()

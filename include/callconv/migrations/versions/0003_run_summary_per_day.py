@@ -1,0 +1,29 @@
+"""run_summary: one row per (run, account, day), since a rerun covers several days
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-11-29 00:41:00
+"""
+
+from alembic import op
+
+revision = "0003"
+down_revision = "0002"
+branch_labels = None
+depends_on = None
+
+
+def _set_primary_key(columns: list[str]) -> None:
+    # SQLite's primary key has no name; batch mode rebuilds the table with the new one.
+    with op.batch_alter_table("run_summary", recreate="always") as batch_op:
+        if op.get_bind().dialect.name != "sqlite":
+            batch_op.drop_constraint("run_summary_pkey", type_="primary")
+        batch_op.create_primary_key("run_summary_pkey", columns)
+
+
+def upgrade() -> None:
+    _set_primary_key(["run_id", "account_id", "business_date"])
+
+
+def downgrade() -> None:
+    _set_primary_key(["run_id", "account_id"])
