@@ -48,6 +48,7 @@ def three_days(tmp_path, warehouse, pg_schema_url, airflow_db, monkeypatch):
             "landing_uri": str(tmp_path / "landing"),
             "columns": {"caller_phone": "phone", "conversion_time": "sold_at", "outcome": "outcome", "crm_id": "id"},
         },
+        "freshness": {"grace_minutes": 60, "poke_minutes": 1},
         "accounts": [
             {
                 "id": ACCOUNT,
