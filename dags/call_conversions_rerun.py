@@ -23,81 +23,90 @@ from airflow.sdk import Param, dag, task, task_group
 
 from callconv.config import load_settings
 
-ACCOUNT_IDS = [account.id for account in load_settings().accounts]
+
+def build_rerun_dag():
+    """Built from the config, so the form offers exactly the configured accounts."""
+    account_ids = [account.id for account in load_settings().accounts]
+    return _rerun_dag(account_ids)
 
 
-@dag(
-    dag_id="call_conversions_rerun",
-    schedule=None,
-    catchup=False,
-    max_active_runs=1,
-    max_active_tasks=4,
-    default_args={"owner": "analytics", "retries": 2, "retry_delay": timedelta(minutes=5)},
-    doc_md=__doc__,
-    tags=["call-conversions", "google-ads", "rerun"],
-    params={
-        "start_date": Param(type="string", format="date", title="First day", description="Account-local day."),
-        "end_date": Param(type="string", format="date", title="Last day", description="Included."),
-        "accounts": Param(
-            ACCOUNT_IDS,
-            type="array",
-            items={"type": "string", "enum": ACCOUNT_IDS},
-            minItems=1,
-            uniqueItems=True,
-            description="Accounts to rerun, from the config.",
-        ),
-        "dry_run": Param(False, type="boolean", description="Validate the upload only; record nothing as uploaded."),
-        "rematch": Param(True, type="boolean", description="Match the days' sales afresh (uploaded ones stay)."),
-        "reimport": Param(False, type="boolean", description="Read the days' CRM files again."),
-    },
-)
-def call_conversions_rerun():
-    @task(retries=0)
-    def plan(**context) -> list[dict]:
-        """Refuses an end before the start or an unknown account, before anything runs."""
-        from callconv.rerun import plan_days
-
-        params = context["params"]
-        return plan_days(params["start_date"], params["end_date"], list(params["accounts"]), ACCOUNT_IDS)
-
-    @task_group
-    def one_day(account_id: str, day: str):
+def _rerun_dag(account_ids: list[str]):
+    @dag(
+        dag_id="call_conversions_rerun",
+        schedule=None,
+        catchup=False,
+        max_active_runs=1,
+        max_active_tasks=4,
+        default_args={"owner": "analytics", "retries": 2, "retry_delay": timedelta(minutes=5)},
+        doc_md=__doc__,
+        tags=["call-conversions", "google-ads", "rerun"],
+        params={
+            "start_date": Param(type="string", format="date", title="First day", description="Account-local day."),
+            "end_date": Param(type="string", format="date", title="Last day", description="Included."),
+            "accounts": Param(
+                account_ids,
+                type="array",
+                items={"type": "string", "enum": account_ids},
+                minItems=1,
+                uniqueItems=True,
+                description="Accounts to rerun, from the config.",
+            ),
+            "dry_run": Param(
+                False, type="boolean", description="Validate the upload only; record nothing as uploaded."
+            ),
+            "rematch": Param(True, type="boolean", description="Match the days' sales afresh (uploaded ones stay)."),
+            "reimport": Param(False, type="boolean", description="Read the days' CRM files again."),
+        },
+    )
+    def call_conversions_rerun():
         @task(retries=0)
-        def take_in_crm_extracts(account_id: str, day: str, **context) -> dict:
-            from callconv.steps import take_in_crm_extracts as run
+        def plan(**context) -> list[dict]:
+            """Refuses an end before the start or an unknown account, before anything runs."""
+            from callconv.rerun import plan_days
 
-            return run(account_id, context, reimport=bool(context["params"]["reimport"]), day=day)
+            params = context["params"]
+            return plan_days(params["start_date"], params["end_date"], list(params["accounts"]), account_ids)
 
-        @task
-        def normalise_call_logs(account_id: str, day: str, **context) -> dict:
-            from callconv.steps import normalise_call_logs as run
+        @task_group
+        def one_day(account_id: str, day: str):
+            @task(retries=0)
+            def take_in_crm_extracts(account_id: str, day: str, **context) -> dict:
+                from callconv.steps import take_in_crm_extracts as run
 
-            return run(account_id, context, day=day)
+                return run(account_id, context, reimport=bool(context["params"]["reimport"]), day=day)
 
-        @task
-        def match_sales(account_id: str, day: str, **context) -> dict:
-            from callconv.steps import match_sales as run
+            @task
+            def normalise_call_logs(account_id: str, day: str, **context) -> dict:
+                from callconv.steps import normalise_call_logs as run
 
-            return run(account_id, context, day=day, rematch=bool(context["params"]["rematch"]))
+                return run(account_id, context, day=day)
 
-        @task
-        def write_conversion_file(account_id: str, day: str, **context) -> dict:
-            from callconv.steps import write_conversion_file as run
+            @task
+            def match_sales(account_id: str, day: str, **context) -> dict:
+                from callconv.steps import match_sales as run
 
-            return run(account_id, context, day=day)
+                return run(account_id, context, day=day, rematch=bool(context["params"]["rematch"]))
 
-        @task(retries=3, retry_delay=timedelta(minutes=10))
-        def upload_conversions(account_id: str, day: str, **context) -> dict:
-            from callconv.steps import upload_conversions as run
+            @task
+            def write_conversion_file(account_id: str, day: str, **context) -> dict:
+                from callconv.steps import write_conversion_file as run
 
-            return run(account_id, context, dry_run=bool(context["params"]["dry_run"]), day=day)
+                return run(account_id, context, day=day)
 
-        matched = match_sales(account_id, day)
-        take_in_crm_extracts(account_id, day) >> matched
-        normalise_call_logs(account_id, day) >> matched
-        matched >> write_conversion_file(account_id, day) >> upload_conversions(account_id, day)
+            @task(retries=3, retry_delay=timedelta(minutes=10))
+            def upload_conversions(account_id: str, day: str, **context) -> dict:
+                from callconv.steps import upload_conversions as run
 
-    one_day.expand_kwargs(plan())
+                return run(account_id, context, dry_run=bool(context["params"]["dry_run"]), day=day)
+
+            matched = match_sales(account_id, day)
+            take_in_crm_extracts(account_id, day) >> matched
+            normalise_call_logs(account_id, day) >> matched
+            matched >> write_conversion_file(account_id, day) >> upload_conversions(account_id, day)
+
+        one_day.expand_kwargs(plan())
+
+    return call_conversions_rerun()
 
 
-call_conversions_rerun()
+build_rerun_dag()

@@ -107,9 +107,9 @@ def three_days(tmp_path, warehouse, pg_schema_url, airflow_db, monkeypatch):
 
 
 def rerun(conf: dict):
-    from dags.call_conversions_rerun import call_conversions_rerun
+    from dags.call_conversions_rerun import build_rerun_dag
 
-    dag = call_conversions_rerun()
+    dag = build_rerun_dag()
     for task in dag.tasks:
         task.retries = 0  # dag.test() would wait out real retry delays
     return dag.test(run_conf=conf)

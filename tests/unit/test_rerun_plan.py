@@ -36,11 +36,11 @@ def test_not_a_date_is_refused():
         plan_days("yesterday", "2026-10-05", ["a"], ["a"])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def rerun_params():
-    from dags.call_conversions_rerun import call_conversions_rerun
+    from dags.call_conversions_rerun import build_rerun_dag
 
-    return call_conversions_rerun().params
+    return build_rerun_dag().params
 
 
 def form(rerun_params, **values):
