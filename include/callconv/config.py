@@ -63,6 +63,11 @@ class CrmSource(_Strict):
     encoding: Literal["utf-8", "utf-8-sig", "latin-1", "cp1252"] = "utf-8-sig"
     decimal: Literal[".", ","] = "."
     columns: CrmColumns
+    # Hostile or broken files fail with a clear error instead of exhausting memory: a file
+    # larger than this (after decryption and gunzip) is refused, and files are read, validated
+    # and stored chunk_rows rows at a time. The row limit is validation.max_rows.
+    max_file_mb: int = Field(1024, ge=1)
+    chunk_rows: int = Field(100_000, ge=1)
     # For kind=sql: a common-sql connection and a query taking
     # :window_start, :window_end and :account_id.
     conn_id: str | None = None
@@ -97,6 +102,18 @@ class ValidationRules(_Strict):
     max_rows: int = Field(5_000_000, ge=1)
     max_bad_row_share: float = Field(0.2, ge=0, le=1)
     expect_data: bool = True
+
+
+class Encryption(_Strict):
+    """Every file the pipeline stores is encrypted with the keyring from this Airflow connection
+    (its password holds the keyring JSON) or from $CALL_CONVERSIONS_ENCRYPTION_KEYS.
+
+    With ``required: true`` a task refuses to run without a keyring; ``required: false`` (the
+    demo) stores files in plaintext when there is none, and says so in the task log.
+    """
+
+    keys_conn_id: str = "call_conversions_encryption"
+    required: bool = True
 
 
 class Freshness(_Strict):
@@ -202,6 +219,11 @@ class Settings(_Strict):
     hmac_conn_id: str = "call_conversions_hmac"
     export_uri: str = "var/export"
     data_docs_uri: str = "var/data_docs"
+    # Encrypted copies of the CRM files taken in: {archive_uri}/{account}/{YYYY-MM-DD}/{name}.enc
+    archive_uri: str = "var/archive"
+    # The day's quarantined rows, for debugging: {quarantine_uri}/{account}/{YYYY-MM-DD}/*.csv.enc
+    quarantine_uri: str = "var/quarantine"
+    encryption: Encryption = Encryption()
     crm_source: CrmSource
     match: MatchRules = MatchRules()
     validation: ValidationRules = ValidationRules()

@@ -9,6 +9,10 @@ The file must be safe to open in a spreadsheet: text cells that start with
 formulas. The phone column is the exception, since Google must read it as
 written: it gets a leading tab instead, which spreadsheets keep as text and
 Google's importer trims as whitespace.
+
+The file is stored encrypted, ``call_conversions_{account}_{day}.csv.enc`` under
+``{export_uri}/{account}/{YYYY-MM-DD}/``. For a manual upload in the Google Ads UI,
+``python -m callconv.crypto decrypt IN OUT`` writes the plaintext CSV.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from decimal import Decimal
 import sqlalchemy as sa
 
 from callconv.config import Account
+from callconv.crypto import Keyring
 from callconv.match import as_utc
 from callconv.schema import matches
+from callconv.storage import store_as
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +108,18 @@ def file_name(account_id: str, business_date: date) -> str:
     return f"call_conversions_{account_id}_{business_date.isoformat()}.csv"
 
 
-def write_conversion_file(engine: sa.Engine, account: Account, business_date: date, export_root) -> ConversionFile:
-    """Write (or replace) the day's file; the same day always yields the same bytes."""
+def write_conversion_file(
+    engine: sa.Engine, account: Account, business_date: date, export_root, keyring: Keyring | None = None
+) -> ConversionFile:
+    """Write (or replace) the day's file, encrypted with ``keyring`` as ``.csv.enc``.
+
+    The same day always yields the same plaintext. For a manual upload in the Google Ads UI,
+    ``python -m callconv.crypto decrypt IN OUT`` gives it back. Without a keyring (only when
+    the config allows plaintext) the file is written as ``.csv``; either way the day's file
+    in the other form, left from before a change of settings, is removed.
+    """
     rows = day_conversions(engine, account.id, business_date)
     folder = export_root / account.id / business_date.isoformat()
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / file_name(account.id, business_date)
-    staging = folder / f".{target.name}.partial"
-    staging.write_bytes(render(account, rows))
-    staging.rename(target)
+    target = store_as(folder, file_name(account.id, business_date), render(account, rows), keyring)
     log.info("conversion file: %d conversions written to %s", len(rows), target)
     return ConversionFile(path=str(target), rows=len(rows))

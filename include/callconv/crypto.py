@@ -35,6 +35,7 @@ Plaintext handed out before an error was authenticated, but a stream that ends i
 Command line (keys from ``CALL_CONVERSIONS_ENCRYPTION_KEYS`` or an Airflow connection)::
 
     python -m callconv.crypto decrypt conversions.csv.enc conversions.csv
+    python -m callconv.crypto decrypt var/data_docs/ACCOUNT/DAY /tmp/docs   # a folder, file by file
     python -m callconv.crypto decrypt --conn-id call_conversions_encryption IN OUT
     python -m callconv.crypto encrypt IN OUT
     python -m callconv.crypto new-key [--key-id 2026-11 [--rotate]]
@@ -54,7 +55,7 @@ import struct
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import suppress
 from pathlib import Path, PurePath
 from typing import Any, BinaryIO
@@ -74,6 +75,7 @@ __all__ = [
     "KeyringError",
     "NotEncryptedError",
     "UnknownKeyError",
+    "atomic_write",
     "decrypt_bytes",
     "decrypt_stream",
     "encrypt_bytes",
@@ -83,6 +85,7 @@ __all__ = [
     "keyring_from_airflow",
     "main",
     "open_decrypted",
+    "register_with_log_masker",
     "write_encrypted",
 ]
 
@@ -318,6 +321,11 @@ def keyring_from_airflow(conn_id: str) -> Keyring:
         keyring = Keyring.from_mapping(fields, source=f"{source} (extras)")
     _mask_secrets(keyring._secret_texts())
     return keyring
+
+
+def register_with_log_masker(keyring: Keyring) -> None:
+    """Have Airflow's log masker hide the keyring's keys (a no-op outside Airflow)."""
+    _mask_secrets(keyring._secret_texts())
 
 
 def _mask_secrets(texts: set[str]) -> None:
@@ -603,14 +611,27 @@ def write_encrypted(path, data: bytes | BinaryIO, keyring: Keyring) -> None:
     complete, so readers never see a partial file. ``path`` is a str, ``pathlib.Path``, or a
     UPath-like object (``open``, ``with_name``, ``rename``, ``unlink``) such as ObjectStoragePath.
     """
+    source = data if hasattr(data, "read") else io.BytesIO(data)
+    atomic_write(path, lambda out: encrypt_stream(source, out, keyring))
+
+
+def atomic_write(path, fill: Callable[[BinaryIO], None]) -> None:
+    """Have ``fill`` write a temporary sibling of ``path``, then rename it over ``path``.
+
+    On any error the temporary file is removed and ``path`` is left as it was. A local file is
+    created readable by its owner only.
+    """
     if isinstance(path, str):
         path = Path(path)
-    source = data if hasattr(data, "read") else io.BytesIO(data)
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     local = isinstance(path, Path)
     try:
-        with temporary.open("wb") as out:
-            encrypt_stream(source, out, keyring)
+        if local:
+            out = os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+        else:
+            out = temporary.open("wb")
+        with out:
+            fill(out)
             if local:
                 out.flush()
                 os.fsync(out.fileno())
@@ -645,6 +666,9 @@ def _keyring_for_cli(args) -> Keyring:
 
 def _transform(args, operation) -> None:
     keyring = _keyring_for_cli(args)
+    if operation is decrypt_stream and args.input != "-" and Path(args.input).is_dir():
+        _decrypt_tree(Path(args.input), Path(args.output), keyring, force=args.force)
+        return
     if args.input != "-" and args.output != "-":
         if Path(args.input).resolve() == Path(args.output).resolve():
             raise CryptoError("input and output are the same file")
@@ -670,6 +694,29 @@ def _transform(args, operation) -> None:
     finally:
         if src is not sys.stdin.buffer:
             src.close()
+
+
+def _decrypt_tree(source: Path, target: Path, keyring: Keyring, *, force: bool) -> None:
+    """Decrypt every encrypted file under ``source`` into the same place under ``target``, minus ``.enc``.
+
+    For folders such as a day's Great Expectations Data Docs; files that are not encrypted are left out.
+    """
+    if target.exists() and not force:
+        raise CryptoError(f"{target} exists; use --force to write into it")
+    if target.resolve().is_relative_to(source.resolve()):
+        raise CryptoError("OUT must not be inside IN")
+    decrypted = skipped = 0
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        if not is_encrypted(path):
+            skipped += 1
+            continue
+        relative = path.relative_to(source)
+        output = target / relative.parent / relative.name.removesuffix(".enc")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("rb") as src:
+            atomic_write(output, lambda out, src=src: decrypt_stream(src, out, keyring))
+        decrypted += 1
+    print(f"decrypted {decrypted} files into {target} ({skipped} not encrypted, left out)", file=sys.stderr)
 
 
 def _new_key(args) -> None:
@@ -701,7 +748,11 @@ def _parser() -> argparse.ArgumentParser:
         )
 
     for name, text in (
-        ("decrypt", "decrypt IN into OUT (for example to upload a conversion file by hand)"),
+        (
+            "decrypt",
+            "decrypt IN into OUT (for example to upload a conversion file by hand); a folder IN "
+            "(a day's Data Docs) is decrypted file by file into the folder OUT",
+        ),
         ("encrypt", "encrypt IN into OUT with the keyring's primary key"),
     ):
         command = commands.add_parser(name, help=text, description=text)

@@ -2,26 +2,46 @@
 
 Each file is taken in one transaction: its sales, its quarantine rows and the
 record of its checksum commit together or not at all, so a rerun, a backfill
-or the same file dropped twice never doubles a sale.
+or the same file dropped twice never doubles a sale. A file is read, validated,
+normalised and stored ``crm_source.chunk_rows`` rows at a time inside that
+transaction, so memory does not grow with its size (see :mod:`callconv.extract`).
+
+After a landing file is taken in, or recognised by its checksum in
+``crm_imports`` as imported before, an encrypted copy is kept in the archive,
+``{archive_uri}/{account}/{YYYY-MM-DD}/{name}.enc``, and the plaintext landing
+file is removed. A file dropped again is still recognised by its checksum; a
+reimport reads the day's archived copies. A file that fails (unreadable,
+rejected) stays in the landing area, so it can be fixed and taken in again.
+
+After the day's files, the day's quarantined rows (reason codes and the raw
+record) are written as one encrypted CSV for debugging,
+``{quarantine_uri}/{account}/{YYYY-MM-DD}/quarantine_{account}_{day}.csv.enc``.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from functools import partial
 
 import pandas as pd
 import sqlalchemy as sa
 
 from callconv import normalise
 from callconv.config import Account, Settings
-from callconv.extract import CrmExtract, frame_from_query, imported_checksums, landing_files, read_crm_file
+from callconv.conversion_file import safe_text
+from callconv.crypto import Keyring
+from callconv.extract import CrmFileReader, frame_from_query, imported_checksums, landing_files
 from callconv.schema import crm_imports, crm_sales, quarantine
-from callconv.validate import ExtractRejected, validate_extract
+from callconv.storage import open_for_read, plain_name, remove, store_as, stored_name
+from callconv.validate import ExtractRejected, ExtractValidator
+from callconv.validate_prepare import CANONICAL_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +55,8 @@ class IntakeOutcome:
     quarantined: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     data_docs: list[str] = field(default_factory=list)
+    archived: int = 0
+    quarantine_export_rows: int = 0
 
     def as_counts(self) -> dict:
         return {
@@ -43,8 +65,35 @@ class IntakeOutcome:
             "read": self.rows_read,
             "normalised": self.sales,
             "quarantined": dict(sorted(self.quarantined.items())),
+            "archived": self.archived,
+            "quarantine_exported": self.quarantine_export_rows,
             "warnings": self.warnings,
         }
+
+
+@dataclass(frozen=True)
+class _Extract:
+    """One extract to take in: its identity, its size and its rows, chunk by chunk."""
+
+    source_uri: str
+    checksum: str
+    row_count: int
+    columns: list[str]
+    chunks: Callable[[], Iterable[pd.DataFrame]]
+
+
+@dataclass(frozen=True)
+class _Day:
+    """What taking in one account-day needs, besides the extract."""
+
+    engine: sa.Engine
+    settings: Settings
+    account: Account
+    business_date: date
+    window_end: datetime
+    run_id: str
+    docs_dir: object
+    keyring: Keyring | None
 
 
 def business_date_of(account: Account, window_start: datetime) -> date:
@@ -63,32 +112,62 @@ def take_in_day(
     data_docs_root=None,
     reimport: bool = False,
     query_crm: Callable[[dict], pd.DataFrame] | None = None,
+    *,
+    archive_root=None,
+    quarantine_root=None,
+    keyring: Keyring | None = None,
 ) -> IntakeOutcome:
     """Take in the day's extracts: files from the landing area, or one CRM query's result.
 
     ``query_crm`` runs the configured query with the window as parameters; the
-    DAG passes one built on the CRM's Airflow connection (common-sql).
+    DAG passes one built on the CRM's Airflow connection (common-sql). Every file
+    stored (archive copies, the quarantine export, Data Docs) is encrypted with
+    ``keyring``; without one (allowed only by ``encryption.required: false``) in
+    plaintext. Without ``archive_root`` landing files stay where they are.
     """
     business_date = business_date_of(account, window_start)
     outcome = IntakeOutcome()
+    docs_dir = data_docs_root / account.id / business_date.isoformat() if data_docs_root is not None else None
+    day = _Day(engine, settings, account, business_date, window_end, run_id, docs_dir, keyring)
     if settings.crm_source.kind == "sql":
         if query_crm is None:
             raise ValueError("crm_source.kind is 'sql' but no CRM query runner was given")
         parameters = {"window_start": window_start, "window_end": window_end, "account_id": account.id}
         label = f"sql:{settings.crm_source.conn_id}:{account.id}:{business_date}"
-        extracts = [frame_from_query(query_crm(parameters), settings.crm_source, label)]
-    else:
-        files = landing_files(landing_root, account.id, business_date)
-        extracts = (read_crm_file(path, settings.crm_source) for path in files)
-    for extract in extracts:
+        queried = frame_from_query(query_crm(parameters), settings.crm_source, label)
+        extract = _Extract(
+            queried.source_uri,
+            queried.checksum,
+            len(queried.frame),
+            list(queried.frame.columns),
+            lambda: [queried.frame],
+        )
         outcome.files_seen += 1
-        with engine.connect() as connection:
-            seen = imported_checksums(connection, account.id, [extract.checksum])
-        if seen and not reimport:
+        if _already_imported(engine, account, extract.checksum) and not reimport:
             outcome.files_skipped += 1
             log.info("intake: extract %s already imported, skipped", extract.checksum[:12])
-            continue
-        _take_in_file(engine, settings, account, extract, business_date, window_end, run_id, data_docs_root, outcome)
+        else:
+            _take_in(day, extract, outcome)
+    else:
+        for path, in_landing in _day_files(landing_root, archive_root, account.id, business_date):
+            outcome.files_seen += 1
+            if not in_landing and not reimport:
+                outcome.files_skipped += 1  # archived only once taken in
+                continue
+            reader = CrmFileReader(path, settings.crm_source, keyring)
+            scan = reader.scan(settings.validation.max_rows)
+            seen = _already_imported(engine, account, scan.checksum)
+            if seen and not reimport:
+                outcome.files_skipped += 1
+                log.info("intake: extract %s already imported, skipped", scan.checksum[:12])
+            else:
+                chunks = partial(reader.chunks, scan.checksum)
+                _take_in(day, _Extract(str(path), scan.checksum, scan.rows, scan.columns, chunks), outcome)
+            if in_landing and archive_root is not None:
+                _archive(path, scan.checksum, archive_root, account, business_date, keyring, replace=not seen)
+                outcome.archived += 1
+    if quarantine_root is not None:
+        outcome.quarantine_export_rows = export_quarantine(engine, account, business_date, quarantine_root, keyring)
     if not outcome.files_seen and settings.validation.expect_data:
         outcome.warnings.append(f"no CRM extract for {business_date} in the landing area")
     for warning in outcome.warnings:
@@ -104,61 +183,201 @@ def take_in_day(
     return outcome
 
 
-def _take_in_file(
-    engine, settings, account, extract: CrmExtract, business_date, window_end, run_id, docs_root, outcome
-):
-    frame = extract.frame
+def _already_imported(engine: sa.Engine, account: Account, checksum: str) -> bool:
+    with engine.connect() as connection:
+        return bool(imported_checksums(connection, account.id, [checksum]))
+
+
+def _day_files(landing_root, archive_root, account_id: str, business_date: date) -> list[tuple]:
+    """(path, in the landing area) for the day's files, by name: the landing files, and the
+    archived copies of files no longer in the landing area.
+
+    An archived copy stands for a file taken in before; it is read again only on a reimport.
+    """
+    landing = landing_files(landing_root, account_id, business_date) if landing_root is not None else []
+    names = {plain_name(path.name) for path in landing}
+    archived = []
+    if archive_root is not None:
+        archived = [
+            path
+            for path in landing_files(archive_root, account_id, business_date)
+            if plain_name(path.name) not in names
+        ]
+    return sorted(
+        [(path, True) for path in landing] + [(path, False) for path in archived],
+        key=lambda item: plain_name(item[0].name),
+    )
+
+
+def _take_in(day: _Day, extract: _Extract, outcome: IntakeOutcome) -> None:
+    """Validate, normalise and store one extract chunk by chunk, in one transaction."""
+    settings, account, business_date = day.settings, day.account, day.business_date
     rules = settings.validation
-    docs_dir = docs_root / account.id / business_date.isoformat() if docs_root is not None else None
-    report = validate_extract(
-        frame,
+    several_chunks = extract.row_count > settings.crm_source.chunk_rows
+    bad_rows = 0
+    first_reasons: dict[str, int] = {}
+    with ExtractValidator(
         known_outcomes=set(account.conversion_actions),
         decimal=settings.crm_source.decimal,
         rules=rules,
-        data_docs_dir=docs_dir,
-        run_name=f"{extract.checksum[:12]}",
-    )
-    outcome.warnings.extend(report.warnings)
-    if report.data_docs_path:
-        outcome.data_docs.append(report.data_docs_path)
-    reasons = {row: list(found) for row, found in report.row_reasons.items()}
-    sales, normalise_reasons = normalise_sales(report.good_rows(frame), account, settings, window_end)
-    for row, reason in normalise_reasons.items():
-        reasons.setdefault(row, []).append(reason)
-
-    bad_share = len(reasons) / len(frame) if len(frame) else 0.0
-    if bad_share > rules.max_bad_row_share:
-        counts = _count_first_reasons(reasons)
-        raise ExtractRejected(
-            f"{extract.checksum[:12]}: {bad_share:.1%} of {len(frame)} rows are bad, above the "
-            f"{rules.max_bad_row_share:.1%} limit; reasons {counts}. Nothing from this file was imported"
-        )
-
-    sale_rows = _sale_records(sales, account, extract, business_date)
-    quarantine_rows = _quarantine_records(frame, reasons, account, extract, business_date, run_id)
-    with engine.begin() as connection:
-        _upsert(connection, crm_sales, ("account_id", "sale_key"), sale_rows)
-        _upsert(connection, quarantine, ("account_id", "import_checksum", "source_row"), quarantine_rows)
-        connection.execute(
-            crm_imports.delete().where(
-                crm_imports.c.account_id == account.id, crm_imports.c.checksum == extract.checksum
+        data_docs_dir=day.docs_dir,
+        run_name=extract.checksum[:12],
+        keyring=day.keyring,
+    ) as validator:
+        validator.check_table(extract.columns, extract.row_count)
+        rows_read = 0
+        with day.engine.begin() as connection:
+            for chunk in extract.chunks():
+                part = f"rows_{chunk.index[0]}-{chunk.index[-1]}" if several_chunks and len(chunk) else None
+                reasons = validator.check_rows(chunk, part=part)
+                good = chunk.loc[~chunk.index.isin(list(reasons))]
+                sales, normalise_reasons = normalise_sales(good, account, settings, day.window_end)
+                for row, reason in normalise_reasons.items():
+                    reasons.setdefault(row, []).append(reason)
+                rows_read += len(chunk)
+                bad_rows += len(reasons)
+                for reason, count in _count_first_reasons(reasons).items():
+                    first_reasons[reason] = first_reasons.get(reason, 0) + count
+                sale_rows = _sale_records(sales, account, extract, business_date)
+                _upsert(connection, crm_sales, ("account_id", "sale_key"), sale_rows)
+                quarantine_rows = _quarantine_records(chunk, reasons, account, extract, business_date, day.run_id)
+                _upsert(connection, quarantine, ("account_id", "import_checksum", "source_row"), quarantine_rows)
+            report = validator.finish()
+            outcome.warnings.extend(report.warnings)
+            if report.data_docs_path:
+                outcome.data_docs.append(report.data_docs_path)
+            bad_share = bad_rows / rows_read if rows_read else 0.0
+            if bad_share > rules.max_bad_row_share:
+                raise ExtractRejected(
+                    f"{extract.checksum[:12]}: {bad_share:.1%} of {rows_read} rows are bad, above the "
+                    f"{rules.max_bad_row_share:.1%} limit; reasons {dict(sorted(first_reasons.items()))}. "
+                    "Nothing from this file was imported",
+                    kind="too_many_bad_rows",
+                    data_docs_path=report.data_docs_path,
+                )
+            connection.execute(
+                crm_imports.delete().where(
+                    crm_imports.c.account_id == account.id, crm_imports.c.checksum == extract.checksum
+                )
             )
-        )
-        connection.execute(
-            crm_imports.insert().values(
-                account_id=account.id,
-                checksum=extract.checksum,
-                source_uri=extract.source_uri,
-                business_date=business_date,
-                row_count=len(frame),
-                run_id=run_id,
-                imported_at=window_end,
+            connection.execute(
+                crm_imports.insert().values(
+                    account_id=account.id,
+                    checksum=extract.checksum,
+                    source_uri=extract.source_uri,
+                    business_date=business_date,
+                    row_count=rows_read,
+                    run_id=day.run_id,
+                    imported_at=day.window_end,
+                )
             )
-        )
-    outcome.rows_read += len(frame)
-    outcome.sales += len(sale_rows)
-    for reason, count in _count_first_reasons(reasons).items():
+            sales_stored = connection.scalar(
+                sa.select(sa.func.count())
+                .select_from(crm_sales)
+                .where(crm_sales.c.account_id == account.id, crm_sales.c.import_checksum == extract.checksum)
+            )
+    outcome.rows_read += rows_read
+    outcome.sales += sales_stored
+    for reason, count in first_reasons.items():
         outcome.quarantined[reason] = outcome.quarantined.get(reason, 0) + count
+
+
+def _archive(path, checksum: str, archive_root, account: Account, business_date: date, keyring, *, replace: bool):
+    """Keep the landing file's (encrypted) copy in the archive, then remove the landing file.
+
+    The copy is checked against the checksum the file was taken in with. A file that was
+    imported before (``replace=False``) does not replace an archived copy of the same name.
+    """
+    folder = archive_root / account.id / business_date.isoformat()
+    target = folder / stored_name(plain_name(path.name), keyring)
+    if replace or not target.exists():
+        with open_for_read(path, keyring) as plaintext:
+            checked = io.BufferedReader(_Checked(plaintext, checksum, path.name), buffer_size=1024 * 1024)
+            store_as(folder, plain_name(path.name), checked, keyring)
+    remove(path)
+    log.info("intake: %s archived as %s and removed from the landing area", path.name, target.name)
+
+
+class _Checked(io.RawIOBase):
+    """Passes a stream through and fails at its end unless its SHA-256 is ``checksum``."""
+
+    def __init__(self, source, checksum: str, label: str):
+        super().__init__()
+        self._source, self._checksum, self._label = source, checksum, label
+        self._hash = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self._source.read(len(buffer))
+        if not data:
+            if self._hash.hexdigest() != self._checksum:
+                raise RuntimeError(f"{self._label} changed after it was taken in; it was left in the landing area")
+            return 0
+        self._hash.update(data)
+        memoryview(buffer).cast("B")[: len(data)] = data
+        return len(data)
+
+
+QUARANTINE_EXPORT_HEADER = ("import_checksum", "source_row", "reason", "all_reasons", *CANONICAL_COLUMNS)
+
+
+def quarantine_export_name(account_id: str, business_date: date) -> str:
+    return f"quarantine_{account_id}_{business_date.isoformat()}.csv"
+
+
+def export_quarantine(engine: sa.Engine, account: Account, business_date: date, quarantine_root, keyring) -> int:
+    """Write the day's quarantined rows as one CSV (encrypted with ``keyring``); the number of rows.
+
+    Columns: the file's checksum, its data row, the first reason, all reasons, and the raw
+    record's cells. Cells a spreadsheet would run as a formula get a leading apostrophe.
+    Rows are streamed from the warehouse; a day without quarantined rows writes nothing.
+    """
+    day = sa.and_(quarantine.c.account_id == account.id, quarantine.c.business_date == business_date)
+    with engine.connect() as connection:
+        count = connection.scalar(sa.select(sa.func.count()).select_from(quarantine).where(day))
+    if not count:
+        return 0
+    folder = quarantine_root / account.id / business_date.isoformat()
+    target = store_as(folder, quarantine_export_name(account.id, business_date), _quarantine_csv(engine, day), keyring)
+    log.info("intake: %d quarantined rows of the day exported to %s", count, target.name)
+    return count
+
+
+def _quarantine_csv(engine: sa.Engine, day) -> Iterator[bytes]:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+
+    def flush() -> bytes:
+        text = buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
+        return text.encode("utf-8")
+
+    writer.writerow(QUARANTINE_EXPORT_HEADER)
+    query = (
+        sa.select(quarantine.c.import_checksum, quarantine.c.source_row, quarantine.c.reason, quarantine.c.detail)
+        .add_columns(quarantine.c.raw_record)
+        .where(day)
+        .order_by(quarantine.c.import_checksum, quarantine.c.source_row)
+    )
+    with engine.connect() as connection:
+        for row in connection.execution_options(yield_per=2000).execute(query):
+            raw = row.raw_record or {}
+            cells = [raw.get(column) for column in CANONICAL_COLUMNS]
+            writer.writerow(
+                [
+                    row.import_checksum,
+                    row.source_row,
+                    row.reason,
+                    row.detail or row.reason,
+                    *(safe_text(str(cell)) if cell is not None else "" for cell in cells),
+                ]
+            )
+            if buffer.tell() > 1024 * 1024:
+                yield flush()
+    yield flush()
 
 
 def normalise_sales(
@@ -212,7 +431,7 @@ def sale_key(account_id: str, crm_id: str | None, row: dict) -> str:
     return hashlib.sha256(identity.encode()).hexdigest()
 
 
-def _sale_records(sales: pd.DataFrame, account: Account, extract: CrmExtract, business_date: date) -> list[dict]:
+def _sale_records(sales: pd.DataFrame, account: Account, extract: _Extract, business_date: date) -> list[dict]:
     records = []
     for source_row, sale in zip(sales.index, sales.to_dict("records"), strict=True):
         crm_id = sale["crm_id"] if isinstance(sale["crm_id"], str) and sale["crm_id"].strip() else None

@@ -1,7 +1,9 @@
 """Keep personal data no longer than needed.
 
 Each data class has a retention period per account (default 90 days, as in
-Google's statement for debug data). Age is counted in account-local days from
+Google's statement for debug data). Files are kept per account and day under
+the roots of :func:`stored_file_roots`: the archive's encrypted CRM copies are
+landing data, the quarantine exports quarantine data. Age is counted in account-local days from
 the day the data belongs to, up to the retention run's own day, never from
 the clock. Files older than that are deleted; in the warehouse, quarantined
 rows are deleted and phone numbers are replaced by a keyed hash
@@ -50,6 +52,26 @@ def caller_hmac(key: bytes, e164: str) -> str:
 def cutoff(retention: Retention, data_class: str, as_of: date) -> date:
     """The last day whose data has outlived its period: kept while age <= days."""
     return as_of - timedelta(days=retention.days(data_class) + 1)
+
+
+def stored_file_roots(settings, data_class: str) -> tuple[str, ...]:
+    """The storage URIs whose ``{account}/{YYYY-MM-DD}/`` folders hold a data class's files.
+
+    Encrypted archive copies of CRM files are landing data; the quarantine exports are
+    quarantine data, so they go with the quarantined rows.
+    """
+    return {
+        "landing": (settings.crm_source.landing_uri, settings.archive_uri),
+        "data_docs": (settings.data_docs_uri,),
+        "conversion_files": (settings.export_uri,),
+        "quarantine": (settings.quarantine_uri,),
+    }.get(data_class, ())
+
+
+def purge_stored_files(roots, account: Account, data_class: str, last_day: date) -> Purge:
+    """:func:`purge_day_folders` over every root of a data class, counted as one purge."""
+    removed = sum(purge_day_folders(root, account, data_class, last_day).affected for root in roots)
+    return Purge(data_class, account.id, last_day, removed)
 
 
 def purge_day_folders(root, account: Account, data_class: str, last_day: date) -> Purge:

@@ -36,9 +36,11 @@ def _record(scope, stage: str, counts: dict) -> dict:
 
 def take_in_crm_extracts(account_id: str, context, reimport: bool = False, day: str | None = None) -> dict:
     from callconv.intake import take_in_day
+    from callconv.storage import keyring_for
 
     scope = task_scope(account_id, context, day)
     settings = scope.settings
+    keyring = keyring_for(settings)  # refuses to run without one when encryption is required
     with log_group(f"intake {account_id} {scope.window.start:%Y-%m-%d %H:%M} to {scope.window.end:%Y-%m-%d %H:%M} UTC"):
         outcome = take_in_day(
             scope.engine,
@@ -51,6 +53,9 @@ def take_in_crm_extracts(account_id: str, context, reimport: bool = False, day: 
             data_docs_root=storage_root(settings.data_docs_uri, settings),
             reimport=reimport,
             query_crm=crm_query_runner(settings.crm_source),
+            archive_root=storage_root(settings.archive_uri, settings),
+            quarantine_root=storage_root(settings.quarantine_uri, settings),
+            keyring=keyring,
         )
     return _record(scope, "intake", outcome.as_counts())
 
@@ -114,14 +119,17 @@ def match_sales(account_id: str, context, day: str | None = None, rematch: bool 
 def write_conversion_file(account_id: str, context, day: str | None = None) -> dict:
     from callconv.conversion_file import write_conversion_file as write
     from callconv.intake import business_date_of
+    from callconv.storage import keyring_for
 
     scope = task_scope(account_id, context, day)
+    keyring = keyring_for(scope.settings)  # refuses to run without one when encryption is required
     with log_group(f"conversion file {account_id}"):
         written = write(
             scope.engine,
             scope.account,
             business_date_of(scope.account, scope.window.start),
             storage_root(scope.settings.export_uri, scope.settings),
+            keyring=keyring,
         )
     return _record(scope, "conversion_file", {"written": written.rows, "path": written.path})
 

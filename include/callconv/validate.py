@@ -13,9 +13,15 @@ a string (or missing), indexed by source row number. Validation has two steps:
    share of failing rows is above ``max_bad_row_share`` the extract is rejected,
    otherwise the failing rows are reported for quarantine.
 
+A large extract is validated in chunks (:class:`ExtractValidator`): the table
+checks once, on the whole file's columns and row count, the row checks chunk by
+chunk, each chunk a run of its own in the Data Docs.
+
 GX never sees a phone number: it validates a frame in which ``caller_phone`` is
 reduced to a presence flag, so neither the Data Docs nor a validation result
-can contain one. Values are compared after trimming whitespace (currencies also
+can contain one. The Data Docs do show sample values of other columns, so GX
+renders them into a private temporary folder and every file is stored
+encrypted (:func:`callconv.storage.store_tree`). Values are compared after trimming whitespace (currencies also
 upper-cased, as normalisation does); times and values are read by the
 normalisation stage's own parsers (see :mod:`callconv.validate_prepare`).
 """
@@ -23,25 +29,30 @@ normalisation stage's own parsers (see :mod:`callconv.validate_prepare`).
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 
 from callconv.currencies import ISO_4217
 from callconv.validate_prepare import (
+    CANONICAL_COLUMNS,
     OPTIONAL_COLUMNS,
     PHONE_PRESENT,
     REQUIRED_COLUMNS,
+    clean_text,
     prepare_row_frame,
-    prepare_table_frame,
 )
 
 if TYPE_CHECKING:
     from callconv.config import ValidationRules
+    from callconv.crypto import Keyring
 
 log = logging.getLogger(__name__)
 
@@ -119,97 +130,167 @@ def validate_extract(
     rules: ValidationRules,
     data_docs_dir: Path | None = None,
     run_name: str = "run",
+    keyring: Keyring | None = None,
 ) -> ValidationReport:
-    """Validate one extract; raise :class:`ExtractRejected` if it must not be used at all.
+    """Validate one extract held whole; raise :class:`ExtractRejected` if it must not be used at all.
 
     ``rules`` is a :class:`callconv.config.ValidationRules` (or anything with
     ``min_rows``, ``max_rows``, ``max_bad_row_share`` and ``expect_data``).
-    With ``data_docs_dir`` set, GX Data Docs for this run are written there, also
-    when the extract is rejected (the exception then carries ``data_docs_path``).
+    With ``data_docs_dir`` set, GX Data Docs for this run are stored there (encrypted
+    with ``keyring``, see :func:`callconv.storage.store`), also when the extract is
+    rejected (the exception then carries ``data_docs_path``). The intake validates
+    chunk by chunk with :class:`ExtractValidator` instead.
     """
     if decimal not in (".", ","):
         raise ValueError(f"decimal separator must be '.' or ',', got {decimal!r}")
     if not frame.index.is_unique:
         raise ValueError("the extract's index must be unique source row numbers")
-
-    runner = _GxRunner(data_docs_dir, run_name)
-
-    # 1. Table checks, on a frame with the canonical columns and rows but no values.
-    table = runner.validate(TABLE_SUITE, _table_expectations(rules), prepare_table_frame(frame))
-    columns_result = _tagged(table, _COLUMNS_CHECK)
-    if not columns_result.success:
-        missing = sorted(columns_result.result["details"]["mismatched"].get("missing", []))
-        runner.reject(
-            f"required column(s) missing from the extract: {', '.join(missing)} "
-            f"(required: {', '.join(REQUIRED_COLUMNS)})",
-            kind="missing_columns",
-        )
-    row_count = int(_tagged(table, _ROW_COUNT_CHECK).result["observed_value"])
-    warnings: list[str] = []
-    if row_count == 0:
-        if rules.expect_data:
-            warnings.append("the extract is empty, but this day expects data")
-            log.warning("extract %s is empty on a day that expects data", run_name)
-    elif row_count < rules.min_rows:
-        runner.reject(
-            f"the extract has {row_count} rows, fewer than the minimum of {rules.min_rows}",
-            kind="too_few_rows",
-        )
-    elif row_count > rules.max_rows:
-        runner.reject(
-            f"the extract has {row_count} rows, more than the maximum of {rules.max_rows}",
-            kind="too_many_rows",
-        )
-
-    # 2. Row checks.
-    present = [column for column in OPTIONAL_COLUMNS if column in frame.columns]
-    rows = runner.validate(
-        ROW_SUITE,
-        _row_expectations(present, known_outcomes, decimal),
-        prepare_row_frame(frame, decimal),
-    )
-    row_reasons: dict[int, list[str]] = {}
-    for result in rows:
-        if result.success:
-            continue
-        reason = result.expectation_config.meta[_REASON_KEY]
-        for row in result.result["unexpected_index_list"]:
-            row_reasons.setdefault(int(row), []).append(reason)
-    row_reasons = {
-        row: sorted(set(reasons), key=_REASON_ORDER.__getitem__) for row, reasons in sorted(row_reasons.items())
-    }
-    counts = {reason: 0 for reason in REASON_CODES}
-    for reasons in row_reasons.values():
-        for reason in reasons:
-            counts[reason] += 1
-    reason_counts = {reason: count for reason, count in counts.items() if count}
-    bad_share = len(row_reasons) / row_count if row_count else 0.0
-
-    report = ValidationReport(
-        row_count=row_count,
-        row_reasons=row_reasons,
-        reason_counts=reason_counts,
-        bad_row_share=bad_share,
-        warnings=warnings,
-        data_docs_path=runner.build_docs(),
-    )
-    by_reason = _counts_text(reason_counts)
-    log.info(
-        "validated %d rows: %d failed (%.1f%%)%s",
-        row_count,
-        len(row_reasons),
-        bad_share * 100,
-        f"; by reason: {by_reason}" if by_reason else "",
-    )
-    if bad_share > rules.max_bad_row_share:
+    with ExtractValidator(known_outcomes, decimal, rules, data_docs_dir, run_name, keyring) as validator:
+        validator.check_table(list(frame.columns), len(frame))
+        row_reasons = validator.check_rows(frame)
+        report = replace(validator.finish(), row_reasons=row_reasons)
+    if report.bad_row_share > rules.max_bad_row_share:
         raise ExtractRejected(
-            f"{bad_share:.1%} of rows failed validation ({len(row_reasons)} of {row_count}), "
-            f"above the {rules.max_bad_row_share:.1%} limit; by reason: {by_reason}",
+            f"{report.bad_row_share:.1%} of rows failed validation ({report.bad_row_count} of {report.row_count}), "
+            f"above the {rules.max_bad_row_share:.1%} limit; by reason: {_counts_text(report.reason_counts)}",
             kind="too_many_bad_rows",
             report=report,
             data_docs_path=report.data_docs_path,
         )
     return report
+
+
+class ExtractValidator:
+    """Validates one extract that may be read in chunks: the table checks once, the row checks per chunk.
+
+    Use it as a context manager. :meth:`check_table` takes the whole file's columns and row
+    count, :meth:`check_rows` each chunk (indexed by source row), and :meth:`finish` gives a
+    :class:`ValidationReport` with the counts over all chunks (its ``row_reasons`` left empty,
+    as each chunk's were handed back) and stores the Data Docs. A CRM id repeating one of an
+    earlier chunk is a ``duplicate_crm_id`` as within a chunk; earlier ids are remembered as
+    64-bit hashes, 8 bytes a row.
+    """
+
+    def __init__(
+        self,
+        known_outcomes: set[str],
+        decimal: str,
+        rules: ValidationRules,
+        data_docs_dir=None,
+        run_name: str = "run",
+        keyring: Keyring | None = None,
+    ) -> None:
+        if decimal not in (".", ","):
+            raise ValueError(f"decimal separator must be '.' or ',', got {decimal!r}")
+        self._known_outcomes = known_outcomes
+        self._decimal = decimal
+        self._rules = rules
+        self._run_name = run_name
+        self._runner = _GxRunner(data_docs_dir, run_name, keyring)
+        self._row_count = 0
+        self._warnings: list[str] = []
+        self._counts = {reason: 0 for reason in REASON_CODES}
+        self._bad_rows = 0
+        self._earlier_ids = np.empty(0, dtype=np.uint64)
+
+    def __enter__(self) -> ExtractValidator:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._runner.close()
+
+    def check_table(self, columns: list[str], row_count: int) -> None:
+        """Required columns and the row count bounds; raises :class:`ExtractRejected`."""
+        rules = self._rules
+        present = [column for column in CANONICAL_COLUMNS if column in columns]
+        # the columns and the number of rows, one byte a cell: enough for table checks
+        shape = pd.DataFrame(np.zeros((row_count, len(present)), dtype=bool), columns=present)
+        table = self._runner.validate(TABLE_SUITE, _table_expectations(rules), shape)
+        columns_result = _tagged(table, _COLUMNS_CHECK)
+        if not columns_result.success:
+            missing = sorted(columns_result.result["details"]["mismatched"].get("missing", []))
+            self._runner.reject(
+                f"required column(s) missing from the extract: {', '.join(missing)} "
+                f"(required: {', '.join(REQUIRED_COLUMNS)})",
+                kind="missing_columns",
+            )
+        self._row_count = row_count = int(_tagged(table, _ROW_COUNT_CHECK).result["observed_value"])
+        if row_count == 0:
+            if rules.expect_data:
+                self._warnings.append("the extract is empty, but this day expects data")
+                log.warning("extract %s is empty on a day that expects data", self._run_name)
+        elif row_count < rules.min_rows:
+            self._runner.reject(
+                f"the extract has {row_count} rows, fewer than the minimum of {rules.min_rows}",
+                kind="too_few_rows",
+            )
+        elif row_count > rules.max_rows:
+            self._runner.reject(
+                f"the extract has {row_count} rows, more than the maximum of {rules.max_rows}",
+                kind="too_many_rows",
+            )
+
+    def check_rows(self, chunk: pd.DataFrame, part: str | None = None) -> dict[int, list[str]]:
+        """The chunk's failing rows: source row -> reason codes. ``part`` names the chunk in the Data Docs."""
+        if not chunk.index.is_unique:
+            raise ValueError("the extract's index must be unique source row numbers")
+        present = [column for column in OPTIONAL_COLUMNS if column in chunk.columns]
+        prepared = prepare_row_frame(chunk, self._decimal)
+        if "crm_id" in chunk.columns:
+            self._mark_ids_seen_in_earlier_chunks(chunk["crm_id"], prepared)
+        results = self._runner.validate(
+            ROW_SUITE,
+            _row_expectations(present, self._known_outcomes, self._decimal),
+            prepared,
+            part=part,
+        )
+        row_reasons: dict[int, list[str]] = {}
+        for result in results:
+            if result.success:
+                continue
+            reason = result.expectation_config.meta[_REASON_KEY]
+            for row in result.result["unexpected_index_list"]:
+                row_reasons.setdefault(int(row), []).append(reason)
+        row_reasons = {
+            row: sorted(set(reasons), key=_REASON_ORDER.__getitem__) for row, reasons in sorted(row_reasons.items())
+        }
+        for reasons in row_reasons.values():
+            for reason in reasons:
+                self._counts[reason] += 1
+        self._bad_rows += len(row_reasons)
+        return row_reasons
+
+    def _mark_ids_seen_in_earlier_chunks(self, crm_ids: pd.Series, prepared: pd.DataFrame) -> None:
+        ids = clean_text(crm_ids)
+        given = ids.notna().to_numpy()
+        hashes = pd.util.hash_array(ids.fillna("").to_numpy(dtype=object))
+        earlier = given & np.isin(hashes, self._earlier_ids)
+        if earlier.any():
+            prepared["crm_id_repeat"] = prepared["crm_id_repeat"].where(~earlier, ids)
+        self._earlier_ids = np.union1d(self._earlier_ids, hashes[given])
+
+    def finish(self) -> ValidationReport:
+        """The counts over every chunk checked, with the Data Docs stored; logged as one line."""
+        reason_counts = {reason: count for reason, count in self._counts.items() if count}
+        row_count = self._row_count
+        bad_share = self._bad_rows / row_count if row_count else 0.0
+        report = ValidationReport(
+            row_count=row_count,
+            row_reasons={},
+            reason_counts=reason_counts,
+            bad_row_share=bad_share,
+            warnings=list(self._warnings),
+            data_docs_path=self._runner.build_docs(),
+        )
+        by_reason = _counts_text(reason_counts)
+        log.info(
+            "validated %d rows: %d failed (%.1f%%)%s",
+            row_count,
+            self._bad_rows,
+            bad_share * 100,
+            f"; by reason: {by_reason}" if by_reason else "",
+        )
+        return report
 
 
 def _counts_text(reason_counts: dict[str, int]) -> str:
@@ -337,9 +418,15 @@ def _quiet_gx() -> None:
 
 
 class _GxRunner:
-    """One ephemeral GX context per extract, with an optional Data Docs site on disk."""
+    """One ephemeral GX context per extract, with an optional Data Docs site.
 
-    def __init__(self, data_docs_dir: Path | None, run_name: str) -> None:
+    GX renders the site into a private temporary folder; :meth:`build_docs` then stores
+    every file of it under ``data_docs_dir`` through :func:`callconv.storage.store_tree`
+    (encrypted when there is a keyring), so the Data Docs, which show sample values,
+    are never stored in plaintext. :meth:`close` removes the temporary folder.
+    """
+
+    def __init__(self, data_docs_dir, run_name: str, keyring: Keyring | None = None) -> None:
         _quiet_gx()
         import great_expectations as gx
         from great_expectations.data_context.types.base import (
@@ -349,15 +436,17 @@ class _GxRunner:
         )
 
         self._gx = gx
-        self._docs_dir = Path(data_docs_dir).resolve() if data_docs_dir is not None else None
+        self._docs_dir = Path(data_docs_dir) if isinstance(data_docs_dir, str) else data_docs_dir
+        self._keyring = keyring
+        self._render_dir = Path(tempfile.mkdtemp(prefix="callconv-docs-")) if data_docs_dir is not None else None
         sites = {}
-        if self._docs_dir is not None:
+        if self._render_dir is not None:
             sites[_SITE_NAME] = {
                 "class_name": "SiteBuilder",
                 "show_how_to_buttons": False,
                 "store_backend": {
                     "class_name": "TupleFilesystemStoreBackend",
-                    "base_directory": str(self._docs_dir),
+                    "base_directory": str(self._render_dir),
                 },
                 "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
             }
@@ -372,22 +461,33 @@ class _GxRunner:
         self._batch = asset.add_batch_definition_whole_dataframe("whole_extract")
         from great_expectations.core.run_identifier import RunIdentifier
 
-        self._run_id = RunIdentifier(run_name=run_name, run_time=datetime.now(UTC))
+        self._run_identifier = RunIdentifier
+        self._run_name = run_name
+        self._run_time = datetime.now(UTC)
+        self._definitions: dict[str, Any] = {}
         self._docs_path: str | None = None
 
-    def validate(self, suite_name: str, expectations: list, frame: pd.DataFrame) -> list:
-        """Run one suite on ``frame``; the expectation results, each tagged in its meta."""
+    def validate(self, suite_name: str, expectations: list, frame: pd.DataFrame, part: str | None = None) -> list:
+        """Run one suite on ``frame``; the expectation results, each tagged in its meta.
+
+        A suite is set up on its first use; later calls (the next chunk) run it again, as a
+        run named after ``part`` so each chunk keeps its own page in the Data Docs.
+        """
         gx = self._gx
-        suite = self._context.suites.add(gx.ExpectationSuite(name=suite_name))
-        for expectation in expectations:
-            suite.add_expectation(expectation)
-        definition = self._context.validation_definitions.add(
-            gx.ValidationDefinition(name=f"{suite_name}_{uuid.uuid4().hex[:8]}", data=self._batch, suite=suite)
-        )
+        definition = self._definitions.get(suite_name)
+        if definition is None:
+            suite = self._context.suites.add(gx.ExpectationSuite(name=suite_name))
+            for expectation in expectations:
+                suite.add_expectation(expectation)
+            definition = self._context.validation_definitions.add(
+                gx.ValidationDefinition(name=f"{suite_name}_{uuid.uuid4().hex[:8]}", data=self._batch, suite=suite)
+            )
+            self._definitions[suite_name] = definition
+        run_name = f"{self._run_name}_{part}" if part else self._run_name
         outcome = definition.run(
             batch_parameters={"dataframe": frame},
             result_format={"result_format": "COMPLETE"},
-            run_id=self._run_id,
+            run_id=self._run_identifier(run_name=run_name, run_time=self._run_time),
         )
         for result in outcome.results:
             if _raised(result.exception_info):
@@ -401,13 +501,17 @@ class _GxRunner:
         return list(outcome.results)
 
     def build_docs(self) -> str | None:
-        if self._docs_dir is None:
+        """Render the site and store it under the Data Docs folder; the path of its index page."""
+        if self._render_dir is None:
             return None
         if self._docs_path is None:
-            self._docs_dir.mkdir(parents=True, exist_ok=True)
+            from callconv.storage import store_tree, stored_name
+
             self._context.build_data_docs(site_names=[_SITE_NAME])
-            index = self._docs_dir / "index.html"
-            self._docs_path = str(index) if index.is_file() else None
+            if not (self._render_dir / "index.html").is_file():
+                return None
+            store_tree(self._render_dir, self._docs_dir, self._keyring)
+            self._docs_path = str(self._docs_dir / stored_name("index.html", self._keyring))
         return self._docs_path
 
     def reject(self, message: str, *, kind: str) -> None:
@@ -415,10 +519,15 @@ class _GxRunner:
         log.warning("extract rejected (%s): %s", kind, message)
         raise ExtractRejected(message, kind=kind, data_docs_path=docs)
 
+    def close(self) -> None:
+        if self._render_dir is not None:
+            shutil.rmtree(self._render_dir, ignore_errors=True)
+
 
 __all__ = [
     "REASON_CODES",
     "ExtractRejected",
+    "ExtractValidator",
     "ValidationReport",
     "validate_extract",
 ]

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 import yaml
 
 from callconv.ads_client import SSL_ROOTS_ENV_VAR
+from callconv.crypto import decrypt_bytes
 from callconv.normalise import normalise_phone
 from callconv.sandbox import ActionSpec, SandboxServer, ensure_certificate
 from callconv.schema import call_logs, crm_imports, crm_sales, matches, quarantine, run_summary, upload_ledger
@@ -134,6 +135,8 @@ def project(tmp_path, warehouse, pg_schema_url, airflow_db, sandbox, monkeypatch
         "warehouse_conn_id": "test_warehouse",
         "export_uri": str(tmp_path / "export"),
         "data_docs_uri": str(tmp_path / "docs"),
+        "archive_uri": str(tmp_path / "archive"),
+        "quarantine_uri": str(tmp_path / "quarantine"),
         "crm_source": {
             "landing_uri": str(tmp_path / "landing"),
             "delimiter": ";",
@@ -213,7 +216,7 @@ def snapshot(engine) -> dict:
     return tables
 
 
-def test_one_day_gives_the_known_matches_quarantine_and_reasons(project, warehouse, sandbox):
+def test_one_day_gives_the_known_matches_quarantine_and_reasons(project, warehouse, sandbox, test_keyring):
     dag_run = run_import_dag(datetime(2026, 11, 28, tzinfo=OSLO))
     assert dag_run.state == "success"
     assert dag_run.data_interval_start == oslo("2026-11-27 00:00:00")
@@ -256,25 +259,25 @@ def test_one_day_gives_the_known_matches_quarantine_and_reasons(project, warehou
     assert ("+4791234567", "2026-11-27 10:00:00+01:00", "customers/1112223333/conversionActions/111") in accepted
     assert len(accepted) == 4
 
-    exported = project / "export" / ACCOUNT / DAY.isoformat() / f"call_conversions_{ACCOUNT}_{DAY}.csv"
-    lines = exported.read_text(encoding="utf-8").splitlines()
+    exported = project / "export" / ACCOUNT / DAY.isoformat() / f"call_conversions_{ACCOUNT}_{DAY}.csv.enc"
+    lines = decrypt_bytes(exported.read_bytes(), test_keyring).decode("utf-8").splitlines()
     assert lines[0] == "Parameters:TimeZone=Europe/Oslo"
     assert lines[1].startswith("Caller's Phone Number,Call Start Time,Conversion Name,Conversion Time")
     assert "\t+4791234567,2026-11-27 09:00:00,Phone sale,2026-11-27 10:00:00,1234.5,NOK,Unknown,Unknown" in lines
     assert len(lines) == 2 + len(EXPECTED_CONVERSIONS)
 
 
-def test_running_the_same_day_twice_leaves_identical_tables(project, warehouse, sandbox):
+def test_running_the_same_day_twice_leaves_identical_tables(project, warehouse, sandbox, test_keyring):
     logical_date = datetime(2026, 11, 28, tzinfo=OSLO)
     assert run_import_dag(logical_date).state == "success"
     first = snapshot(warehouse)
-    exported = project / "export" / ACCOUNT / DAY.isoformat() / f"call_conversions_{ACCOUNT}_{DAY}.csv"
-    first_file = exported.read_bytes()
+    exported = project / "export" / ACCOUNT / DAY.isoformat() / f"call_conversions_{ACCOUNT}_{DAY}.csv.enc"
+    first_file = decrypt_bytes(exported.read_bytes(), test_keyring)
 
     assert run_import_dag(logical_date).state == "success"
     second = snapshot(warehouse)
     assert second == first
-    assert exported.read_bytes() == first_file
+    assert decrypt_bytes(exported.read_bytes(), test_keyring) == first_file  # the same plaintext, freshly encrypted
     assert len(first["matches"]) == len(EXPECTED_CONVERSIONS)
     assert len(sandbox.accepted()) == len(EXPECTED_CONVERSIONS)  # nothing sent twice
 

@@ -1,0 +1,247 @@
+"""Hostile and awkward CRM files through the real intake, on PostgreSQL and real files.
+
+Formula cells stay text all the way; files are taken in chunk by chunk with the same
+result as whole; landing files go to the encrypted archive and are still recognised
+when dropped again, encrypted or not.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import UTC, date, datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from callconv.call_logs import normalise_call_logs
+from callconv.config import parse_settings
+from callconv.conversion_file import TEMPLATE_HEADER, write_conversion_file
+from callconv.crypto import MAGIC, decrypt_bytes, write_encrypted
+from callconv.extract import ExtractError
+from callconv.intake import take_in_day
+from callconv.match import match_day
+from callconv.schema import call_logs, crm_imports, crm_sales, quarantine
+
+pytestmark = pytest.mark.integration
+
+ACCOUNT = "hostile"
+DAY = date(2026, 11, 27)
+WINDOW = (datetime(2026, 11, 27, tzinfo=UTC), datetime(2026, 11, 28, tzinfo=UTC))
+FORMULA_OUTCOME = "@SUM(1+1)"
+FORMULA_ACTION_NAME = '=HYPERLINK("http://evil.example";"click")'
+HEADER = ["id", "phone", "sold_at", "outcome", "amount", "currency"]
+
+
+def make_settings(tmp_path, **crm_source):
+    return parse_settings(
+        {
+            "export_uri": str(tmp_path / "export"),
+            "data_docs_uri": str(tmp_path / "docs"),
+            "archive_uri": str(tmp_path / "archive"),
+            "quarantine_uri": str(tmp_path / "quarantine"),
+            "crm_source": {
+                "landing_uri": str(tmp_path / "landing"),
+                "columns": {
+                    "crm_id": "id",
+                    "caller_phone": "phone",
+                    "conversion_time": "sold_at",
+                    "outcome": "outcome",
+                    "value": "amount",
+                    "currency": "currency",
+                },
+                **crm_source,
+            },
+            "validation": {"max_bad_row_share": 1.0},
+            "match": {"min_duration_seconds": 0},
+            "accounts": [
+                {
+                    "id": ACCOUNT,
+                    "customer_id": "1112223333",
+                    "timezone": "UTC",
+                    "default_region": "NO",
+                    "default_currency": "NOK",
+                    "delivery": "file",
+                    "conversion_actions": {
+                        "sale": {"id": "1", "name": "Phone sale"},
+                        FORMULA_OUTCOME: {"id": "2", "name": FORMULA_ACTION_NAME},
+                    },
+                }
+            ],
+        }
+    )
+
+
+def csv_bytes(rows: list[list[str]]) -> bytes:
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\r\n").writerows([HEADER, *rows])
+    return out.getvalue().encode("utf-8")
+
+
+def drop(tmp_path, name: str, payload: bytes):
+    folder = tmp_path / "landing" / ACCOUNT / DAY.isoformat()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(payload)
+    return folder / name
+
+
+def take_in(settings, tmp_path, warehouse, keyring, **kwargs):
+    return take_in_day(
+        warehouse,
+        settings,
+        settings.account(ACCOUNT),
+        *WINDOW,
+        "run-1",
+        landing_root=tmp_path / "landing",
+        data_docs_root=tmp_path / "docs",
+        archive_root=tmp_path / "archive",
+        quarantine_root=tmp_path / "quarantine",
+        keyring=keyring,
+        **kwargs,
+    )
+
+
+FORMULA_ROWS = [
+    # a clean sale whose CRM id and outcome look like formulas
+    ["=cmd|' /C calc'!A0", "+47 912 34 567", "2026-11-27 10:00:00", FORMULA_OUTCOME, "100", "NOK"],
+    ["+1+1", "-2+3", "2026-11-27 10:00:00", "sale", "1", "NOK"],  # phone unparseable
+    ["@SUM(1+1)", "91234567", "=NOW()", "sale", "1", "NOK"],  # time unparseable
+    ["-2+3", "91234567", "2026-11-27 10:00:00", "sale", "=1+2", "NOK"],  # value unparseable
+]
+
+
+def test_formula_cells_stay_text_and_every_spreadsheet_file_neutralises_them(tmp_path, warehouse, test_keyring):
+    settings = make_settings(tmp_path)
+    drop(tmp_path, "deals.csv", csv_bytes(FORMULA_ROWS))
+    with warehouse.begin() as connection:
+        connection.execute(
+            call_logs.insert(),
+            [
+                {
+                    "account_id": ACCOUNT,
+                    "source_call_id": "c1",
+                    "caller_number": "91234567",
+                    "call_start": datetime(2026, 11, 27, 9, 0, tzinfo=UTC),
+                    "duration_seconds": 120,
+                    "via_google_forwarding": True,
+                }
+            ],
+        )
+
+    outcome = take_in(settings, tmp_path, warehouse, test_keyring)
+
+    assert outcome.rows_read == 4 and outcome.sales == 1
+    with warehouse.connect() as connection:
+        sale = connection.execute(sa.select(crm_sales)).one()
+        raw = {row.source_row: row.raw_record for row in connection.execute(sa.select(quarantine))}
+    assert sale.crm_id == "=cmd|' /C calc'!A0" and sale.outcome == FORMULA_OUTCOME  # stored as the text it was
+    assert raw[2]["crm_id"] == "+1+1" and raw[2]["caller_phone"] == "-2+3"
+    assert raw[3]["crm_id"] == "@SUM(1+1)" and raw[3]["conversion_time"] == "=NOW()"
+    assert raw[4]["crm_id"] == "-2+3" and raw[4]["value"] == "=1+2"
+
+    # The quarantine export: the raw text, each formula-like cell behind an apostrophe.
+    [export] = (tmp_path / "quarantine" / ACCOUNT / DAY.isoformat()).iterdir()
+    assert export.name == f"quarantine_{ACCOUNT}_{DAY}.csv.enc"
+    rows = list(csv.DictReader(io.StringIO(decrypt_bytes(export.read_bytes(), test_keyring).decode("utf-8"))))
+    assert [(row["source_row"], row["reason"]) for row in rows] == [
+        ("2", "phone_unparseable"),
+        ("3", "time_unparseable"),
+        ("4", "value_unparseable"),
+    ]
+    assert [row["crm_id"] for row in rows] == ["'+1+1", "'@SUM(1+1)", "'-2+3"]
+    assert rows[0]["caller_phone"] == "'-2+3" and rows[1]["conversion_time"] == "'=NOW()"
+    assert rows[2]["value"] == "'=1+2"
+    for row in rows:
+        assert not any(cell.startswith(("=", "+", "-", "@")) for cell in row.values())
+
+    # The conversion file: the formula-like action name is neutralised, the phone is tab-prefixed text.
+    normalise_call_logs(warehouse, ACCOUNT, "NO", *WINDOW, timedelta(days=60))
+    match_day(warehouse, ACCOUNT, DAY, settings.match, "run-1")
+    written = write_conversion_file(warehouse, settings.account(ACCOUNT), DAY, tmp_path / "export", test_keyring)
+    assert written.rows == 1 and written.path.endswith(".csv.enc")
+    lines = list(csv.reader(io.StringIO(decrypt_bytes(open(written.path, "rb").read(), test_keyring).decode())))
+    assert lines[1] == list(TEMPLATE_HEADER)
+    cells = dict(zip(TEMPLATE_HEADER, lines[2], strict=True))
+    assert cells["Conversion Name"] == f"'{FORMULA_ACTION_NAME}"
+    assert cells["Caller's Phone Number"] == "\t+4791234567"
+
+
+def test_a_file_read_in_small_chunks_gives_the_same_tables_as_read_whole(tmp_path, warehouse, test_keyring):
+    rows = [[f"S{n}", f"9123456{n % 10}", "2026-11-27 10:00:00", "sale", f"{n}.5", "NOK"] for n in range(10)]
+    rows[3][1] = "12"  # phone too short
+    rows[6][2] = "whenever"  # time unparseable
+    rows[8][0] = "S1"  # the CRM id of row 2, two chunks later: a duplicate
+    rows.append(["", "91234567", "2026-11-27 11:00:00", "sale", "7", "NOK"])  # no id: keyed by content
+    rows.append(["", "91234567", "2026-11-27 11:00:00", "sale", "7", "NOK"])  # the same sale again
+    payload = csv_bytes(rows)
+
+    def tables(chunk_rows: int) -> tuple:
+        with warehouse.begin() as connection:
+            for table in (crm_sales, quarantine, crm_imports):
+                connection.execute(table.delete())
+        drop(tmp_path, "deals.csv", payload)
+        outcome = take_in(make_settings(tmp_path, chunk_rows=chunk_rows), tmp_path, warehouse, test_keyring)
+        with warehouse.connect() as connection:
+            sales = connection.execute(
+                sa.select(crm_sales.c.crm_id, crm_sales.c.source_row, crm_sales.c.caller_e164).order_by("source_row")
+            ).all()
+            quarantined = connection.execute(
+                sa.select(quarantine.c.source_row, quarantine.c.reason).order_by("source_row")
+            ).all()
+            imported = connection.execute(sa.select(crm_imports.c.row_count)).scalars().all()
+        return outcome.as_counts() | {"warnings": None}, sales, quarantined, imported
+
+    whole = tables(chunk_rows=100_000)
+    chunked = tables(chunk_rows=3)
+    assert chunked == whole
+    counts, sales, quarantined, imported = whole
+    assert quarantined == [(4, "phone_too_short"), (7, "time_unparseable"), (9, "duplicate_crm_id")]
+    assert imported == [12]
+    assert counts["read"] == 12 and counts["normalised"] == len(sales) == 8
+    assert len(list((tmp_path / "docs" / ACCOUNT / DAY.isoformat() / "validations").rglob("*.html.enc"))) > 4
+
+
+def test_landing_files_move_to_the_encrypted_archive_and_are_recognised_when_dropped_again(
+    tmp_path, warehouse, test_keyring
+):
+    settings = make_settings(tmp_path)
+    payload = csv_bytes([["S1", "91234567", "2026-11-27 10:00:00", "sale", "1", "NOK"]])
+    landing = drop(tmp_path, "deals.csv", payload)
+    archived = tmp_path / "archive" / ACCOUNT / DAY.isoformat() / "deals.csv.enc"
+
+    first = take_in(settings, tmp_path, warehouse, test_keyring)
+    assert (first.files_seen, first.files_skipped, first.archived, first.rows_read) == (1, 0, 1, 1)
+    assert not landing.exists()
+    assert archived.read_bytes().startswith(MAGIC)
+    assert decrypt_bytes(archived.read_bytes(), test_keyring) == payload
+
+    # The same file dropped again, this time already encrypted by the CRM: recognised, archived, removed.
+    encrypted_drop = landing.with_name("deals-again.csv.enc")
+    write_encrypted(encrypted_drop, payload, test_keyring)
+    again = take_in(settings, tmp_path, warehouse, test_keyring)
+    assert (again.files_seen, again.files_skipped, again.rows_read) == (2, 2, 0)  # the drop and the archived copy
+    assert not encrypted_drop.exists()
+    assert sorted(p.name for p in archived.parent.iterdir()) == ["deals-again.csv.enc", "deals.csv.enc"]
+
+    # A rerun with nothing in the landing area: the archive says the day was taken in, no warning.
+    rerun = take_in(settings, tmp_path, warehouse, test_keyring)
+    assert (rerun.files_seen, rerun.files_skipped, rerun.warnings) == (2, 2, [])
+
+    # A reimport reads the archived copies again, decrypting them as a stream.
+    reimport = take_in(settings, tmp_path, warehouse, test_keyring, reimport=True)
+    assert (reimport.files_seen, reimport.files_skipped, reimport.rows_read) == (2, 0, 2)
+    with warehouse.connect() as connection:
+        assert connection.scalar(sa.select(sa.func.count()).select_from(crm_sales)) == 1
+        assert connection.scalar(sa.select(sa.func.count()).select_from(crm_imports)) == 1  # one checksum
+
+
+def test_a_rejected_file_stays_in_the_landing_area_and_nothing_is_stored(tmp_path, warehouse, test_keyring):
+    settings = make_settings(tmp_path, max_file_mb=1)
+    row = ["S1", "91234567", "2026-11-27 10:00:00", "sale", "1", "NOK"]
+    landing = drop(tmp_path, "huge.csv", csv_bytes([row] * 40_000))
+    with pytest.raises(ExtractError, match=r"^huge\.csv: larger than 1 MiB once decrypted and unzipped"):
+        take_in(settings, tmp_path, warehouse, test_keyring)
+    assert landing.exists()
+    assert not (tmp_path / "archive").exists()
+    with warehouse.connect() as connection:
+        assert connection.scalar(sa.select(sa.func.count()).select_from(crm_imports)) == 0
