@@ -167,24 +167,22 @@ def hmac_key(conn_id: str) -> bytes:
 
 def apply_retention(data_class: str, context) -> list[dict]:
     """Purge one data class for every account, as of the run's own day; returns the audit counts."""
+    from dataclasses import replace
+
     from callconv.config import load_settings
     from callconv.retention import (
         cutoff,
-        purge_day_folders,
         purge_quarantine,
+        purge_stored_files,
         record_audit,
         redact_warehouse,
+        stored_file_roots,
     )
     from callconv.runtime import TaskWindow, warehouse_engine
 
     settings = load_settings()
     window = TaskWindow.from_context(context)
     engine = warehouse_engine(settings.warehouse_conn_id)
-    roots = {
-        "landing": settings.crm_source.landing_uri,
-        "data_docs": settings.data_docs_uri,
-        "conversion_files": settings.export_uri,
-    }
     key = hmac_key(settings.hmac_conn_id) if data_class == "warehouse" else None
     done = []
     with log_group(f"retention {data_class}"):
@@ -192,10 +190,13 @@ def apply_retention(data_class: str, context) -> list[dict]:
             retention = settings.retention_for(account)
             as_of = window.end.astimezone(account.tz).date()
             last_day = cutoff(retention, data_class, as_of)
-            if data_class in roots:
-                purge = purge_day_folders(storage_root(roots[data_class], settings), account, data_class, last_day)
-            elif data_class == "quarantine":
-                purge = purge_quarantine(engine, account, last_day)
+            files = [storage_root(uri, settings) for uri in stored_file_roots(settings, data_class)]
+            if data_class == "quarantine":
+                rows = purge_quarantine(engine, account, last_day)
+                removed = purge_stored_files(files, account, data_class, last_day).affected
+                purge = replace(rows, affected=rows.affected + removed)
+            elif files:
+                purge = purge_stored_files(files, account, data_class, last_day)
             else:
                 hard_last_day = as_of - timedelta(days=retention.hard_max_days + 1)
                 purge = redact_warehouse(engine, account, last_day, hard_last_day, key, window.end)

@@ -19,6 +19,21 @@ answers ``CALL_CONVERSION_ALREADY_EXISTS`` and they become ``uploaded``.
 Transient RPC errors are retried with bounded, jittered exponential backoff,
 then re-raised for Airflow to retry the task. Quota exhaustion parks what is
 left until the next run and returns normally. No phone number is ever logged.
+
+Memory does not grow with the number of due rows: they are read in keyset
+pages of ``batch_size`` (ordered by ``conversion_key``) and planned into
+batches as they stream (:class:`BatchPlanner`), so at most a page, a bounded
+look-ahead of deferred rows and the batches in flight are held at once.
+
+Up to ``max_concurrent_batches`` batches of an account are in flight at once
+(default 1). Batches are disjoint sets of conversion keys, each one's outcome is
+written by its own transaction, and a batch holding a row whose Google key is
+also in a batch still in flight waits for that batch to finish, so Google never
+sees two requests with the same conversion at the same time. Quota exhaustion
+stops new batches; once the batches in flight are recorded, every due row that
+was not sent in this run, read or not yet read, is parked with one UPDATE.
+A configuration or request error also stops new batches and is raised once the
+batches in flight are recorded.
 """
 
 from __future__ import annotations
@@ -26,8 +41,9 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
@@ -110,7 +126,8 @@ class UploadOutcome:
     validated: int = 0  # dry run: rows that passed Google's checks
     unanswered: int = 0  # neither result nor error: left due, resent next run
     resend: int = 0  # RESEND_ERRORS: left due
-    same_identity: int = 0  # rows sharing Google's key with another, sent in a later batch
+    same_identity: int = 0  # rows sharing Google's key with another row of the batch being filled, sent later
+    max_concurrent_batches: int = 1  # how many batches this run allowed in flight at once
 
     @property
     def uploaded(self) -> int:
@@ -133,7 +150,25 @@ class UploadOutcome:
             "unanswered": self.unanswered,
             "resend": self.resend,
             "same_identity": self.same_identity,
+            "max_concurrent_batches": self.max_concurrent_batches,
         }
+
+    def add(self, other: UploadOutcome) -> None:
+        """Add the counts of ``other`` (one batch's) to these."""
+        for name in (
+            "sent",
+            "batches",
+            "accepted",
+            "already_existed",
+            "validated",
+            "unanswered",
+            "resend",
+        ):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.parked.update(other.parked)
+        self.failed.update(other.failed)
+        for reason, until in other.retry_after.items():
+            self.retry_after[reason] = max(until, self.retry_after.get(reason, until))
 
 
 # ------------------------------------------------------------------ formatting
@@ -154,36 +189,108 @@ def _identity(row) -> tuple:
     return (row.caller_e164, instant, row.conversion_action_id)
 
 
+class BatchPlanner:
+    """Rows ordered by ``conversion_key``, streamed into batches where Google's key is unique.
+
+    Iterating yields ``(rows, identities)`` batches of at most ``batch_size``.
+    A row whose (caller, conversion time, action) is already in the batch being
+    filled would be ``DUPLICATE_CALL_CONVERSION_IN_REQUEST``: it is deferred and
+    goes first into the next batch. At most ``lookahead`` rows wait deferred;
+    when that many do, the batch goes out as it is, so memory stays bounded
+    whatever the input. A repeated ``conversion_key`` (the same ledger row
+    twice in a row) is dropped. The plan depends only on the rows, never on
+    timing. ``read`` counts the rows taken in, ``moved`` the rows deferred.
+    """
+
+    def __init__(self, rows: Iterable, batch_size: int = MAX_BATCH, lookahead: int | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self._rows = iter(rows)
+        self.batch_size = batch_size
+        self.lookahead = max(1, lookahead if lookahead is not None else batch_size)
+        self._deferred: deque = deque()
+        self._last_key: str | None = None
+        self._exhausted = False
+        self.read = 0
+        self.moved = 0
+
+    @property
+    def deferred(self) -> int:
+        return len(self._deferred)
+
+    def _next_row(self):
+        for row in self._rows:
+            if row.conversion_key == self._last_key:
+                continue
+            self._last_key = row.conversion_key
+            self.read += 1
+            return row
+        self._exhausted = True
+        return None
+
+    def __iter__(self) -> Iterator[tuple[list, list[tuple]]]:
+        while True:
+            batch: list = []
+            identities: dict[tuple, None] = {}
+            waiting: deque = deque()
+            while self._deferred and len(batch) < self.batch_size:
+                row = self._deferred.popleft()
+                identity = _identity(row)
+                if identity in identities:
+                    waiting.append(row)
+                else:
+                    identities[identity] = None
+                    batch.append(row)
+            waiting.extend(self._deferred)
+            self._deferred = waiting
+            while len(batch) < self.batch_size and len(self._deferred) < self.lookahead and not self._exhausted:
+                row = self._next_row()
+                if row is None:
+                    break
+                identity = _identity(row)
+                if identity in identities:
+                    self._deferred.append(row)
+                    self.moved += 1
+                else:
+                    identities[identity] = None
+                    batch.append(row)
+            if not batch:  # nothing deferred (one always fits an empty batch) and nothing left to read
+                return
+            yield batch, list(identities)
+
+
 def plan_batches(rows: Sequence, batch_size: int = MAX_BATCH) -> tuple[list[list], int]:
-    """Rows deduplicated by conversion_key, in batches where Google's key is unique.
+    """All of :class:`BatchPlanner`'s batches for an in-memory list (deduplicated by conversion_key).
 
     A second row with the same (caller, conversion time, action) as another
     goes to a later batch (it would be ``DUPLICATE_CALL_CONVERSION_IN_REQUEST``
     in the same one). Returns ``(batches, rows moved to a later batch)``.
     """
-    layers: list[list] = []
-    seen_keys: set[str] = set()
-    occurrences: Counter = Counter()
+    seen: set[str] = set()
+    unique = []
     for row in rows:
-        if row.conversion_key in seen_keys:
-            continue
-        seen_keys.add(row.conversion_key)
-        identity = _identity(row)
-        layer = occurrences[identity]
-        occurrences[identity] += 1
-        if layer == len(layers):
-            layers.append([])
-        layers[layer].append(row)
-    batches = [layer[i : i + batch_size] for layer in layers for i in range(0, len(layer), batch_size)]
-    moved = sum(len(layer) for layer in layers[1:])
-    return batches, moved
+        if row.conversion_key not in seen:
+            seen.add(row.conversion_key)
+            unique.append(row)
+    planner = BatchPlanner(unique, batch_size)
+    batches = [batch for batch, _ in planner]
+    return batches, planner.moved
 
 
 def _build_request(client, account, batch: Sequence, dry_run: bool):
+    """The ``UploadCallConversionsRequest`` for ``batch``.
+
+    Filled through the raw protobuf message under the proto-plus wrapper: the
+    same bytes on the wire, at a tenth of the CPU per row (proto-plus converts
+    on every field set, which dominated the upload's client-side time).
+    """
     consent_status = client.enums.ConsentStatusEnum
-    conversions = []
+    ad_user_data = getattr(consent_status, account.consent.ad_user_data)
+    ad_personalization = getattr(consent_status, account.consent.ad_personalization)
+    request_type = type(client.get_type("UploadCallConversionsRequest"))
+    raw = request_type.pb()(customer_id=account.customer_id, partial_failure=True, validate_only=dry_run)
     for row in batch:
-        conversion = client.get_type("CallConversion")
+        conversion = raw.conversions.add()
         conversion.caller_id = row.caller_e164 or ""
         conversion.call_start_date_time = format_ads_time(row.call_start, account.tz)
         conversion.conversion_date_time = format_ads_time(row.conversion_time, account.tz)
@@ -191,15 +298,9 @@ def _build_request(client, account, batch: Sequence, dry_run: bool):
         if row.conversion_value is not None:
             conversion.conversion_value = float(row.conversion_value)
             conversion.currency_code = row.currency_code or account.default_currency
-        conversion.consent.ad_user_data = getattr(consent_status, account.consent.ad_user_data)
-        conversion.consent.ad_personalization = getattr(consent_status, account.consent.ad_personalization)
-        conversions.append(conversion)
-    request = client.get_type("UploadCallConversionsRequest")
-    request.customer_id = account.customer_id
-    request.conversions.extend(conversions)
-    request.partial_failure = True
-    request.validate_only = dry_run
-    return request
+        conversion.consent.ad_user_data = ad_user_data
+        conversion.consent.ad_personalization = ad_personalization
+    return request_type.wrap(raw)
 
 
 # --------------------------------------------------------------------- errors
@@ -325,42 +426,58 @@ def _send(service, request, *, account_id: str, max_retries: int, sleep: Callabl
 # ---------------------------------------------------------------------- ledger
 
 
-def _due_rows(engine, account_id: str, window_end: datetime) -> list:
+def _due(account_id: str, window_end: datetime):
+    """The ledger rows of ``account_id`` that are due: pending, or parked until no later than ``window_end``."""
     ledger = upload_ledger
-    query = (
-        sa.select(ledger)
-        .where(
-            ledger.c.account_id == account_id,
-            sa.or_(
-                ledger.c.state == "pending",
-                sa.and_(
-                    ledger.c.state == "parked",
-                    sa.or_(ledger.c.park_until.is_(None), ledger.c.park_until <= window_end),
-                ),
+    return sa.and_(
+        ledger.c.account_id == account_id,
+        sa.or_(
+            ledger.c.state == "pending",
+            sa.and_(
+                ledger.c.state == "parked",
+                sa.or_(ledger.c.park_until.is_(None), ledger.c.park_until <= window_end),
             ),
-        )
-        .order_by(ledger.c.conversion_key)
+        ),
     )
+
+
+def due_rows_paged(engine, account_id: str, window_end: datetime, page_size: int = MAX_BATCH) -> Iterator:
+    """The due rows in ``conversion_key`` order, read ``page_size`` at a time (keyset pagination).
+
+    Each page is one short query on its own connection, so no transaction or
+    cursor stays open while batches are sent, and at most one page is held.
+    Rows already passed are never read again, whatever this run writes to them.
+    """
+    ledger = upload_ledger
+    after: str | None = None
+    while True:
+        query = sa.select(ledger).where(_due(account_id, window_end)).order_by(ledger.c.conversion_key)
+        if after is not None:
+            query = query.where(ledger.c.conversion_key > after)
+        with engine.connect() as connection:
+            page = connection.execute(query.limit(page_size)).all()
+        if not page:
+            return
+        after = page[-1].conversion_key
+        yield from page
+        if len(page) < page_size:
+            return
+        del page
+
+
+def _due_rows(engine, account_id: str, window_end: datetime) -> list:
+    """Every due row at once. Not used by :func:`upload_pending` (it streams); kept for callers of the old API."""
+    return list(due_rows_paged(engine, account_id, window_end))
+
+
+def _count_due(engine, account_id: str, window_end: datetime) -> int:
+    query = sa.select(sa.func.count()).select_from(upload_ledger).where(_due(account_id, window_end))
     with engine.connect() as connection:
-        return list(connection.execute(query))
+        return connection.execute(query).scalar_one()
 
 
-_UPDATE = (
-    sa.update(upload_ledger)
-    .where(
-        upload_ledger.c.conversion_key == sa.bindparam("b_key"),
-        sa.or_(upload_ledger.c.state == "pending", upload_ledger.c.state == "parked"),
-    )
-    .values(
-        state=sa.bindparam("b_state"),
-        attempts=upload_ledger.c.attempts + sa.bindparam("b_attempt"),
-        park_until=sa.bindparam("b_park_until"),
-        error_code=sa.bindparam("b_error_code"),
-        error_message=sa.bindparam("b_error_message"),
-        delivered_at=sa.bindparam("b_delivered_at"),
-        delivered_by=sa.bindparam("b_delivered_by"),
-    )
-)
+# Keys per UPDATE ... WHERE conversion_key IN (...): well under every driver's parameter limit.
+WRITE_CHUNK = 500
 
 
 def _change(row, state: str, *, attempt: int = 1, park_until=None, code=None, message=None, delivered_at=None):
@@ -377,9 +494,39 @@ def _change(row, state: str, *, attempt: int = 1, park_until=None, code=None, me
 
 
 def _write(engine, changes: list[dict]) -> None:
-    if changes:
-        with engine.begin() as connection:
-            connection.execute(_UPDATE, changes)
+    """Apply one batch's changes in one transaction.
+
+    Rows with the same new values (usually all the uploaded ones) share one
+    ``UPDATE ... WHERE conversion_key IN (...)``, so a batch costs a few
+    statements, not one round trip per row. Only rows still ``pending`` or
+    ``parked`` change: a row another run already settled is left alone.
+    """
+    if not changes:
+        return
+    groups: dict[tuple, list[str]] = {}
+    for change in changes:
+        values = tuple(value for name, value in change.items() if name != "b_key")
+        groups.setdefault(values, []).append(change["b_key"])
+    names = [name for name in changes[0] if name != "b_key"]
+    ledger = upload_ledger
+    with engine.begin() as connection:
+        for values, keys in groups.items():
+            new = dict(zip(names, values, strict=True))
+            statement = (
+                sa.update(ledger)
+                .where(ledger.c.state.in_(("pending", "parked")))
+                .values(
+                    state=new["b_state"],
+                    attempts=ledger.c.attempts + new["b_attempt"],
+                    park_until=new["b_park_until"],
+                    error_code=new["b_error_code"],
+                    error_message=new["b_error_message"],
+                    delivered_at=new["b_delivered_at"],
+                    delivered_by=new["b_delivered_by"],
+                )
+            )
+            for start in range(0, len(keys), WRITE_CHUNK):
+                connection.execute(statement.where(ledger.c.conversion_key.in_(keys[start : start + WRITE_CHUNK])))
 
 
 def _judge_batch(batch, response, row_errors, window_end, outcome: UploadOutcome, dry_run: bool):
@@ -420,12 +567,146 @@ def _judge_batch(batch, response, row_errors, window_end, outcome: UploadOutcome
     return changes, config
 
 
-def _park_for_quota(engine, rows: Sequence, window_end: datetime) -> None:
-    message = "Google Ads quota exhausted; retried in the next run"
-    _write(
-        engine,
-        [_change(row, "parked", attempt=0, park_until=window_end, code=QUOTA_CODE, message=message) for row in rows],
+QUOTA_MESSAGE = "Google Ads quota exhausted; retried in the next run"
+
+
+def _park_unsent_for_quota(engine, account_id: str, window_end: datetime, sent_but_due: Iterable[str]) -> int:
+    """Park every due row not sent in this run until ``window_end``; returns how many.
+
+    Called once no batch is in flight: rows of answered batches are no longer
+    due, except those left as they were (``sent_but_due``: unanswered or to be
+    resent), which keep their state. Rows never read are parked as well.
+    """
+    ledger = upload_ledger
+    statement = (
+        sa.update(ledger)
+        .where(_due(account_id, window_end))
+        .values(
+            state="parked",
+            park_until=window_end,
+            error_code=QUOTA_CODE,
+            error_message=QUOTA_MESSAGE,
+            delivered_at=None,
+            delivered_by=None,
+        )
     )
+    keep = sorted(set(sent_but_due))
+    if keep:
+        statement = statement.where(ledger.c.conversion_key.not_in(keep))
+    with engine.begin() as connection:
+        return connection.execute(statement).rowcount
+
+
+# -------------------------------------------------------------------- batches
+
+
+@dataclass
+class _BatchResult:
+    """What one answered (or quota-refused) batch did; merged by the coordinating thread."""
+
+    outcome: UploadOutcome
+    config: dict[str, set[str]] = field(default_factory=dict)  # config row error code -> action ids
+    sent_but_due: list[str] = field(default_factory=list)  # keys sent but left due (resend, unanswered)
+    quota: bool = False
+
+
+@dataclass
+class _Batch:
+    number: int
+    rows: list
+    identities: list[tuple]
+
+
+def _run_batch(batch: _Batch, *, engine, client, service, account, window_end, run_id, dry_run, send) -> _BatchResult:
+    """Send one batch and record its outcome in one transaction. Runs in a worker thread.
+
+    Touches nothing shared: it counts into its own :class:`UploadOutcome`.
+    Quota exhaustion is returned, not raised; any other failure is raised and
+    leaves the batch's rows as they were.
+    """
+    delta = UploadOutcome(account_id=account.id, run_id=run_id, dry_run=dry_run)
+    request = _build_request(client, account, batch.rows, dry_run)
+    try:
+        response = send(service, request)
+    except Exception as exc:
+        if _is_quota(exc):
+            return _BatchResult(delta, quota=True)
+        raise
+    del request
+    delta.sent, delta.batches = len(batch.rows), 1
+    row_errors = decode_partial_failure(client, response)
+    if -1 in row_errors:
+        log.warning("account %s: Google Ads reported an error that names no row", account.id)
+    changes, config = _judge_batch(batch.rows, response, row_errors, window_end, delta, dry_run)
+    if dry_run:
+        return _BatchResult(delta, config)
+    _write(engine, changes)
+    sent_but_due = [
+        change["b_key"]
+        for change in changes
+        if change["b_state"] in ("pending", "parked") and change["b_error_code"] not in PARK_DELAYS
+    ]
+    return _BatchResult(delta, config, sent_but_due)
+
+
+class _Run:
+    """The coordinating thread's view of one upload: batches in flight, and why it stopped."""
+
+    def __init__(self, outcome: UploadOutcome):
+        self.outcome = outcome
+        self.in_flight: dict[Future, _Batch] = {}
+        self.busy: dict[tuple, Future] = {}  # Google key -> the in-flight batch holding it
+        self.errors: list[tuple[int, BaseException]] = []
+        self.config: dict[str, set[str]] = {}
+        self.quota = False
+        self.sent_but_due: list[str] = []
+
+    @property
+    def stopped(self) -> bool:
+        return bool(self.errors or self.config or self.quota)
+
+    def launch(self, pool: ThreadPoolExecutor, batch: _Batch, work: Callable[[_Batch], _BatchResult]) -> None:
+        future = pool.submit(work, batch)
+        self.in_flight[future] = batch
+        for identity in batch.identities:
+            self.busy[identity] = future
+
+    def _collect(self, future: Future) -> None:
+        batch = self.in_flight.pop(future)
+        for identity in batch.identities:
+            if self.busy.get(identity) is future:
+                del self.busy[identity]
+        error = future.exception()
+        if error is not None:
+            self.errors.append((batch.number, error))
+            return
+        result = future.result()
+        self.outcome.add(result.outcome)
+        self.sent_but_due.extend(result.sent_but_due)
+        self.quota = self.quota or result.quota
+        for code, actions in result.config.items():
+            self.config.setdefault(code, set()).update(actions)
+
+    def collect_done(self) -> None:
+        for future in [future for future in self.in_flight if future.done()]:
+            self._collect(future)
+
+    def wait_one(self) -> None:
+        done, _ = wait(list(self.in_flight), return_when=FIRST_COMPLETED)
+        for future in done:
+            self._collect(future)
+
+    def wait_for_slot(self, batch: _Batch, limit: int) -> None:
+        """Until fewer than ``limit`` batches are in flight and none holds a Google key of ``batch``."""
+        self.collect_done()
+        while self.in_flight and not self.stopped:
+            if len(self.in_flight) < limit and not any(identity in self.busy for identity in batch.identities):
+                return
+            self.wait_one()
+
+    def drain(self) -> None:
+        while self.in_flight:
+            self.wait_one()
 
 
 # ------------------------------------------------------------------------ API
@@ -443,26 +724,72 @@ def upload_pending(
     max_transient_retries: int = 4,
     sleep: Callable[[float], None] = time.sleep,
     timeout: float | None = 300.0,
+    max_concurrent_batches: int = 1,
 ) -> UploadOutcome:
     """Upload ``account``'s due ledger rows through ``client``; see the module doc.
 
     ``window_end`` is the run's data-interval end (aware): it decides which
     parked rows are due and stamps ``delivered_at`` / ``park_until``.
     ``dry_run`` sends ``validate_only`` requests and records nothing.
+    ``max_concurrent_batches`` bounds the batches in flight at once (1: one
+    after the other); each in-flight batch holds at most ``batch_size`` rows.
     """
     if window_end.tzinfo is None:
         raise ValueError("window_end must be timezone-aware")
     if not 1 <= batch_size <= MAX_BATCH:
         raise ValueError(f"batch_size must be between 1 and {MAX_BATCH}, got {batch_size}")
+    if isinstance(max_concurrent_batches, bool) or not (
+        isinstance(max_concurrent_batches, int) and max_concurrent_batches >= 1
+    ):
+        raise ValueError(f"max_concurrent_batches must be an integer of at least 1, got {max_concurrent_batches!r}")
     window_end = window_end.astimezone(UTC)
-    outcome = UploadOutcome(account_id=account.id, run_id=run_id, dry_run=dry_run)
+    outcome = UploadOutcome(
+        account_id=account.id, run_id=run_id, dry_run=dry_run, max_concurrent_batches=max_concurrent_batches
+    )
+    service = get_upload_service(client, account.login_customer_id)
 
-    rows = _due_rows(engine, account.id, window_end)
-    outcome.selected = len(rows)
-    if not rows:
-        log.info("account %s run %s: nothing due for upload", account.id, run_id)
-        return outcome
-    batches, outcome.same_identity = plan_batches(rows, batch_size)
+    def send(service_, request):
+        return _send(
+            service_, request, account_id=account.id, max_retries=max_transient_retries, sleep=sleep, timeout=timeout
+        )
+
+    def work(batch: _Batch) -> _BatchResult:
+        return _run_batch(
+            batch,
+            engine=engine,
+            client=client,
+            service=service,
+            account=account,
+            window_end=window_end,
+            run_id=run_id,
+            dry_run=dry_run,
+            send=send,
+        )
+
+    planner = BatchPlanner(due_rows_paged(engine, account.id, window_end, batch_size), batch_size)
+    state = _Run(outcome)
+    log.info(
+        "account %s run %s%s: uploading due conversions in batches of up to %d, %d batch(es) in flight at most",
+        account.id,
+        run_id,
+        " (dry run)" if dry_run else "",
+        batch_size,
+        max_concurrent_batches,
+    )
+    with ThreadPoolExecutor(max_workers=max_concurrent_batches, thread_name_prefix=f"upload-{account.id}") as pool:
+        try:
+            for number, (rows, identities) in enumerate(planner):
+                batch = _Batch(number, rows, identities)
+                state.wait_for_slot(batch, max_concurrent_batches)
+                if state.stopped:
+                    break
+                state.launch(pool, batch, work)
+                del batch, rows, identities
+        finally:
+            # Whatever happens here, every batch already sent is answered and recorded.
+            state.drain()
+    outcome.selected = planner.read
+    outcome.same_identity = planner.moved
     if outcome.same_identity:
         log.warning(
             "account %s: %d conversions share caller, conversion time and action with another; sent in later batches",
@@ -470,64 +797,48 @@ def upload_pending(
             outcome.same_identity,
         )
 
-    service = get_upload_service(client, account.login_customer_id)
-    for number, batch in enumerate(batches):
-        request = _build_request(client, account, batch, dry_run)
-        try:
-            response = _send(
-                service,
-                request,
-                account_id=account.id,
-                max_retries=max_transient_retries,
-                sleep=sleep,
-                timeout=timeout,
-            )
-        except Exception as exc:
-            if _is_quota(exc):
-                left = [row for later in batches[number:] for row in later]
-                outcome.left_for_quota = len(left)
-                if not dry_run:
-                    _park_for_quota(engine, left, window_end)
-                log.warning(
-                    "account %s run %s: Google Ads quota exhausted; %d conversions parked for the next run",
-                    account.id,
-                    run_id,
-                    len(left),
-                )
-                break
-            problem = _request_level_error(exc, account)
-            if problem is None:
-                raise
-            if isinstance(problem, UploadConfigError):
-                problem.outcome = outcome
-            log.error("account %s run %s: %s", account.id, run_id, problem)
-            raise problem from None
-
-        outcome.sent += len(batch)
-        outcome.batches += 1
-        row_errors = decode_partial_failure(client, response)
-        if -1 in row_errors:
-            log.warning("account %s: Google Ads reported an error that names no row", account.id)
-        changes, config = _judge_batch(batch, response, row_errors, window_end, outcome, dry_run)
-        if not dry_run:
-            _write(engine, changes)
-        if config:
-            code = sorted(config)[0]
-            if code in ACTION_CONFIG_ERRORS:
-                message = _action_problem(account, code, config[code])
-            else:
-                message = _customer_problem(account, code)
-            log.error("account %s run %s: %s", account.id, run_id, message)
-            _log_outcome(outcome)
-            raise UploadConfigError(message, code, outcome)
-
+    if state.errors:
+        _log_outcome(outcome)
+        _, exc = min(state.errors, key=lambda item: item[0])
+        problem = _request_level_error(exc, account)
+        if problem is None:
+            raise exc
+        if isinstance(problem, UploadConfigError):
+            problem.outcome = outcome
+        log.error("account %s run %s: %s", account.id, run_id, problem)
+        raise problem from None
+    if state.config:
+        code = sorted(state.config)[0]
+        if code in ACTION_CONFIG_ERRORS:
+            message = _action_problem(account, code, state.config[code])
+        else:
+            message = _customer_problem(account, code)
+        log.error("account %s run %s: %s", account.id, run_id, message)
+        _log_outcome(outcome)
+        raise UploadConfigError(message, code, outcome)
+    if state.quota:
+        if dry_run:
+            outcome.left_for_quota = max(0, _count_due(engine, account.id, window_end) - outcome.sent)
+        else:
+            outcome.left_for_quota = _park_unsent_for_quota(engine, account.id, window_end, state.sent_but_due)
+        # Rows never read were due too.
+        outcome.selected = max(outcome.selected, outcome.sent + outcome.left_for_quota)
+        log.warning(
+            "account %s run %s: Google Ads quota exhausted; %d conversions parked for the next run",
+            account.id,
+            run_id,
+            outcome.left_for_quota,
+        )
+    if not outcome.selected:
+        log.info("account %s run %s: nothing due for upload", account.id, run_id)
+        return outcome
     _log_outcome(outcome)
     return outcome
 
 
 def _log_outcome(outcome: UploadOutcome) -> None:
     log.info(
-        "account %s run %s%s: %d due, %d sent in %d batches, %d accepted, %d already existed, "
+        "account %s run %s%s: %d due, %d sent in %d batches (up to %d at once), %d accepted, %d already existed, "
         "%d parked, %d failed, %d left for quota",
         outcome.account_id,
         outcome.run_id,
@@ -535,6 +846,7 @@ def _log_outcome(outcome: UploadOutcome) -> None:
         outcome.selected,
         outcome.sent,
         outcome.batches,
+        outcome.max_concurrent_batches,
         outcome.accepted,
         outcome.already_existed,
         sum(outcome.parked.values()),
