@@ -16,6 +16,14 @@ account-local day, `[data_interval_start, data_interval_end)`:
 5. **upload_conversions**: send due conversions through `ConversionUploadService.UploadCallConversions`,
    exactly once (the upload ledger), parking too-recent calls and retrying them in later runs.
    `dry_run` sends with `validate_only` and records nothing as uploaded.
+   **publish_conversion_file** does the same for accounts with `delivery: file`: the day's file
+   is replaced atomically on the SFTP server that Google Ads' scheduled upload reads.
+6. **check_anomalies**: compare the run with the account's history (match rate, missing data,
+   parked rows) and alert. Any task failure alerts too, without personal data.
+
+CRM files taken in are kept as encrypted copies in the archive and removed from the landing
+area; quarantined rows are exported encrypted; conversion files are written encrypted
+(`.csv.enc`, decrypt with `python -m callconv.crypto decrypt IN OUT`).
 
 Every task is safe to rerun, and a backfill of a day gives the same tables.
 Logs carry counts and reason codes, never a phone number.
@@ -28,6 +36,7 @@ from datetime import timedelta
 from airflow.sdk import Param, dag, task
 from airflow.timetables.interval import CronDataIntervalTimetable
 
+from callconv.alerts import failure_notifier
 from callconv.config import Settings, load_settings
 
 DEFAULT_ARGS = {
@@ -39,14 +48,21 @@ DEFAULT_ARGS = {
 
 
 def build_import_dag(account_id: str, timezone: str, settings: Settings | None = None):
-    freshness = (settings or load_settings()).freshness
+    settings = settings or load_settings()
+    freshness = settings.freshness
+    access_role = settings.account(account_id).access_role
 
     @dag(
         dag_id=f"call_conversions_import__{account_id}",
         schedule=CronDataIntervalTimetable("0 0 * * *", timezone=timezone),
         catchup=False,
         max_active_runs=1,
-        default_args=DEFAULT_ARGS,
+        default_args={**DEFAULT_ARGS, "on_failure_callback": failure_notifier(account_id=account_id)},
+        access_control=(
+            {access_role: {"DAGs": {"can_read", "can_edit"}, "DAG Runs": {"can_read", "can_create"}}}
+            if access_role
+            else None
+        ),
         doc_md=__doc__,
         tags=["call-conversions", "google-ads", f"account:{account_id}"],
         params={
@@ -101,10 +117,26 @@ def build_import_dag(account_id: str, timezone: str, settings: Settings | None =
 
             return run(account_id, context, dry_run=bool(context["params"]["dry_run"]))
 
+        @task(retries=3, retry_delay=timedelta(minutes=10))
+        def publish_conversion_file(**context) -> dict:
+            """For accounts with delivery 'file': the day's file over SFTP, replaced atomically."""
+            from callconv.steps import publish_conversion_file as run
+
+            return run(account_id, context)
+
+        @task
+        def check_anomalies(**context) -> dict:
+            """Compares the run with the account's history and alerts; fails only if alerting fails."""
+            from callconv.alerts import check_anomalies as run
+
+            return run(account_id, context)
+
         matched = match_sales()
         take_in_crm_extracts() >> matched
         wait_for_call_logs() >> normalise_call_logs() >> matched
-        matched >> write_conversion_file() >> upload_conversions()
+        delivered = [upload_conversions(), publish_conversion_file()]
+        matched >> write_conversion_file() >> delivered
+        delivered >> check_anomalies()
 
     return call_conversions_import()
 

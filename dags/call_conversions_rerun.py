@@ -21,6 +21,7 @@ from datetime import timedelta
 
 from airflow.sdk import Param, dag, task, task_group
 
+from callconv.alerts import failure_notifier
 from callconv.config import load_settings
 
 
@@ -37,7 +38,12 @@ def _rerun_dag(account_ids: list[str]):
         catchup=False,
         max_active_runs=1,
         max_active_tasks=4,
-        default_args={"owner": "analytics", "retries": 2, "retry_delay": timedelta(minutes=5)},
+        default_args={
+            "owner": "analytics",
+            "retries": 2,
+            "retry_delay": timedelta(minutes=5),
+            "on_failure_callback": failure_notifier(),
+        },
         doc_md=__doc__,
         tags=["call-conversions", "google-ads", "rerun"],
         params={
@@ -99,10 +105,24 @@ def _rerun_dag(account_ids: list[str]):
 
                 return run(account_id, context, dry_run=bool(context["params"]["dry_run"]), day=day)
 
+            @task(retries=3, retry_delay=timedelta(minutes=10))
+            def publish_conversion_file(account_id: str, day: str, **context) -> dict:
+                from callconv.steps import publish_conversion_file as run
+
+                return run(account_id, context, day=day)
+
+            @task
+            def check_anomalies(account_id: str, day: str, **context) -> dict:
+                from callconv.alerts import check_anomalies as run
+
+                return run(account_id, context, day=day)
+
             matched = match_sales(account_id, day)
             take_in_crm_extracts(account_id, day) >> matched
             normalise_call_logs(account_id, day) >> matched
-            matched >> write_conversion_file(account_id, day) >> upload_conversions(account_id, day)
+            delivered = [upload_conversions(account_id, day), publish_conversion_file(account_id, day)]
+            matched >> write_conversion_file(account_id, day) >> delivered
+            delivered >> check_anomalies(account_id, day)
 
         one_day.expand_kwargs(plan())
 

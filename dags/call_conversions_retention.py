@@ -4,8 +4,9 @@
 Runs daily and removes personal data once its retention period is over
 (`retention` in the config, per data class and account; 90 days by default):
 
-- **landing**, **data_docs**, **conversion_files**: day folders older than the period are deleted;
-- **quarantine**: quarantined CRM rows are deleted;
+- **landing** (and the encrypted archive copies), **data_docs**, **conversion_files**: day folders
+  older than the period are deleted;
+- **quarantine**: quarantined CRM rows and their encrypted exports are deleted;
 - **warehouse**: phone numbers in sales, matches and the upload ledger are replaced by a keyed hash
   (HMAC-SHA256, key from the `call_conversions_hmac` connection). Conversions still pending or parked
   for upload are kept, unless older than `hard_max_days`.
@@ -22,6 +23,8 @@ from datetime import timedelta
 from airflow.sdk import TriggerRule, dag, task
 from airflow.timetables.interval import CronDataIntervalTimetable
 
+from callconv.alerts import failure_notifier
+
 DATA_CLASSES = ("landing", "data_docs", "conversion_files", "quarantine", "warehouse")
 
 
@@ -30,7 +33,12 @@ DATA_CLASSES = ("landing", "data_docs", "conversion_files", "quarantine", "wareh
     schedule=CronDataIntervalTimetable("0 0 * * *", timezone="UTC"),
     catchup=False,
     max_active_runs=1,
-    default_args={"owner": "data-engineering", "retries": 2, "retry_delay": timedelta(minutes=10)},
+    default_args={
+        "owner": "data-engineering",
+        "retries": 2,
+        "retry_delay": timedelta(minutes=10),
+        "on_failure_callback": failure_notifier(),
+    },
     doc_md=__doc__,
     tags=["call-conversions", "retention", "privacy"],
 )

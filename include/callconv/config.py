@@ -125,6 +125,41 @@ class Freshness(_Strict):
     timeout_hours: float = Field(12, gt=0)
 
 
+class Upload(_Strict):
+    batch_size: int = Field(2000, ge=1, le=2000)
+    # Batches in flight at once per account; the ledger stays exactly-once either way.
+    max_concurrent_batches: int = Field(1, ge=1, le=16)
+
+
+class FileDelivery(_Strict):
+    """Where Google Ads' scheduled uploads fetch the file, for accounts with delivery 'file'."""
+
+    conn_id: str = "call_conversions_sftp"
+    remote_dir: str = "."
+
+
+class Alerts(_Strict):
+    channels: list[Literal["smtp", "slack", "webhook"]] = []  # empty: alerts are only logged
+    smtp_conn_id: str = "smtp_alerts"
+    email_to: list[str] = []
+    email_from: str | None = None
+    webhook_conn_id: str = "call_conversions_alerts_webhook"
+    subject_prefix: str = "[call-conversions]"
+    match_rate_drop_points: float = Field(15, gt=0, le=100)
+    match_rate_runs: int = Field(7, ge=1)
+    match_rate_min_runs: int = Field(3, ge=1)
+    no_data_days: int = Field(7, ge=1)
+    no_data_min_days: int = Field(5, ge=1)
+    parked_max: int = Field(500, ge=0)
+    history_days: int = Field(60, ge=7)
+
+    @model_validator(mode="after")
+    def _smtp_needs_recipients(self) -> Alerts:
+        if "smtp" in self.channels and not self.email_to:
+            raise ValueError("channel 'smtp' needs at least one address in email_to")
+        return self
+
+
 class Retention(_Strict):
     default_days: int = Field(90, ge=1)
     landing_days: int | None = Field(None, ge=1)
@@ -171,6 +206,9 @@ class Account(_Strict):
     consent: Consent = Consent()
     match: MatchRules | None = None
     retention: Retention | None = None
+    file_delivery: FileDelivery | None = None
+    # An Airflow role (FAB auth manager) that alone may see and run this account's DAG.
+    access_role: str | None = None
 
     @field_validator("customer_id", "login_customer_id", mode="before")
     @classmethod
@@ -228,6 +266,9 @@ class Settings(_Strict):
     match: MatchRules = MatchRules()
     validation: ValidationRules = ValidationRules()
     freshness: Freshness = Freshness()
+    upload: Upload = Upload()
+    file_delivery: FileDelivery = FileDelivery()
+    alerts: Alerts = Alerts()
     retention: Retention = Retention()
     accounts: list[Account] = Field(min_length=1)
 
@@ -246,6 +287,9 @@ class Settings(_Strict):
                 return account
         known = ", ".join(a.id for a in self.accounts)
         raise ConfigError(f"unknown account {account_id!r}; configured accounts: {known}")
+
+    def file_delivery_for(self, account: Account) -> FileDelivery:
+        return account.file_delivery or self.file_delivery
 
     def match_rules(self, account: Account) -> MatchRules:
         return account.match or self.match

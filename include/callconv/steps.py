@@ -146,10 +146,41 @@ def upload_conversions(account_id: str, context, dry_run: bool = False, day: str
     with log_group(f"upload {account_id}{' (dry run)' if dry_run else ''}"):
         client = client_from_airflow_connection(scope.settings.google_ads_conn_id)
         outcome = upload_pending(
-            scope.engine, scope.account, client, scope.window.end, scope.window.run_id, dry_run=dry_run
+            scope.engine,
+            scope.account,
+            client,
+            scope.window.end,
+            scope.window.run_id,
+            dry_run=dry_run,
+            batch_size=scope.settings.upload.batch_size,
+            max_concurrent_batches=scope.settings.upload.max_concurrent_batches,
         )
         counts = {**outcome.as_dict(), "ledger": ledger_counts(scope.engine, account_id)}
     return _record(scope, "upload" if not dry_run else "upload_dry_run", counts)
+
+
+def publish_conversion_file(account_id: str, context, day: str | None = None) -> dict:
+    """Publish the day's file where Google Ads' scheduled upload fetches it (delivery 'file')."""
+    from callconv.file_delivery import publish_day_file, sftp_publisher
+    from callconv.intake import business_date_of
+    from callconv.upload import ledger_counts
+
+    scope = task_scope(account_id, context, day)
+    if scope.account.delivery != "file":
+        log.info("file delivery: account %s delivers through the API; nothing to publish", account_id)
+        return _record(scope, "file_delivery", {"skipped": "delivery is api"})
+    target = scope.settings.file_delivery_for(scope.account)
+    with log_group(f"file delivery {account_id}"):
+        counts = publish_day_file(
+            scope.engine,
+            scope.account,
+            business_date_of(scope.account, scope.window.start),
+            sftp_publisher(target.conn_id, target.remote_dir),
+            scope.window.end,
+            scope.window.run_id,
+        )
+        counts["ledger"] = ledger_counts(scope.engine, account_id)
+    return _record(scope, "file_delivery", counts)
 
 
 def hmac_key(conn_id: str) -> bytes:

@@ -44,6 +44,8 @@ def three_days(tmp_path, warehouse, pg_schema_url, airflow_db, monkeypatch):
         "warehouse_conn_id": "rerun_warehouse",
         "export_uri": str(tmp_path / "export"),
         "data_docs_uri": str(tmp_path / "docs"),
+        "archive_uri": str(tmp_path / "archive"),
+        "quarantine_uri": str(tmp_path / "quarantine"),
         "crm_source": {
             "landing_uri": str(tmp_path / "landing"),
             "columns": {"caller_phone": "phone", "conversion_time": "sold_at", "outcome": "outcome", "crm_id": "id"},

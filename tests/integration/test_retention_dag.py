@@ -39,6 +39,8 @@ def aged_data(tmp_path, warehouse, pg_schema_url, airflow_db, monkeypatch):
         "hmac_conn_id": "retention_hmac",
         "export_uri": str(tmp_path / "export"),
         "data_docs_uri": str(tmp_path / "docs"),
+        "archive_uri": str(tmp_path / "archive"),
+        "quarantine_uri": str(tmp_path / "quarantine"),
         "crm_source": {
             "landing_uri": str(tmp_path / "landing"),
             "columns": {"caller_phone": "p", "conversion_time": "t", "outcome": "o"},
