@@ -9,10 +9,11 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
 from pathlib import Path
+from time import monotonic
 
 from callconv.config import Account, Settings, load_settings
 
@@ -103,6 +104,11 @@ class TaskScope:
     settings: Settings
     account: Account
     window: TaskWindow
+    started: float = field(default_factory=monotonic)
+
+    def seconds_so_far(self) -> float:
+        """How long the stage has taken, for the run summary (monitoring, not business logic)."""
+        return round(monotonic() - self.started, 3)
 
     @property
     def engine(self):

@@ -29,7 +29,7 @@ def _record(scope, stage: str, counts: dict) -> dict:
         business_date_of(scope.account, window.start),
         (window.start, window.end),
         stage,
-        counts,
+        {**counts, "seconds": scope.seconds_so_far()},
     )
     return counts
 

@@ -255,6 +255,8 @@ def test_one_day_gives_the_known_matches_quarantine_and_reasons(project, warehou
     assert summary["intake"]["read"] == len(CRM_ROWS)
     assert summary["match"]["matched"] == 5 and summary["match"]["conversions"] == 4
     assert summary["upload"]["accepted"] == 4
+    stages = ("intake", "call_logs", "match", "conversion_file", "upload")
+    assert all(0 < summary[stage]["seconds"] < 120 for stage in stages), {s: summary[s]["seconds"] for s in stages}
     accepted = {(c.caller_id, c.conversion_date_time, c.conversion_action) for c in sandbox.accepted()}
     assert ("+4791234567", "2026-11-27 10:00:00+01:00", "customers/1112223333/conversionActions/111") in accepted
     assert len(accepted) == 4
