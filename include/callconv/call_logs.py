@@ -3,6 +3,7 @@
 The telephony system writes numbers as it likes. Only rows never looked at
 (``caller_parse_status`` is null) are read, distinct numbers are parsed once,
 and numbers that cannot be parsed are marked so they are not tried again.
+It all happens in one transaction, so a retried task starts clean.
 """
 
 from __future__ import annotations
@@ -36,31 +37,36 @@ def normalise_call_logs(
         call_logs.c.call_start < window_end,
     )
     counts = {"numbers": 0, "rows": 0, "unparseable_numbers": 0}
-    while True:
-        with engine.begin() as connection:
-            numbers = connection.scalars(
-                sa.select(call_logs.c.caller_number)
-                .where(pending)
-                .distinct()
-                .order_by(call_logs.c.caller_number)
-                .limit(batch_size)
-            ).all()
-            if not numbers:
-                break
-            parsed = normalise_distinct(numbers, region)
-            updates = [
-                {"_number": number, "_e164": e164, "_status": reason or "ok"}
-                for number, (e164, reason) in parsed.items()
-            ]
-            result = connection.execute(
-                call_logs.update()
-                .where(pending, call_logs.c.caller_number == sa.bindparam("_number"))
-                .values(caller_e164=sa.bindparam("_e164"), caller_parse_status=sa.bindparam("_status")),
-                updates,
+    parsed_numbers = sa.Table(
+        "tmp_parsed_caller_numbers",
+        sa.MetaData(),
+        sa.Column("number", sa.String(64), primary_key=True),
+        sa.Column("e164", sa.String(20)),
+        sa.Column("status", sa.String(32)),
+        prefixes=["TEMPORARY"],
+    )
+    with engine.begin() as connection:
+        # One scan finds the distinct numbers; each is parsed once, in pages, into a temporary
+        # table; one joined UPDATE then writes every row. Cost grows with rows, not rows x numbers.
+        parsed_numbers.create(connection)
+        distinct = connection.execute(
+            sa.select(call_logs.c.caller_number).where(pending).distinct().execution_options(yield_per=batch_size)
+        )
+        for page in distinct.scalars().partitions():
+            parsed = normalise_distinct(page, region)
+            connection.execute(
+                parsed_numbers.insert(),
+                [{"number": n, "e164": e164, "status": reason or "ok"} for n, (e164, reason) in parsed.items()],
             )
-            counts["numbers"] += len(numbers)
-            counts["rows"] += max(result.rowcount or 0, 0)
+            counts["numbers"] += len(parsed)
             counts["unparseable_numbers"] += sum(1 for e164, _ in parsed.values() if e164 is None)
+        result = connection.execute(
+            call_logs.update()
+            .where(pending, call_logs.c.caller_number == parsed_numbers.c.number)
+            .values(caller_e164=parsed_numbers.c.e164, caller_parse_status=parsed_numbers.c.status)
+        )
+        counts["rows"] = max(result.rowcount or 0, 0)
+        parsed_numbers.drop(connection)
     log.info(
         "call logs: %d rows normalised from %d distinct numbers, %d numbers unparseable",
         counts["rows"],
