@@ -35,6 +35,7 @@ from callconv.sqltime import shift_seconds
 log = logging.getLogger(__name__)
 
 DELIVERED_STATES = ("uploaded", "delivered")
+CHUNK_ROWS = 5000
 UNMATCHED_REASONS = (
     "no_call_from_number",
     "calls_outside_window",
@@ -281,49 +282,69 @@ def _build_conversions(connection, account_id: str, business_date: date, rules: 
         .where(sale.c.account_id == account_id)
         .subquery("members")
     )
-    rows = connection.execute(
-        sa.select(members).where(members.c.recency == 1).order_by(members.c.matched_call_id)
-    ).mappings()
-
-    delivered = set(connection.scalars(_delivered_keys().where(upload_ledger.c.account_id == account_id)).all())
-    batch: list[dict] = []
-    keys_by_sale: list[dict] = []
-    for row in rows:
-        key = conversion_key(account_id, row["caller_e164"], row["matched_call_start"], row["conversion_action_id"])
-        keys_by_sale.append({"_call": row["matched_call_id"], "_action": row["conversion_action_id"], "_key": key})
-        if key in delivered:
-            continue
-        one_currency = row["currency_min"] == row["currency_max"]
-        value = row["value_sum"] if rules.merge_rule == "sum" and one_currency else row["conversion_value"]
-        batch.append(
-            {
-                "conversion_key": key,
-                "account_id": account_id,
-                "business_date": row["first_day"],
-                "source_call_id": row["matched_call_id"],
-                "caller_e164": row["caller_e164"],
-                "call_start": as_utc(row["matched_call_start"]),
-                "conversion_action_id": row["conversion_action_id"],
-                "conversion_time": as_utc(row["conversion_time"]),
-                "conversion_value": value,
-                "currency_code": row["currency_code"],
-                "sale_count": row["sale_count"],
-                "run_id": run_id,
-            }
-        )
-    _replace_matches(connection, account_id, batch)
-    if keys_by_sale:
-        connection.execute(
-            crm_sales.update()
-            .where(
-                crm_sales.c.account_id == account_id,
-                crm_sales.c.matched_call_id == sa.bindparam("_call"),
-                crm_sales.c.conversion_action_id == sa.bindparam("_action"),
+    # The sale -> conversion keys go to a temporary table and one joined UPDATE sets them,
+    # and the conversions stream in chunks, so memory stays flat however big the day is.
+    keys = sa.Table(
+        "tmp_conversion_keys",
+        sa.MetaData(),
+        sa.Column("call_id", sa.String(128)),
+        sa.Column("action_id", sa.String(32)),
+        sa.Column("conversion_key", sa.String(64)),
+        prefixes=["TEMPORARY"],
+    )
+    keys.create(connection)
+    result = connection.execute(
+        sa.select(members)
+        .where(members.c.recency == 1)
+        .order_by(members.c.matched_call_id)
+        .execution_options(yield_per=CHUNK_ROWS)
+    )
+    written = 0
+    for chunk in result.mappings().partitions():
+        batch, key_rows = [], []
+        for row in chunk:
+            key = conversion_key(account_id, row["caller_e164"], row["matched_call_start"], row["conversion_action_id"])
+            key_rows.append(
+                {"call_id": row["matched_call_id"], "action_id": row["conversion_action_id"], "conversion_key": key}
             )
-            .values(conversion_key=sa.bindparam("_key")),
-            keys_by_sale,
+            one_currency = row["currency_min"] == row["currency_max"]
+            value = row["value_sum"] if rules.merge_rule == "sum" and one_currency else row["conversion_value"]
+            batch.append(
+                {
+                    "conversion_key": key,
+                    "account_id": account_id,
+                    "business_date": row["first_day"],
+                    "source_call_id": row["matched_call_id"],
+                    "caller_e164": row["caller_e164"],
+                    "call_start": as_utc(row["matched_call_start"]),
+                    "conversion_action_id": row["conversion_action_id"],
+                    "conversion_time": as_utc(row["conversion_time"]),
+                    "conversion_value": value,
+                    "currency_code": row["currency_code"],
+                    "sale_count": row["sale_count"],
+                    "run_id": run_id,
+                }
+            )
+        delivered = set(
+            connection.scalars(
+                _delivered_keys().where(upload_ledger.c.conversion_key.in_([r["conversion_key"] for r in batch]))
+            )
         )
-    return len(batch)
+        batch = [r for r in batch if r["conversion_key"] not in delivered]
+        _replace_matches(connection, account_id, batch)
+        connection.execute(keys.insert(), key_rows)
+        written += len(batch)
+    connection.execute(
+        crm_sales.update()
+        .where(
+            crm_sales.c.account_id == account_id,
+            crm_sales.c.matched_call_id == keys.c.call_id,
+            crm_sales.c.conversion_action_id == keys.c.action_id,
+        )
+        .values(conversion_key=keys.c.conversion_key)
+    )
+    keys.drop(connection)
+    return written
 
 
 def _replace_matches(connection, account_id: str, rows: list[dict]) -> None:
