@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
@@ -71,37 +72,45 @@ def format_value(value) -> str:
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 
-def render(account: Account, rows: list[dict]) -> bytes:
+def render_lines(account: Account, rows: Iterable) -> Iterator[bytes]:
+    """The file, a CSV line at a time, so a day of any size is written with flat memory."""
     names = {action.id: action.name for action in account.conversion_actions.values()}
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
-    writer.writerow([f"Parameters:TimeZone={account.timezone}"])
-    writer.writerow(TEMPLATE_HEADER)
+
+    def line(cells: list[str]) -> bytes:
+        out.seek(0)
+        out.truncate()
+        writer.writerow(cells)
+        return out.getvalue().encode("utf-8")
+
+    yield line([f"Parameters:TimeZone={account.timezone}"])
+    yield line(list(TEMPLATE_HEADER))
     for row in rows:
-        value = row["conversion_value"]
-        writer.writerow(
+        yield line(
             [
                 phone_cell(row["caller_e164"]),
                 as_utc(row["call_start"]).astimezone(account.tz).strftime(TIME_FORMAT),
                 safe_text(names[row["conversion_action_id"]]),
                 as_utc(row["conversion_time"]).astimezone(account.tz).strftime(TIME_FORMAT),
-                format_value(value),
+                format_value(row["conversion_value"]),
                 safe_text(row["currency_code"] or ""),
                 account.consent.ad_user_data.title(),
                 account.consent.ad_personalization.title(),
             ]
         )
-    return out.getvalue().encode("utf-8")
 
 
-def day_conversions(engine: sa.Engine, account_id: str, business_date: date) -> list[dict]:
-    with engine.connect() as connection:
-        rows = connection.execute(
-            sa.select(matches)
-            .where(matches.c.account_id == account_id, matches.c.business_date == business_date)
-            .order_by(matches.c.conversion_time, matches.c.conversion_key)
-        ).mappings()
-        return [dict(row) for row in rows]
+def render(account: Account, rows: Iterable) -> bytes:
+    return b"".join(render_lines(account, rows))
+
+
+def _day_query(account_id: str, business_date: date):
+    return (
+        sa.select(matches)
+        .where(matches.c.account_id == account_id, matches.c.business_date == business_date)
+        .order_by(matches.c.conversion_time, matches.c.conversion_key)
+    )
 
 
 def file_name(account_id: str, business_date: date) -> str:
@@ -118,8 +127,17 @@ def write_conversion_file(
     the config allows plaintext) the file is written as ``.csv``; either way the day's file
     in the other form, left from before a change of settings, is removed.
     """
-    rows = day_conversions(engine, account.id, business_date)
     folder = export_root / account.id / business_date.isoformat()
-    target = store_as(folder, file_name(account.id, business_date), render(account, rows), keyring)
-    log.info("conversion file: %d conversions written to %s", len(rows), target)
-    return ConversionFile(path=str(target), rows=len(rows))
+    counted = 0
+
+    def counting(rows):
+        nonlocal counted
+        for row in rows:
+            counted += 1
+            yield row
+
+    with engine.connect() as connection:
+        rows = connection.execute(_day_query(account.id, business_date).execution_options(yield_per=5000)).mappings()
+        target = store_as(folder, file_name(account.id, business_date), render_lines(account, counting(rows)), keyring)
+    log.info("conversion file: %d conversions written to %s", counted, target)
+    return ConversionFile(path=str(target), rows=counted)
