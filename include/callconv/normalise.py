@@ -26,6 +26,7 @@ import re
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
+from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 import pandas as pd
@@ -91,6 +92,16 @@ def normalise_phone(raw: object, region: str) -> tuple[str | None, str | None]:
     # "00" is the international prefix almost everywhere, but phonenumbers only
     # knows that for regions whose own prefix is 00 (not US/CA, for example).
     text = re.sub(r"^00(?=\s*[1-9])", "+", str(raw).strip())
+    # Spaces, dots and dashes never change a number, so the many ways one caller is
+    # written share a single parse.
+    return _parse_number(_SEPARATORS.sub("", text), region)
+
+
+_SEPARATORS = re.compile(r"[\s.\-\u00a0]+")
+
+
+@lru_cache(maxsize=200_000)
+def _parse_number(text: str, region: str) -> tuple[str | None, str | None]:
     try:
         number = phonenumbers.parse(text, region)
     except NumberParseException as error:

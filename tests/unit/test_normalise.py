@@ -128,13 +128,14 @@ def test_normalise_phones_parses_each_distinct_value_once(monkeypatch: pytest.Mo
         return real_parse(number, region, *args, **kwargs)
 
     monkeypatch.setattr(normalise.phonenumbers, "parse", counting_parse)
+    normalise._parse_number.cache_clear()
     distinct = ["+47 912 34 567", "+49 30 12345678", "+44 20 7946 0958"]
     raw = pd.Series([distinct[i % 3] for i in range(1000)])
 
     out = normalise_phones(raw, "NO")
 
     assert len(calls) == 3
-    assert sorted(calls) == sorted(distinct)
+    assert sorted(calls) == sorted(number.replace(" ", "") for number in distinct)
     assert out["e164"].value_counts().to_dict() == {"+4791234567": 334, "+493012345678": 333, "+442079460958": 333}
     assert out["reason"].isna().all()
 
@@ -145,6 +146,7 @@ def test_normalise_distinct_returns_one_entry_per_value(monkeypatch: pytest.Monk
     monkeypatch.setattr(
         normalise.phonenumbers, "parse", lambda number, region: calls.append(number) or real_parse(number, region)
     )
+    normalise._parse_number.cache_clear()
 
     out = normalise_distinct(["912 34 567", "912", "912 34 567", "abc", "912"], "NO")
 
@@ -153,7 +155,22 @@ def test_normalise_distinct_returns_one_entry_per_value(monkeypatch: pytest.Monk
         "912": (None, "phone_too_short"),
         "abc": (None, "phone_unparseable"),
     }
-    assert calls == ["912 34 567", "912", "abc"]
+    assert calls == ["91234567", "912", "abc"]
+
+
+def test_the_ways_one_caller_is_written_share_one_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    real_parse = phonenumbers.parse
+    monkeypatch.setattr(
+        normalise.phonenumbers, "parse", lambda number, region: calls.append(number) or real_parse(number, region)
+    )
+    normalise._parse_number.cache_clear()
+    written = ["+47 912 34 567", "+47-912-34-567", "+47.912.34.567", "0047 912 34 567", "+4791234567"]
+
+    out = normalise_phones(pd.Series(written * 200), "NO")
+
+    assert set(out["e164"]) == {"+4791234567"}
+    assert calls == ["+4791234567"]
 
 
 # --- times ----------------------------------------------------------------------
