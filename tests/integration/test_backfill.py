@@ -36,9 +36,15 @@ def free_port() -> int:
 
 
 def airflow(env: dict, *args: str, timeout: int = 180) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "airflow", *args], env=env, capture_output=True, text=True, timeout=timeout
-    )
+    # The metadata DB is SQLite, shared with the running scheduler: a CLI write can meet
+    # its lock. A few tries with a pause, as an operator would.
+    for attempt in range(5):
+        result = subprocess.run(
+            [sys.executable, "-m", "airflow", *args], env=env, capture_output=True, text=True, timeout=timeout
+        )
+        if result.returncode == 0 or "database is locked" not in result.stdout + result.stderr:
+            break
+        time.sleep(2 + 2 * attempt)
     assert result.returncode == 0, f"airflow {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result.stdout
 
