@@ -10,12 +10,10 @@ from __future__ import annotations
 import json
 from datetime import UTC, date, datetime, timedelta
 from types import SimpleNamespace
-from typing import Literal
 
 import pytest
 import sqlalchemy as sa
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
 from smtp_sink import SmtpSink, WebhookSink
 
 from callconv.alerts import (
@@ -536,35 +534,17 @@ def test_a_failed_run_without_a_task_still_makes_a_message():
     assert message.fields["error_message"] == "task_failure"
 
 
-class ProposedAlerts(BaseModel):
-    """The ``alerts`` section proposed for ``Settings`` in callconv/config.py (see the wiring notes)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    channels: list[Literal["smtp", "slack", "webhook"]] = []
-    smtp_conn_id: str = "smtp_alerts"
-    email_to: list[str] = []
-    email_from: str | None = None
-    webhook_conn_id: str = "call_conversions_alerts_webhook"
-    subject_prefix: str = "[call-conversions]"
-    match_rate_drop_points: float = Field(15, gt=0, le=100)
-    match_rate_runs: int = Field(7, ge=1)
-    match_rate_min_runs: int = Field(3, ge=1)
-    no_data_days: int = Field(7, ge=1)
-    no_data_min_days: int = Field(5, ge=1)
-    parked_max: int = Field(500, ge=0)
-    history_days: int = Field(60, ge=7)
-
-
 def test_a_pydantic_alerts_section_gives_the_config_and_the_thresholds():
+    from callconv.config import Alerts
+
     settings = SimpleNamespace(
         warehouse_conn_id="wh",
-        alerts=ProposedAlerts(channels=["smtp"], email_to=["oncall@example.test"], parked_max=50),
+        alerts=Alerts(channels=["smtp"], email_to=["oncall@example.test"], parked_max=50),
     )
     config = AlertConfig.from_settings(settings)
     assert config == AlertConfig(channels=("smtp",), email_to=("oncall@example.test",), warehouse_conn_id="wh")
     assert Thresholds.from_settings(settings) == Thresholds(parked_max=50)
-    assert AlertConfig.from_settings(SimpleNamespace(warehouse_conn_id="wh", alerts=ProposedAlerts())).channels == ()
+    assert AlertConfig.from_settings(SimpleNamespace(warehouse_conn_id="wh", alerts=Alerts())).channels == ()
 
 
 def test_the_alert_config_comes_from_the_settings_alerts_section():
