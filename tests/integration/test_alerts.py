@@ -93,8 +93,10 @@ def smtp_config(**overrides) -> AlertConfig:
 def run_test_dag(dag, **kwargs):
     """``dag.test()`` for a DAG defined in a test: Airflow 3 only runs DAGs it finds serialized in a bundle,
     so the DAG is written to the metadata DB under the dags-folder bundle first."""
+    from airflow.dag_processing.bundles.manager import DagBundlesManager
     from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
 
+    DagBundlesManager().sync_bundles_to_db()  # a fresh metadata DB has no bundle rows yet
     bag = DagBag(collect_dags=False)
     bag.bag_dag(dag)
     sync_bag_to_db(bag, "dags-folder", None)
