@@ -24,7 +24,7 @@ ROWS = [
         "",
         "normalise sales",
         "intake.normalise_sales (phones, times, values, currencies)",
-        ("normalise_naive", ""),
+        None,
     ),
     ("match", "", "match", "match.match_day", ("match_pandas", "")),
     (
@@ -505,7 +505,7 @@ def write(run: dict, out: Path) -> None:
         "",
         "```bash",
         ".venv/bin/pip install -r bench/requirements.txt   # matplotlib, for the charts",
-        *(c if c.startswith(".venv/") else f".venv/bin/{c}" for c in run["command"].splitlines()),
+        *(c if c.startswith((".venv/", "#")) else f".venv/bin/{c}" for c in run["command"].splitlines()),
         "```",
         "",
     ]
