@@ -85,8 +85,13 @@ def _day_sales(account_id: str, business_date: date):
     return sa.and_(crm_sales.c.account_id == account_id, crm_sales.c.business_date == business_date)
 
 
+def _is_delivered(key_column):
+    """NOT EXISTS, not NOT IN: a long ledger history must stay an index probe, not a rescan."""
+    return sa.exists().where(upload_ledger.c.conversion_key == key_column, upload_ledger.c.state.in_(DELIVERED_STATES))
+
+
 def _not_frozen():
-    return sa.or_(crm_sales.c.conversion_key.is_(None), crm_sales.c.conversion_key.not_in(_delivered_keys()))
+    return sa.or_(crm_sales.c.conversion_key.is_(None), ~_is_delivered(crm_sales.c.conversion_key))
 
 
 def _eligible_calls_join(rules: MatchRules):
@@ -369,9 +374,7 @@ def _drop_orphans(connection, account_id: str) -> int:
             upload_ledger.c.conversion_key.in_(orphan_keys), upload_ledger.c.state.in_(("pending", "parked"))
         )
     )
-    return connection.execute(
-        matches.delete().where(orphan, matches.c.conversion_key.not_in(_delivered_keys()))
-    ).rowcount
+    return connection.execute(matches.delete().where(orphan, ~_is_delivered(matches.c.conversion_key))).rowcount
 
 
 def _queue_for_delivery(connection, account_id: str, business_date: date, run_id: str) -> int:
