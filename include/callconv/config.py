@@ -281,6 +281,20 @@ class Settings(_Strict):
             seen.add(account.id)
         return self
 
+    @model_validator(mode="after")
+    def _numbers_outlive_the_match_window(self) -> Settings:
+        # Matching (and merging sales on one call) needs the callers' numbers of the
+        # whole window; the warehouse purge replaces them with a keyed hash.
+        for account in self.accounts:
+            window = self.match_rules(account).window_days
+            kept = self.retention_for(account).days("warehouse")
+            if kept < window:
+                raise ValueError(
+                    f"account {account.id!r}: retention keeps warehouse data {kept} days, "
+                    f"less than the {window}-day match window"
+                )
+        return self
+
     def account(self, account_id: str) -> Account:
         for account in self.accounts:
             if account.id == account_id:

@@ -17,6 +17,12 @@ conversion time is the latest sale's time.
 
 A conversion that has been delivered is frozen: a rematch never moves its
 sales or changes what was sent.
+
+How it runs: one aggregate pass over the day's sales joined to their callers'
+calls gives, per sale, the best call start and the counts that explain a miss;
+the chosen call id is one index probe per matched sale; each sale is then
+written once, its conversion key hashed in SQL. Matches and ledger rows are
+rebuilt only for the (call, action) groups the day touched, before or after.
 """
 
 from __future__ import annotations
@@ -27,15 +33,21 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
 import sqlalchemy as sa
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.expression import ClauseElement, Executable
 
+from callconv import sqlhash
 from callconv.config import MatchRules
 from callconv.schema import call_logs, crm_sales, matches, upload_ledger
-from callconv.sqltime import shift_seconds
+from callconv.sqlhash import sha256_hex
+from callconv.sqltime import shift_seconds, utc_second_text
 
 log = logging.getLogger(__name__)
 
 DELIVERED_STATES = ("uploaded", "delivered")
-CHUNK_ROWS = 5000
+# Per sort or hash in the match transaction (PostgreSQL): a day of 10^6 sales
+# aggregates in memory instead of spilling to disk.
+POSTGRES_WORK_MEM = "256MB"
 UNMATCHED_REASONS = (
     "no_call_from_number",
     "calls_outside_window",
@@ -77,10 +89,6 @@ def as_utc(moment: datetime) -> datetime:
     return moment.astimezone(UTC)
 
 
-def _delivered_keys():
-    return sa.select(upload_ledger.c.conversion_key).where(upload_ledger.c.state.in_(DELIVERED_STATES))
-
-
 def _day_sales(account_id: str, business_date: date):
     return sa.and_(crm_sales.c.account_id == account_id, crm_sales.c.business_date == business_date)
 
@@ -94,74 +102,54 @@ def _not_frozen():
     return sa.or_(crm_sales.c.conversion_key.is_(None), ~_is_delivered(crm_sales.c.conversion_key))
 
 
-def _eligible_calls_join(rules: MatchRules):
-    """Join condition of a sale to the calls that may have produced it."""
-    sale, call = crm_sales, call_logs
-    conditions = [
-        call.c.account_id == sale.c.account_id,
-        call.c.caller_e164 == sale.c.caller_e164,
+def _in_window(rules: MatchRules):
+    call, sale = call_logs, crm_sales
+    return sa.and_(
         call.c.call_start < sale.c.conversion_time,
         call.c.call_start >= shift_seconds(sale.c.conversion_time, -rules.window_days * 86400),
-    ]
+    )
+
+
+def _call_filters(rules: MatchRules) -> list:
+    """What a call must be, beyond its time, to count: long enough, through a forwarding number."""
+    filters = []
     if rules.min_duration_seconds:
-        conditions.append(call.c.duration_seconds >= rules.min_duration_seconds)
+        filters.append(call_logs.c.duration_seconds >= rules.min_duration_seconds)
     if rules.forwarded_only:
-        conditions.append(call.c.via_google_forwarding.is_(True))
-    return sa.and_(*conditions)
+        filters.append(call_logs.c.via_google_forwarding.is_(True))
+    return filters
 
 
-def _rank_calls(account_id: str, business_date: date, rules: MatchRules):
+def _near_crm_call_start(rules: MatchRules):
     sale, call = crm_sales, call_logs
     tolerance = rules.crm_call_start_tolerance_seconds
-    near_crm_start = sa.case(
-        (
-            sa.and_(
-                sale.c.crm_call_start.is_not(None),
-                call.c.call_start >= shift_seconds(sale.c.crm_call_start, -tolerance),
-                call.c.call_start <= shift_seconds(sale.c.crm_call_start, tolerance),
-            ),
-            0,
-        ),
-        else_=1,
-    )
-    by_time = call.c.call_start.desc() if rules.attribution == "last" else call.c.call_start.asc()
-    rank = sa.func.row_number().over(
-        partition_by=(sale.c.account_id, sale.c.sale_key),
-        order_by=(near_crm_start, by_time, call.c.source_call_id.asc()),
-    )
-    return (
-        sa.select(
-            sale.c.account_id,
-            sale.c.sale_key,
-            call.c.source_call_id,
-            call.c.call_start,
-            rank.label("call_rank"),
-        )
-        .select_from(sale.join(call, _eligible_calls_join(rules)))
-        .where(_day_sales(account_id, business_date), sale.c.matched_call_id.is_(None))
-        .subquery("ranked")
+    return sa.and_(
+        sale.c.crm_call_start.is_not(None),
+        call.c.call_start >= shift_seconds(sale.c.crm_call_start, -tolerance),
+        call.c.call_start <= shift_seconds(sale.c.crm_call_start, tolerance),
     )
 
 
-def _unmatched_reasons(account_id: str, business_date: date, rules: MatchRules):
-    """Why each still-unmatched sale found no call, from one aggregate over its caller's calls."""
+def _call_evidence(account_id: str, business_date: date, rules: MatchRules):
+    """Per unmatched sale of the day, in one pass over its caller's calls: the best eligible
+    call start (near the CRM's own call start first) and the counts that explain a miss."""
     sale, call = crm_sales, call_logs
-    in_window = sa.and_(
-        call.c.call_start < sale.c.conversion_time,
-        call.c.call_start >= shift_seconds(sale.c.conversion_time, -rules.window_days * 86400),
-    )
-    long_enough = call.c.duration_seconds >= rules.min_duration_seconds
+    in_window = _in_window(rules)
+    eligible = sa.and_(in_window, *_call_filters(rules))
+    best = sa.func.max if rules.attribution == "last" else sa.func.min
 
     def count_where(condition):
         return sa.func.sum(sa.case((condition, 1), else_=0))
 
     return (
         sa.select(
-            sale.c.account_id,
             sale.c.sale_key,
+            sa.func.max(sale.c.caller_e164).label("caller_e164"),
             sa.func.count(call.c.source_call_id).label("any_calls"),
             count_where(in_window).label("in_window"),
-            count_where(sa.and_(in_window, long_enough)).label("long_enough"),
+            count_where(sa.and_(in_window, call.c.duration_seconds >= rules.min_duration_seconds)).label("long_enough"),
+            best(sa.case((sa.and_(eligible, _near_crm_call_start(rules)), call.c.call_start))).label("near_start"),
+            best(sa.case((eligible, call.c.call_start))).label("best_start"),
         )
         .select_from(
             sale.outerjoin(
@@ -170,9 +158,67 @@ def _unmatched_reasons(account_id: str, business_date: date, rules: MatchRules):
             )
         )
         .where(_day_sales(account_id, business_date), sale.c.matched_call_id.is_(None))
-        .group_by(sale.c.account_id, sale.c.sale_key)
+        .group_by(sale.c.sale_key)
         .subquery("evidence")
     )
+
+
+def _outcome_rows(account_id: str, business_date: date, rules: MatchRules):
+    """(sale_key, caller, chosen call start, reason): a start for a match, else why there is none."""
+    evidence = _call_evidence(account_id, business_date, rules)
+    chosen_start = sa.func.coalesce(evidence.c.near_start, evidence.c.best_start)
+    # Calls in the window, long enough and forwarded would have matched, so a sale
+    # that had long-enough calls in its window had none through a forwarding number.
+    reason = sa.case(
+        (chosen_start.is_not(None), sa.null()),
+        (evidence.c.any_calls == 0, "no_call_from_number"),
+        (evidence.c.in_window == 0, "calls_outside_window"),
+        (evidence.c.long_enough == 0, "calls_too_short"),
+        else_="only_non_forwarded_calls",
+    )
+    return sa.select(
+        evidence.c.sale_key, evidence.c.caller_e164, chosen_start.label("call_start"), reason.label("reason")
+    )
+
+
+def _chosen_call_id(outcome, account_id: str, rules: MatchRules):
+    """Ties at the chosen second go to the lowest source call id: one index probe per sale.
+
+    ``outcome`` is any table or subquery with the sale's caller_e164 and chosen call_start.
+    """
+    call = call_logs
+    return (
+        sa.select(sa.func.min(call.c.source_call_id))
+        .where(
+            call.c.account_id == account_id,
+            call.c.caller_e164 == outcome.c.caller_e164,
+            call.c.call_start == outcome.c.call_start,
+            *_call_filters(rules),
+        )
+        .scalar_subquery()
+    )
+
+
+def conversion_key_sql(account_id: str, caller, call_start, action_id):
+    """conversion_key computed by the warehouse: the same text, the same hash."""
+    text = sa.literal(f"{account_id}|") + caller + "|" + utc_second_text(call_start) + "|" + action_id
+    return sha256_hex(text)
+
+
+def _temporary(name: str, *columns: sa.Column) -> sa.Table:
+    return sa.Table(name, sa.MetaData(), *columns, prefixes=["TEMPORARY"])
+
+
+def _analyze(connection, table: sa.Table) -> None:
+    # Autovacuum never sees temporary tables; without statistics the planner guesses.
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql(f"ANALYZE {table.name}")
+
+
+def _prepare(connection) -> None:
+    sqlhash.enable_on(connection)
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql(f"SET LOCAL work_mem = '{POSTGRES_WORK_MEM}'")
 
 
 def match_day(
@@ -185,35 +231,28 @@ def match_day(
     never matched are looked at, and earlier matches stand.
     """
     with engine.begin() as connection:
-        # Forget earlier matches of this day, except those whose conversion was delivered.
-        forget = _not_frozen() if rematch else crm_sales.c.unmatched_reason.is_not(None)
-        connection.execute(
-            crm_sales.update()
-            .where(_day_sales(account_id, business_date), forget)
-            .values(matched_call_id=None, matched_call_start=None, conversion_key=None, unmatched_reason=None)
+        _prepare(connection)
+        touched = _temporary(
+            "tmp_touched_groups",
+            sa.Column("call_id", sa.String(128)),
+            sa.Column("action_id", sa.String(32)),
+            sa.Column("conversion_key", sa.String(64)),
+            sa.Column("caller_e164", sa.String(20)),
         )
+        touched.create(connection)
+        _forget_earlier_matches(connection, touched, account_id, business_date, rematch)
         frozen = connection.scalar(
             sa.select(sa.func.count())
             .select_from(crm_sales)
             .where(_day_sales(account_id, business_date), crm_sales.c.matched_call_id.is_not(None))
         )
-
-        ranked = _rank_calls(account_id, business_date, rules)
-        connection.execute(
-            crm_sales.update()
-            .where(
-                crm_sales.c.account_id == ranked.c.account_id,
-                crm_sales.c.sale_key == ranked.c.sale_key,
-                ranked.c.call_rank == 1,
-            )
-            .values(matched_call_id=ranked.c.source_call_id, matched_call_start=ranked.c.call_start)
-        )
-
-        _record_unmatched_reasons(connection, account_id, business_date, rules)
-        conversions = _build_conversions(connection, account_id, business_date, rules, run_id)
-        _drop_orphans(connection, account_id)
-        new_pending = _queue_for_delivery(connection, account_id, business_date, run_id)
+        _match_sales(connection, account_id, business_date, rules)
+        _remember_groups(connection, touched, _day_sales(account_id, business_date))
+        _analyze(connection, touched)
+        conversions = _rebuild_conversions(connection, touched, account_id, rules, run_id)
+        new_pending = _queue_for_delivery(connection, touched, account_id, run_id)
         outcome = _day_counts(connection, account_id, business_date, conversions, frozen, new_pending)
+        touched.drop(connection)
 
     log.info(
         "match: %d sales, %d matched, %d unmatched %s, %d conversions (%d frozen as delivered), %d newly pending",
@@ -228,41 +267,121 @@ def match_day(
     return outcome
 
 
-def _record_unmatched_reasons(connection, account_id: str, business_date: date, rules: MatchRules) -> None:
-    # Calls in the window, long enough and forwarded would have matched, so a sale
-    # that had long-enough calls in its window had none through a forwarding number.
-    evidence = _unmatched_reasons(account_id, business_date, rules)
-    reason = sa.case(
-        (evidence.c.any_calls == 0, "no_call_from_number"),
-        (evidence.c.in_window == 0, "calls_outside_window"),
-        (evidence.c.long_enough == 0, "calls_too_short"),
-        else_="only_non_forwarded_calls",
-    )
-    connection.execute(
-        crm_sales.update()
-        .where(
-            crm_sales.c.account_id == evidence.c.account_id,
-            crm_sales.c.sale_key == evidence.c.sale_key,
-        )
-        .values(unmatched_reason=reason)
-    )
+def _forget_earlier_matches(connection, touched: sa.Table, account_id: str, business_date: date, rematch: bool):
+    """Clear what an earlier run wrote on the day's sales, except matches already delivered.
 
-
-def _build_conversions(connection, account_id: str, business_date: date, rules: MatchRules, run_id: str) -> int:
-    """Merge the sales on each (call, action) touched today into one conversion row."""
+    Only rows that hold something are rewritten, and the groups they pointed at are
+    remembered, so their conversions are rebuilt (or dropped) with the new matches.
+    """
     sale = crm_sales
-    today = (
-        sa.select(sale.c.matched_call_id, sale.c.conversion_action_id)
-        .where(_day_sales(account_id, business_date), sale.c.matched_call_id.is_not(None))
-        .distinct()
-        .subquery("today")
+    day = _day_sales(account_id, business_date)
+    if rematch:
+        holds_something = sa.or_(sale.c.matched_call_id.is_not(None), sale.c.unmatched_reason.is_not(None))
+        forget = sa.and_(holds_something, _not_frozen())
+    else:
+        forget = sale.c.unmatched_reason.is_not(None)
+    _remember_groups(connection, touched, sa.and_(day, forget))
+    connection.execute(
+        sale.update()
+        .where(day, forget)
+        .values(matched_call_id=None, matched_call_start=None, conversion_key=None, unmatched_reason=None)
     )
-    latest_first = (sale.c.conversion_time.desc(), sale.c.sale_key.desc())
+
+
+def _remember_groups(connection, touched: sa.Table, sales) -> None:
+    """Note the (call, action) groups these sales are matched to, with key and caller."""
+    sale = crm_sales
+    connection.execute(
+        touched.insert().from_select(
+            ["call_id", "action_id", "conversion_key", "caller_e164"],
+            sa.select(sale.c.matched_call_id, sale.c.conversion_action_id, sale.c.conversion_key, sale.c.caller_e164)
+            .where(sales, sale.c.matched_call_id.is_not(None))
+            .distinct(),
+        )
+    )
+
+
+def _match_sales(connection, account_id: str, business_date: date, rules: MatchRules) -> None:
+    """Choose each unmatched sale's call (or reason) into a temporary table, then write each sale once.
+
+    CREATE TABLE AS, unlike INSERT, may run its query in parallel on PostgreSQL.
+    """
+    chosen = _outcome_rows(account_id, business_date, rules).subquery("chosen")
+    connection.execute(
+        CreateTemporaryTableAs(
+            OUTCOME.name,
+            sa.select(
+                chosen.c.sale_key,
+                chosen.c.caller_e164,
+                chosen.c.call_start,
+                _chosen_call_id(chosen, account_id, rules).label("call_id"),
+                chosen.c.reason,
+            ),
+        )
+    )
+    _analyze(connection, OUTCOME)
+    sale, outcome = crm_sales, OUTCOME
+    key = conversion_key_sql(account_id, sale.c.caller_e164, outcome.c.call_start, sale.c.conversion_action_id)
+    connection.execute(
+        sale.update()
+        .where(sale.c.account_id == account_id, sale.c.sale_key == outcome.c.sale_key)
+        .values(
+            matched_call_id=outcome.c.call_id,
+            matched_call_start=outcome.c.call_start,
+            conversion_key=sa.case((outcome.c.call_id.is_not(None), key)),
+            unmatched_reason=outcome.c.reason,
+        )
+    )
+    outcome.drop(connection)
+
+
+# The shape CreateTemporaryTableAs gives tmp_sale_outcome, for the statements that read it.
+OUTCOME = sa.Table(
+    "tmp_sale_outcome",
+    sa.MetaData(),
+    sa.Column("sale_key", sa.String(64)),
+    sa.Column("caller_e164", sa.String(20)),
+    sa.Column("call_start", sa.DateTime(timezone=True)),
+    sa.Column("call_id", sa.String(128)),
+    sa.Column("reason", sa.String(32)),
+    prefixes=["TEMPORARY"],
+)
+
+
+class CreateTemporaryTableAs(Executable, ClauseElement):
+    inherit_cache = False
+
+    def __init__(self, name: str, query: sa.Select) -> None:
+        self.name = name
+        self.query = query
+
+
+@compiles(CreateTemporaryTableAs)
+def _create_temporary_table_as(element, compiler, **kw):
+    return f"CREATE TEMPORARY TABLE {element.name} AS {compiler.process(element.query, **kw)}"
+
+
+def _in_touched(touched: sa.Table, call_id, action_id):
+    return sa.exists().where(touched.c.call_id == call_id, touched.c.action_id == action_id)
+
+
+def _groups(touched: sa.Table):
+    """The touched (call, action) pairs, once each.
+
+    Statements start from these and probe the big tables by index: statistics
+    taken before this transaction still say the day has no matches.
+    """
+    return sa.select(touched.c.call_id, touched.c.action_id, touched.c.caller_e164).distinct().subquery("touched")
+
+
+def _rebuild_conversions(connection, touched: sa.Table, account_id: str, rules: MatchRules, run_id: str) -> int:
+    """Merge the sales on each touched (call, action) into one conversion row; skip delivered ones."""
+    sale = crm_sales
+    groups = _groups(touched)
     group = (sale.c.matched_call_id, sale.c.conversion_action_id)
     members = (
         sa.select(
-            sale.c.sale_key,
-            sale.c.business_date,
+            sale.c.conversion_key,
             sale.c.caller_e164,
             sale.c.matched_call_id,
             sale.c.matched_call_start,
@@ -270,7 +389,9 @@ def _build_conversions(connection, account_id: str, business_date: date, rules: 
             sale.c.conversion_time,
             sale.c.conversion_value,
             sale.c.currency_code,
-            sa.func.row_number().over(partition_by=group, order_by=latest_first).label("recency"),
+            sa.func.row_number()
+            .over(partition_by=group, order_by=(sale.c.conversion_time.desc(), sale.c.sale_key.desc()))
+            .label("recency"),
             sa.func.count().over(partition_by=group).label("sale_count"),
             sa.func.sum(sale.c.conversion_value).over(partition_by=group).label("value_sum"),
             sa.func.min(sale.c.currency_code).over(partition_by=group).label("currency_min"),
@@ -278,139 +399,123 @@ def _build_conversions(connection, account_id: str, business_date: date, rules: 
             sa.func.min(sale.c.business_date).over(partition_by=group).label("first_day"),
         )
         .join(
-            today,
+            groups,
             sa.and_(
-                today.c.matched_call_id == sale.c.matched_call_id,
-                today.c.conversion_action_id == sale.c.conversion_action_id,
+                sale.c.account_id == account_id,
+                sale.c.caller_e164 == groups.c.caller_e164,
+                sale.c.matched_call_id == groups.c.call_id,
+                sale.c.conversion_action_id == groups.c.action_id,
             ),
         )
-        .where(sale.c.account_id == account_id)
         .subquery("members")
     )
-    # The sale -> conversion keys go to a temporary table and one joined UPDATE sets them,
-    # and the conversions stream in chunks, so memory stays flat however big the day is.
-    keys = sa.Table(
-        "tmp_conversion_keys",
-        sa.MetaData(),
-        sa.Column("call_id", sa.String(128)),
-        sa.Column("action_id", sa.String(32)),
-        sa.Column("conversion_key", sa.String(64)),
-        prefixes=["TEMPORARY"],
-    )
-    keys.create(connection)
-    result = connection.execute(
-        sa.select(members)
-        .where(members.c.recency == 1)
-        .order_by(members.c.matched_call_id)
-        .execution_options(yield_per=CHUNK_ROWS)
-    )
-    written = 0
-    for chunk in result.mappings().partitions():
-        batch, key_rows = [], []
-        for row in chunk:
-            key = conversion_key(account_id, row["caller_e164"], row["matched_call_start"], row["conversion_action_id"])
-            key_rows.append(
-                {"call_id": row["matched_call_id"], "action_id": row["conversion_action_id"], "conversion_key": key}
-            )
-            one_currency = row["currency_min"] == row["currency_max"]
-            value = row["value_sum"] if rules.merge_rule == "sum" and one_currency else row["conversion_value"]
-            batch.append(
-                {
-                    "conversion_key": key,
-                    "account_id": account_id,
-                    "business_date": row["first_day"],
-                    "source_call_id": row["matched_call_id"],
-                    "caller_e164": row["caller_e164"],
-                    "call_start": as_utc(row["matched_call_start"]),
-                    "conversion_action_id": row["conversion_action_id"],
-                    "conversion_time": as_utc(row["conversion_time"]),
-                    "conversion_value": value,
-                    "currency_code": row["currency_code"],
-                    "sale_count": row["sale_count"],
-                    "run_id": run_id,
-                }
-            )
-        delivered = set(
-            connection.scalars(
-                _delivered_keys().where(upload_ledger.c.conversion_key.in_([r["conversion_key"] for r in batch]))
-            )
+    value = members.c.conversion_value
+    if rules.merge_rule == "sum":
+        # Values in different currencies cannot be added: the latest sale's value stands.
+        value = sa.case((members.c.currency_min == members.c.currency_max, members.c.value_sum), else_=value)
+    rows = (
+        sa.select(
+            members.c.conversion_key,
+            sa.literal(account_id),
+            members.c.first_day,
+            members.c.matched_call_id,
+            members.c.caller_e164,
+            members.c.matched_call_start,
+            members.c.conversion_action_id,
+            members.c.conversion_time,
+            value,
+            members.c.currency_code,
+            members.c.sale_count,
+            sa.literal(run_id),
         )
-        batch = [r for r in batch if r["conversion_key"] not in delivered]
-        _replace_matches(connection, account_id, batch)
-        connection.execute(keys.insert(), key_rows)
-        written += len(batch)
+        .where(members.c.recency == 1, ~_is_delivered(members.c.conversion_key))
+        # In key order the primary key index grows at its right edge instead of at random.
+        .order_by(members.c.conversion_key)
+    )
     connection.execute(
-        crm_sales.update()
-        .where(
-            crm_sales.c.account_id == account_id,
-            crm_sales.c.matched_call_id == keys.c.call_id,
-            crm_sales.c.conversion_action_id == keys.c.action_id,
-        )
-        .values(conversion_key=keys.c.conversion_key)
-    )
-    keys.drop(connection)
-    return written
-
-
-def _replace_matches(connection, account_id: str, rows: list[dict]) -> None:
-    """Upsert by conversion key, as delete-then-insert inside the caller's transaction."""
-    for start in range(0, len(rows), 5000):
-        chunk = rows[start : start + 5000]
-        connection.execute(matches.delete().where(matches.c.conversion_key.in_([r["conversion_key"] for r in chunk])))
-        connection.execute(matches.insert(), chunk)
-
-
-def _drop_orphans(connection, account_id: str) -> int:
-    """A rematch can move a sale to another call: its old conversion must not be sent."""
-    orphan = sa.and_(
-        matches.c.account_id == account_id,
-        ~sa.exists().where(
-            crm_sales.c.account_id == account_id, crm_sales.c.conversion_key == matches.c.conversion_key
-        ),
-    )
-    orphan_keys = sa.select(matches.c.conversion_key).where(orphan)
-    connection.execute(
-        upload_ledger.delete().where(
-            upload_ledger.c.conversion_key.in_(orphan_keys), upload_ledger.c.state.in_(("pending", "parked"))
+        matches.delete().where(
+            matches.c.account_id == account_id,
+            _in_touched(touched, matches.c.source_call_id, matches.c.conversion_action_id),
+            ~_is_delivered(matches.c.conversion_key),
         )
     )
-    return connection.execute(matches.delete().where(orphan, ~_is_delivered(matches.c.conversion_key))).rowcount
-
-
-def _queue_for_delivery(connection, account_id: str, business_date: date, run_id: str) -> int:
-    """New conversions enter the ledger as pending; pending ones take the newest payload."""
-    payload = (
-        "caller_e164",
-        "call_start",
-        "conversion_action_id",
-        "conversion_time",
-        "conversion_value",
-        "currency_code",
-    )
-    todays = matches.c.conversion_key.in_(
-        sa.select(crm_sales.c.conversion_key).where(
-            _day_sales(account_id, business_date), crm_sales.c.conversion_key.is_not(None)
-        )
-    )
-    new_rows = sa.select(
-        matches.c.conversion_key,
-        matches.c.account_id,
-        matches.c.business_date,
-        sa.literal("pending").label("state"),
-        *(matches.c[name] for name in payload),
-        sa.literal(0).label("attempts"),
-        sa.literal(run_id).label("run_id"),
-    ).where(todays, ~sa.exists().where(upload_ledger.c.conversion_key == matches.c.conversion_key))
     inserted = connection.execute(
-        upload_ledger.insert().from_select(
-            ["conversion_key", "account_id", "business_date", "state", *payload, "attempts", "run_id"], new_rows
+        matches.insert().from_select(
+            [
+                "conversion_key",
+                "account_id",
+                "business_date",
+                "source_call_id",
+                "caller_e164",
+                "call_start",
+                "conversion_action_id",
+                "conversion_time",
+                "conversion_value",
+                "currency_code",
+                "sale_count",
+                "run_id",
+            ],
+            rows,
         )
     ).rowcount
+    # A rematch can move every sale off a call: its conversion is gone and must not be sent.
+    connection.execute(
+        upload_ledger.delete().where(
+            upload_ledger.c.state.in_(("pending", "parked")),
+            upload_ledger.c.conversion_key.in_(
+                sa.select(touched.c.conversion_key).where(touched.c.conversion_key.is_not(None))
+            ),
+            ~sa.exists().where(matches.c.conversion_key == upload_ledger.c.conversion_key),
+        )
+    )
+    return max(inserted or 0, 0)
+
+
+PAYLOAD = ("caller_e164", "call_start", "conversion_action_id", "conversion_time", "conversion_value", "currency_code")
+
+
+def _queue_for_delivery(connection, touched: sa.Table, account_id: str, run_id: str) -> int:
+    """Pending ledger rows take the newest payload; new conversions enter as pending.
+
+    The refresh runs first, so it never rewrites the rows the insert creates.
+    """
+    groups = _groups(touched)
+    todays = (
+        sa.select(matches)
+        .join(
+            groups,
+            sa.and_(
+                matches.c.account_id == account_id,
+                matches.c.source_call_id == groups.c.call_id,
+                matches.c.conversion_action_id == groups.c.action_id,
+            ),
+        )
+        .subquery("todays")
+    )
+    changed = sa.or_(*(upload_ledger.c[name].is_distinct_from(todays.c[name]) for name in PAYLOAD))
     connection.execute(
         upload_ledger.update()
-        .where(upload_ledger.c.state == "pending", upload_ledger.c.conversion_key == matches.c.conversion_key, todays)
-        .values({name: matches.c[name] for name in payload})
+        .where(upload_ledger.c.state == "pending", upload_ledger.c.conversion_key == todays.c.conversion_key, changed)
+        .values({name: todays.c[name] for name in PAYLOAD})
     )
+    new_rows = (
+        sa.select(
+            todays.c.conversion_key,
+            todays.c.account_id,
+            todays.c.business_date,
+            sa.literal("pending").label("state"),
+            *(todays.c[name] for name in PAYLOAD),
+            sa.literal(0).label("attempts"),
+            sa.literal(run_id).label("run_id"),
+        )
+        .where(~sa.exists().where(upload_ledger.c.conversion_key == todays.c.conversion_key))
+        .order_by(todays.c.conversion_key)
+    )
+    inserted = connection.execute(
+        upload_ledger.insert().from_select(
+            ["conversion_key", "account_id", "business_date", "state", *PAYLOAD, "attempts", "run_id"], new_rows
+        )
+    ).rowcount
     return max(inserted or 0, 0)
 
 

@@ -41,3 +41,28 @@ def _shift_sqlite(element, compiler, **kw):
 def _shift_bigquery(element, compiler, **kw):
     expression, seconds = list(element.clauses)
     return f"TIMESTAMP_ADD({compiler.process(expression, **kw)}, INTERVAL {compiler.process(seconds, **kw)} SECOND)"
+
+
+class utc_second_text(FunctionElement):  # noqa: N801 - reads like a SQL function
+    """An instant as 'YYYY-MM-DDTHH:MM:SSZ' in UTC, fractions dropped: match.conversion_key's text."""
+
+    type = sa.String()
+    inherit_cache = True
+
+
+@compiles(utc_second_text)
+def _utc_text_default(element, compiler, **kw):
+    (expression,) = list(element.clauses)
+    return f"to_char(timezone('UTC', {compiler.process(expression, **kw)}), 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
+
+
+@compiles(utc_second_text, "sqlite")
+def _utc_text_sqlite(element, compiler, **kw):
+    (expression,) = list(element.clauses)
+    return f"strftime('%Y-%m-%dT%H:%M:%SZ', {compiler.process(expression, **kw)})"
+
+
+@compiles(utc_second_text, "bigquery")
+def _utc_text_bigquery(element, compiler, **kw):
+    (expression,) = list(element.clauses)
+    return f"FORMAT_TIMESTAMP('%Y-%m-%dT%H:%M:%SZ', {compiler.process(expression, **kw)}, 'UTC')"

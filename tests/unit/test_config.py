@@ -330,3 +330,21 @@ def test_empty_env_var_falls_back_to_the_shipped_file(monkeypatch):
     monkeypatch.delenv(CONFIG_ENV_VAR)
     assert config_path() == DEFAULT_CONFIG_PATH
     assert load_settings().accounts[0].id == ACCOUNT
+
+
+def test_warehouse_retention_shorter_than_the_match_window_is_refused(tmp_path, shipped_raw):
+    def shorten(raw):
+        raw.setdefault("retention", {})["warehouse_days"] = 10
+        raw.setdefault("match", {})["window_days"] = 30
+
+    path, message = broken_message(tmp_path, shipped_raw, shorten)
+    assert "account 'nordic_plumbing'" in message
+    assert "keeps warehouse data 10 days, less than the 30-day match window" in message
+
+
+def test_warehouse_retention_equal_to_the_match_window_is_accepted(tmp_path, shipped_raw):
+    changed = copy.deepcopy(shipped_raw)
+    changed.setdefault("retention", {})["warehouse_days"] = 30
+    changed.setdefault("match", {})["window_days"] = 30
+    settings = load_settings(write_config(tmp_path, changed))
+    assert settings.retention.days("warehouse") == 30

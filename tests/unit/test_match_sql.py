@@ -12,7 +12,16 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy_bigquery import BigQueryDialect
 
 from callconv.config import MatchRules
-from callconv.match import _rank_calls, _unmatched_reasons, as_utc, conversion_key
+from callconv.match import (
+    UNMATCHED_REASONS,
+    CreateTemporaryTableAs,
+    _call_evidence,
+    _chosen_call_id,
+    _outcome_rows,
+    as_utc,
+    conversion_key,
+    conversion_key_sql,
+)
 from callconv.schema import crm_sales
 from callconv.sqltime import shift_seconds
 
@@ -36,13 +45,6 @@ def sql_of(statement, dialect_name: str) -> str:
 def normalised(sql: str) -> str:
     """One line, lower case, no identifier quoting: easier to assert on across dialects."""
     return re.sub(r"\s+", " ", sql.replace("`", "").replace('"', "")).lower()
-
-
-def rank_order(sql: str) -> str:
-    """The ORDER BY inside row_number() OVER (...)."""
-    found = re.search(r"row_number\(\) over \(partition by (.*?) order by (.*?)\) as call_rank", normalised(sql))
-    assert found, sql
-    return found.group(2)
 
 
 # --- shift_seconds ----------------------------------------------------------------
@@ -73,32 +75,39 @@ def test_shift_seconds_binds_the_number_as_an_integer():
     assert list(params.values()) == [7]
 
 
-# --- the ranking statement --------------------------------------------------------------
+# --- the evidence statement: best call start and miss counts per sale -------------------
+
+
+def evidence(rules: MatchRules | None = None):
+    return _call_evidence("acme", DAY, rules or MatchRules())
 
 
 @pytest.mark.parametrize("dialect_name", list(DIALECTS))
-def test_rank_calls_compiles_for_every_dialect(dialect_name):
-    sql = sql_of(_rank_calls("acme", DAY, MatchRules()), dialect_name)
+def test_call_evidence_compiles_for_every_dialect(dialect_name):
+    sql = sql_of(evidence(), dialect_name)
     flat = normalised(sql)
     assert SHIFT_MARK[dialect_name] in sql
-    assert "row_number() over (partition by crm_sales.account_id, crm_sales.sale_key order by" in flat
-    assert "from crm_sales join call_logs on call_logs.account_id = crm_sales.account_id" in flat
+    assert "from crm_sales left outer join call_logs on call_logs.account_id = crm_sales.account_id" in flat
     assert "call_logs.caller_e164 = crm_sales.caller_e164" in flat
     assert "call_logs.call_start < crm_sales.conversion_time" in flat
     assert "crm_sales.matched_call_id is null" in flat
+    assert "group by crm_sales.sale_key" in flat
+    assert "count(call_logs.source_call_id) as any_calls" in flat
+    assert " as in_window" in flat and " as long_enough" in flat
+    assert " as near_start" in flat and " as best_start" in flat
 
 
-def test_rank_calls_bigquery_specifics():
-    sql = sql_of(_rank_calls("acme", DAY, MatchRules()), "bigquery")
-    assert "TIMESTAMP_ADD(" in sql
+def test_call_evidence_bigquery_specifics():
+    sql = sql_of(evidence(), "bigquery")
+    # The window's lower edge in each windowed count and each best start; the tolerance twice.
+    assert sql.count("TIMESTAMP_ADD(") == 6
     assert "INTERVAL" in sql and "SECOND)" in sql
-    assert "row_number() over (partition by" in sql.lower()
     assert "make_interval" not in sql and "strftime" not in sql
 
 
-def test_rank_calls_postgres_and_sqlite_specifics():
-    pg = sql_of(_rank_calls("acme", DAY, MatchRules()), "postgresql")
-    lite = sql_of(_rank_calls("acme", DAY, MatchRules()), "sqlite")
+def test_call_evidence_postgres_and_sqlite_specifics():
+    pg = sql_of(evidence(), "postgresql")
+    lite = sql_of(evidence(), "sqlite")
     assert "make_interval(secs =>" in pg and "TIMESTAMP_ADD" not in pg
     assert "strftime('%Y-%m-%d %H:%M:%f000'" in lite and "make_interval" not in lite
 
@@ -106,71 +115,89 @@ def test_rank_calls_postgres_and_sqlite_specifics():
 @pytest.mark.parametrize("dialect_name", list(DIALECTS))
 def test_window_and_tolerance_are_bound_in_seconds(dialect_name):
     rules = MatchRules(window_days=7, crm_call_start_tolerance_seconds=90)
-    params = compiled(_rank_calls("acme", DAY, rules), dialect_name).params
-    values = list(params.values())
+    values = list(compiled(evidence(rules), dialect_name).params.values())
     assert -7 * 86400 in values  # calls from up to 7 days before the sale
     assert -90 in values and 90 in values  # CRM call start tolerance either side
     assert "acme" in values and DAY in values
 
 
 @pytest.mark.parametrize("dialect_name", list(DIALECTS))
-def test_attribution_last_orders_latest_call_first(dialect_name):
-    order = rank_order(sql_of(_rank_calls("acme", DAY, MatchRules(attribution="last")), dialect_name))
-    assert order.startswith("case when")  # a call near the CRM's own call start wins first
-    assert order.endswith("end, call_logs.call_start desc, call_logs.source_call_id asc")
+def test_attribution_last_takes_the_latest_eligible_start(dialect_name):
+    flat = normalised(sql_of(evidence(MatchRules(attribution="last")), dialect_name))
+    assert flat.count("max(case when") == 2 and "min(case when" not in flat
 
 
 @pytest.mark.parametrize("dialect_name", list(DIALECTS))
-def test_attribution_first_orders_earliest_call_first(dialect_name):
-    order = rank_order(sql_of(_rank_calls("acme", DAY, MatchRules(attribution="first")), dialect_name))
-    assert order.startswith("case when")
-    assert order.endswith("end, call_logs.call_start asc, call_logs.source_call_id asc")
+def test_attribution_first_takes_the_earliest_eligible_start(dialect_name):
+    flat = normalised(sql_of(evidence(MatchRules(attribution="first")), dialect_name))
+    assert flat.count("min(case when") == 2 and "max(case when" not in flat
+
+
+@pytest.mark.parametrize("dialect_name", list(DIALECTS))
+def test_near_start_prefers_calls_near_the_crm_call_start(dialect_name):
+    flat = normalised(sql_of(evidence(), dialect_name))
+    near = flat[: flat.index(" as near_start")]
+    assert "crm_sales.crm_call_start is not null" in near[near.rindex("case when") :]
 
 
 @pytest.mark.parametrize("dialect_name", list(DIALECTS))
 def test_forwarded_only_adds_the_forwarding_filter(dialect_name):
-    on = normalised(sql_of(_rank_calls("acme", DAY, MatchRules(forwarded_only=True)), dialect_name))
-    off = normalised(sql_of(_rank_calls("acme", DAY, MatchRules(forwarded_only=False)), dialect_name))
-    expected = (
-        "call_logs.via_google_forwarding is 1"
-        if dialect_name == "sqlite"
-        else ("call_logs.via_google_forwarding is true")
-    )
+    on = normalised(sql_of(evidence(MatchRules(forwarded_only=True)), dialect_name))
+    off = normalised(sql_of(evidence(MatchRules(forwarded_only=False)), dialect_name))
+    expected = "call_logs.via_google_forwarding is 1" if dialect_name == "sqlite" else "via_google_forwarding is true"
     assert expected in on
     assert "via_google_forwarding" not in off
 
 
 @pytest.mark.parametrize("dialect_name", list(DIALECTS))
 def test_min_duration_adds_the_duration_filter(dialect_name):
-    on = compiled(_rank_calls("acme", DAY, MatchRules(min_duration_seconds=45)), dialect_name)
-    off = compiled(_rank_calls("acme", DAY, MatchRules(min_duration_seconds=0)), dialect_name)
-    assert "call_logs.duration_seconds >=" in normalised(str(on))
+    on = compiled(evidence(MatchRules(min_duration_seconds=45)), dialect_name)
+    off = compiled(evidence(MatchRules(min_duration_seconds=0)), dialect_name)
+    # long_enough always counts by duration; with a minimum, eligibility does too.
+    assert normalised(str(on)).count("call_logs.duration_seconds >=") == 3
+    assert normalised(str(off)).count("call_logs.duration_seconds >=") == 1
     assert 45 in on.params.values()
-    assert "duration_seconds" not in normalised(str(off))
-
-
-# --- the unmatched-reason statement ------------------------------------------------------
 
 
 @pytest.mark.parametrize("dialect_name", list(DIALECTS))
-def test_unmatched_reasons_compiles_for_every_dialect(dialect_name):
-    rules = MatchRules(window_days=30, min_duration_seconds=20)
-    statement = compiled(_unmatched_reasons("acme", DAY, rules), dialect_name)
-    sql = str(statement)
-    flat = normalised(sql)
-    assert SHIFT_MARK[dialect_name] in sql
-    assert "from crm_sales left outer join call_logs" in flat
-    assert "count(call_logs.source_call_id) as any_calls" in flat
-    assert " as in_window" in flat and " as long_enough" in flat
-    assert "call_logs.duration_seconds >=" in flat
-    assert "group by crm_sales.account_id, crm_sales.sale_key" in flat
-    assert -30 * 86400 in statement.params.values()
-    assert 20 in statement.params.values()
+def test_outcome_reasons_in_order_of_evidence(dialect_name):
+    statement = compiled(_outcome_rows("acme", DAY, MatchRules()).subquery(), dialect_name)
+    assert "coalesce(evidence.near_start, evidence.best_start)" in normalised(str(statement))
+    values = list(statement.params.values())
+    # The first missing piece of evidence names the reason, so the checks go in this order.
+    assert [value for value in values if value in UNMATCHED_REASONS] == list(UNMATCHED_REASONS)
 
 
-def test_unmatched_reasons_bigquery_uses_timestamp_add():
-    sql = sql_of(_unmatched_reasons("acme", DAY, MatchRules()), "bigquery")
-    assert sql.count("TIMESTAMP_ADD(") == 2  # once per windowed count
+@pytest.mark.parametrize("dialect_name", list(DIALECTS))
+def test_chosen_call_is_the_lowest_id_at_the_chosen_second(dialect_name):
+    outcome = sa.table("tmp_sale_outcome", sa.column("caller_e164"), sa.column("call_start"))
+    flat = normalised(
+        str(
+            sa.select(_chosen_call_id(outcome, "acme", MatchRules(min_duration_seconds=30))).compile(
+                dialect=DIALECTS[dialect_name]
+            )
+        )
+    )
+    assert "min(call_logs.source_call_id)" in flat
+    assert "call_logs.call_start = tmp_sale_outcome.call_start" in flat
+    assert "call_logs.caller_e164 = tmp_sale_outcome.caller_e164" in flat
+    assert "call_logs.duration_seconds >=" in flat and "via_google_forwarding" in flat
+
+
+@pytest.mark.parametrize(
+    ("dialect_name", "marks"),
+    [
+        ("postgresql", ("encode(sha256(convert_to(", "to_char(timezone('UTC',")),
+        ("sqlite", ("callconv_sha256_hex(", "strftime('%Y-%m-%dT%H:%M:%SZ',")),
+        ("bigquery", ("TO_HEX(SHA256(", "FORMAT_TIMESTAMP('%Y-%m-%dT%H:%M:%SZ',")),
+    ],
+)
+def test_conversion_key_sql_per_dialect(dialect_name, marks):
+    key = conversion_key_sql(
+        "acme", crm_sales.c.caller_e164, crm_sales.c.matched_call_start, crm_sales.c.conversion_action_id
+    )
+    sql = sql_of(key, dialect_name)
+    assert all(mark in sql for mark in marks), sql
 
 
 # --- conversion keys ---------------------------------------------------------------------
@@ -225,3 +252,14 @@ def test_as_utc():
     assert converted == START
     assert converted.utcoffset() == timedelta(0)
     assert converted.hour == 9
+
+
+@pytest.mark.parametrize("dialect_name", list(DIALECTS))
+def test_the_outcome_table_is_created_from_one_query(dialect_name):
+    chosen = _outcome_rows("acme", DAY, MatchRules()).subquery("chosen")
+    query = sa.select(chosen.c.sale_key, _chosen_call_id(chosen, "acme", MatchRules()).label("call_id"))
+    statement = CreateTemporaryTableAs("tmp_sale_outcome", query).compile(dialect=DIALECTS[dialect_name])
+    flat = normalised(str(statement))
+    assert flat.startswith("create temporary table tmp_sale_outcome as select chosen.sale_key, (select min(")
+    assert SHIFT_MARK[dialect_name] in str(statement)
+    assert "acme" in statement.params.values() and DAY in statement.params.values()
