@@ -15,8 +15,11 @@ import sqlalchemy as sa
 
 from callconv.normalise import normalise_distinct
 from callconv.schema import call_logs
+from callconv.warehouse import refresh_statistics
 
 log = logging.getLogger(__name__)
+# Below this many rewritten rows the old statistics are still close enough.
+FRESH_STATISTICS_ROWS = 10_000
 
 
 def normalise_call_logs(
@@ -67,6 +70,8 @@ def normalise_call_logs(
         )
         counts["rows"] = max(result.rowcount or 0, 0)
         parsed_numbers.drop(connection)
+    if counts["rows"] >= FRESH_STATISTICS_ROWS:
+        refresh_statistics(engine, call_logs)
     log.info(
         "call logs: %d rows normalised from %d distinct numbers, %d numbers unparseable",
         counts["rows"],
