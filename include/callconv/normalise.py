@@ -29,12 +29,14 @@ from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from zoneinfo import ZoneInfo
 
+import numpy as np
 import pandas as pd
 import phonenumbers
 from dateutil import parser as dateutil_parser
 from phonenumbers import NumberParseException, PhoneNumberFormat, ValidationResult
 
 from callconv.currencies import ISO_4217
+from callconv.phone_fast import read_plain
 
 Result = tuple[object, str | None]
 
@@ -60,7 +62,17 @@ def _map_distinct(
     it is still one row per distinct key.
     """
     keys = _keys(raw)
-    results = {key: parse(key) for key in keys.unique()}
+    return _spread(raw, keys, {key: parse(key) for key in keys.unique()}, columns, typed)
+
+
+def _spread(
+    raw: pd.Series,
+    keys: pd.Series,
+    results: dict[str, Result],
+    columns: tuple[str, str],
+    typed: Callable[[pd.Series], pd.Series] | None = None,
+) -> pd.DataFrame:
+    """One row per ``raw`` row from ``results`` (one entry per distinct key)."""
     table = pd.DataFrame(list(results.values()), index=list(results), columns=list(columns), dtype=object)
     if typed is not None:
         table[columns[0]] = typed(table[columns[0]])
@@ -83,21 +95,49 @@ _POSSIBLE = {
     ValidationResult.TOO_SHORT: "phone_too_short",
     ValidationResult.TOO_LONG: "phone_too_long",
 }
+_MISSING = (None, "phone_missing")
+_INVALID = "phone_invalid_for_region"
+# "00" is the international prefix almost everywhere, but phonenumbers only
+# knows that for regions whose own prefix is 00 (not US/CA, for example).
+_LEADING_00 = re.compile(r"^00(?=\s*[1-9])")
+# Spaces, dots and dashes never change a number, so the many ways one caller is
+# written share a single parse.
+_SEPARATORS = re.compile(r"[\s.\-\u00a0]+")
+# The same deletion for ASCII text (most CRM text), by str.translate: cheaper than a regex.
+_ASCII_SEPARATORS = str.maketrans({chr(c): None for c in range(128) if _SEPARATORS.match(chr(c))})
+
+
+def _fold(text: str) -> str:
+    """The text phonenumbers is given: stripped, a leading 00 as +, no spaces, dots or dashes."""
+    text = text.strip()
+    if text.startswith("00"):
+        text = _LEADING_00.sub("+", text)
+    return text.translate(_ASCII_SEPARATORS) if text.isascii() else _SEPARATORS.sub("", text)
 
 
 def normalise_phone(raw: object, region: str) -> tuple[str | None, str | None]:
     """One raw number as ``(e164, None)`` or ``(None, reason)``; extensions are dropped."""
     if _blank(raw):
-        return None, "phone_missing"
-    # "00" is the international prefix almost everywhere, but phonenumbers only
-    # knows that for regions whose own prefix is 00 (not US/CA, for example).
-    text = re.sub(r"^00(?=\s*[1-9])", "+", str(raw).strip())
-    # Spaces, dots and dashes never change a number, so the many ways one caller is
-    # written share a single parse.
-    return _parse_number(_SEPARATORS.sub("", text), region)
+        return _MISSING
+    return _read_folded(_fold(str(raw)), region)
 
 
-_SEPARATORS = re.compile(r"[\s.\-\u00a0]+")
+def _normalise_phone_full(raw: object, region: str) -> tuple[str | None, str | None]:
+    """normalise_phone through phonenumbers only: the reference the fast path is tested against."""
+    if _blank(raw):
+        return _MISSING
+    return _parse_number(_fold(str(raw)), region)
+
+
+def _read_folded(text: str, region: str) -> tuple[str | None, str | None]:
+    """Plain numbers by phone_fast's tables (same answers, a fraction of the time), the rest by phonenumbers."""
+    fast = read_plain(text, region)
+    if fast is None:
+        return _parse_number(text, region)
+    e164, possible = fast
+    if e164 is not None:
+        return e164, None
+    return None, _POSSIBLE.get(possible, _INVALID) or _INVALID
 
 
 @lru_cache(maxsize=200_000)
@@ -106,22 +146,47 @@ def _parse_number(text: str, region: str) -> tuple[str | None, str | None]:
         number = phonenumbers.parse(text, region)
     except NumberParseException as error:
         return None, _PARSE_ERRORS.get(error.error_type, "phone_unparseable")
-    reason = _POSSIBLE.get(phonenumbers.is_possible_number_with_reason(number), "phone_invalid_for_region")
+    reason = _POSSIBLE.get(phonenumbers.is_possible_number_with_reason(number), _INVALID)
     if reason is None and not phonenumbers.is_valid_number(number):
-        reason = "phone_invalid_for_region"
+        reason = _INVALID
     if reason:
         return None, reason
     return phonenumbers.format_number(number, PhoneNumberFormat.E164), None
 
 
+def _phone_results(values: Iterable[object], region: str) -> list[tuple[str | None, str | None]]:
+    """The result for each of ``values``, worked out once per distinct folded text."""
+    by_text: dict[str, tuple[str | None, str | None]] = {}
+    results = []
+    for value in values:
+        if _blank(value):
+            results.append(_MISSING)
+            continue
+        text = _fold(str(value))
+        found = by_text.get(text)
+        if found is None:
+            found = by_text[text] = _read_folded(text, region)
+        results.append(found)
+    return results
+
+
 def normalise_distinct(values: Iterable[str], region: str) -> dict[str, tuple[str | None, str | None]]:
     """Each distinct value parsed once, for callers that batch their own lookups."""
-    return {value: normalise_phone(value, region) for value in dict.fromkeys(values)}
+    distinct = list(dict.fromkeys(values))
+    return dict(zip(distinct, _phone_results(distinct, region), strict=True))
 
 
 def normalise_phones(raw: pd.Series, default_region: str) -> pd.DataFrame:
-    """Columns ``e164`` and ``reason``, aligned with ``raw``."""
-    return _map_distinct(raw, lambda key: normalise_phone(key, default_region), ("e164", "reason"))
+    """Columns ``e164`` and ``reason``, aligned with ``raw``.
+
+    factorize gives each row the number of its distinct key, so the results are
+    spread back by one array lookup instead of a reindex on strings.
+    """
+    codes, distinct = pd.factorize(_keys(raw))
+    results = _phone_results(distinct.tolist(), default_region)
+    e164 = np.array([e164 for e164, _ in results], dtype=object)
+    reason = np.array([reason for _, reason in results], dtype=object)
+    return pd.DataFrame({"e164": e164[codes], "reason": reason[codes]}, index=raw.index, dtype=object)
 
 
 # --- times --------------------------------------------------------------------

@@ -7,7 +7,6 @@ from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 import pandas as pd
-import phonenumbers
 import pytest
 
 from callconv import normalise
@@ -120,15 +119,10 @@ def test_normalise_phones_empty_series() -> None:
 
 
 def test_normalise_phones_parses_each_distinct_value_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One read (phone_fast's tables or phonenumbers) per distinct number as phonenumbers is given it.
     calls: list[str] = []
-    real_parse = phonenumbers.parse
-
-    def counting_parse(number: str, region: str | None = None, *args: object, **kwargs: object):
-        calls.append(number)
-        return real_parse(number, region, *args, **kwargs)
-
-    monkeypatch.setattr(normalise.phonenumbers, "parse", counting_parse)
-    normalise._parse_number.cache_clear()
+    real_read = normalise._read_folded
+    monkeypatch.setattr(normalise, "_read_folded", lambda text, region: calls.append(text) or real_read(text, region))
     distinct = ["+47 912 34 567", "+49 30 12345678", "+44 20 7946 0958"]
     raw = pd.Series([distinct[i % 3] for i in range(1000)])
 
@@ -142,11 +136,8 @@ def test_normalise_phones_parses_each_distinct_value_once(monkeypatch: pytest.Mo
 
 def test_normalise_distinct_returns_one_entry_per_value(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    real_parse = phonenumbers.parse
-    monkeypatch.setattr(
-        normalise.phonenumbers, "parse", lambda number, region: calls.append(number) or real_parse(number, region)
-    )
-    normalise._parse_number.cache_clear()
+    real_read = normalise._read_folded
+    monkeypatch.setattr(normalise, "_read_folded", lambda text, region: calls.append(text) or real_read(text, region))
 
     out = normalise_distinct(["912 34 567", "912", "912 34 567", "abc", "912"], "NO")
 
@@ -158,13 +149,10 @@ def test_normalise_distinct_returns_one_entry_per_value(monkeypatch: pytest.Monk
     assert calls == ["91234567", "912", "abc"]
 
 
-def test_the_ways_one_caller_is_written_share_one_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_ways_one_caller_is_written_share_one_read(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    real_parse = phonenumbers.parse
-    monkeypatch.setattr(
-        normalise.phonenumbers, "parse", lambda number, region: calls.append(number) or real_parse(number, region)
-    )
-    normalise._parse_number.cache_clear()
+    real_read = normalise._read_folded
+    monkeypatch.setattr(normalise, "_read_folded", lambda text, region: calls.append(text) or real_read(text, region))
     written = ["+47 912 34 567", "+47-912-34-567", "+47.912.34.567", "0047 912 34 567", "+4791234567"]
 
     out = normalise_phones(pd.Series(written * 200), "NO")
