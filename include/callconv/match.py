@@ -41,6 +41,7 @@ from callconv.config import MatchRules
 from callconv.schema import call_logs, crm_sales, matches, upload_ledger
 from callconv.sqlhash import sha256_hex
 from callconv.sqltime import shift_seconds, utc_second_text
+from callconv.warehouse import Analyze
 
 log = logging.getLogger(__name__)
 
@@ -212,13 +213,13 @@ def _temporary(name: str, *columns: sa.Column) -> sa.Table:
 def _analyze(connection, table: sa.Table) -> None:
     # Autovacuum never sees temporary tables; without statistics the planner guesses.
     if connection.dialect.name == "postgresql":
-        connection.exec_driver_sql(f"ANALYZE {table.name}")
+        connection.execute(Analyze(table))
 
 
 def _prepare(connection) -> None:
     sqlhash.enable_on(connection)
     if connection.dialect.name == "postgresql":
-        connection.exec_driver_sql(f"SET LOCAL work_mem = '{POSTGRES_WORK_MEM}'")
+        connection.execute(sa.select(sa.func.set_config("work_mem", POSTGRES_WORK_MEM, True)))  # SET LOCAL
 
 
 def match_day(
@@ -358,7 +359,8 @@ class CreateTemporaryTableAs(Executable, ClauseElement):
 
 @compiles(CreateTemporaryTableAs)
 def _create_temporary_table_as(element, compiler, **kw):
-    return f"CREATE TEMPORARY TABLE {element.name} AS {compiler.process(element.query, **kw)}"
+    name = compiler.preparer.quote(element.name)
+    return " ".join(("CREATE TEMPORARY TABLE", name, "AS", compiler.process(element.query, **kw)))
 
 
 def _in_touched(touched: sa.Table, call_id, action_id):

@@ -6,6 +6,8 @@ import logging
 from pathlib import Path
 
 import sqlalchemy as sa
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.expression import ClauseElement, Executable
 
 log = logging.getLogger(__name__)
 
@@ -73,4 +75,18 @@ def refresh_statistics(engine: sa.Engine, table: sa.Table) -> None:
     """
     if engine.dialect.name == "postgresql":
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-            connection.exec_driver_sql(f"ANALYZE {table.name}")
+            connection.execute(Analyze(table))
+
+
+class Analyze(Executable, ClauseElement):
+    """PostgreSQL's ANALYZE of one table, as a statement with a properly quoted name."""
+
+    inherit_cache = False
+
+    def __init__(self, table: sa.Table) -> None:
+        self.table = table
+
+
+@compiles(Analyze)
+def _analyze(element, compiler, **kw):
+    return " ".join(("ANALYZE", compiler.preparer.format_table(element.table)))

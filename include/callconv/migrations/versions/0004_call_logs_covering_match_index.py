@@ -26,8 +26,6 @@ branch_labels = None
 depends_on = None
 
 COVERED = ["source_call_id", "duration_seconds", "via_google_forwarding"]
-# Room on each page for the matched version of every sale (new pages only).
-SALES_FILLFACTOR = 60
 
 
 def upgrade() -> None:
@@ -39,7 +37,8 @@ def upgrade() -> None:
     op.drop_index("ix_crm_sales_call", table_name="crm_sales")
     op.drop_index("ix_crm_sales_conversion", table_name="crm_sales")
     if op.get_bind().dialect.name == "postgresql":
-        op.execute(f"ALTER TABLE crm_sales SET (fillfactor = {SALES_FILLFACTOR})")
+        # Room on each page for the matched version of its sales (applies to new pages).
+        op.execute("ALTER TABLE crm_sales SET (fillfactor = 60)")
 
 
 def downgrade() -> None:
