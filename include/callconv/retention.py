@@ -125,9 +125,9 @@ def redact_warehouse(
 ) -> Purge:
     """Replace phone numbers with their keyed hash in sales, matches and the ledger."""
     forced = _give_up_waiting(engine, account, hard_last_day, as_of)
-    waiting = sa.select(upload_ledger.c.conversion_key).where(
-        upload_ledger.c.account_id == account.id, upload_ledger.c.state.in_(WAITING_STATES)
-    )
+    # NOT EXISTS, not NOT IN: PostgreSQL plans it as an anti-join. The ledger's key is
+    # never NULL, so the two agree, and a row without a conversion is never waiting.
+    waiting = upload_ledger.alias("waiting")
     redacted = 0
     for table, key_columns in (
         (crm_sales, ("account_id", "sale_key")),
@@ -138,7 +138,11 @@ def redact_warehouse(
             table.c.account_id == account.id,
             table.c.business_date <= last_day,
             table.c.caller_e164.is_not(None),
-            sa.or_(table.c.conversion_key.is_(None), table.c.conversion_key.not_in(waiting)),
+            ~sa.exists().where(
+                waiting.c.conversion_key == table.c.conversion_key,
+                waiting.c.account_id == account.id,
+                waiting.c.state.in_(WAITING_STATES),
+            ),
         )
         redacted += _redact_in_batches(engine, table, key_columns, expired, hmac_key, batch_size)
     log.info(

@@ -2,17 +2,35 @@
 
 Every test gets the keyring in ``CALL_CONVERSIONS_ENCRYPTION_KEYS`` (a test that
 wants none removes it); ``test_keyring`` is the same keyring, to decrypt with.
+
+Also shared here: the Google Ads sandbox and its certificate, the settings file,
+and the Airflow connections the DAGs look up.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
+import yaml
 
+from callconv.ads_client import SSL_ROOTS_ENV_VAR, client_from_settings
 from callconv.crypto import DEFAULT_KEYS_ENV_VAR, Keyring
+from callconv.sandbox import SandboxServer, ensure_certificate
 
 _SESSION_KEYRING = Keyring({"test-2026-11": os.urandom(32)}, "test-2026-11")
+
+# gRPC reads its trusted roots once per process, when the first TLS channel is
+# made, so the sandbox certificate is trusted before any test runs.
+SANDBOX_CERT_DIR = Path(tempfile.gettempdir()) / f"callconv-sandbox-tests-{os.getuid()}"
+SANDBOX_CERT, _ = ensure_certificate(SANDBOX_CERT_DIR)
+os.environ[SSL_ROOTS_ENV_VAR] = str(SANDBOX_CERT)
+
+# The CRM columns the settings require; enough where no CRM file is read.
+REQUIRED_COLUMNS = {"caller_phone": "p", "conversion_time": "t", "outcome": "o"}
 
 
 @pytest.fixture()
@@ -23,3 +41,93 @@ def test_keyring() -> Keyring:
 @pytest.fixture(autouse=True)
 def _encryption_keys(monkeypatch) -> None:
     monkeypatch.setenv(DEFAULT_KEYS_ENV_VAR, _SESSION_KEYRING.to_text())
+
+
+# ------------------------------------------------------------------ the Google Ads sandbox
+
+
+@pytest.fixture(scope="session")
+def sandbox_cert() -> Path:
+    """The certificate every sandbox serves, already trusted by this process."""
+    return SANDBOX_CERT
+
+
+@pytest.fixture()
+def make_sandbox():
+    """Builds sandboxes on the trusted certificate; the test starts them, they are stopped after it."""
+    servers: list[SandboxServer] = []
+
+    def make(**options) -> SandboxServer:
+        servers.append(SandboxServer(cert_dir=SANDBOX_CERT_DIR, **options))
+        return servers[-1]
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture()
+def client(sandbox):
+    """The real google-ads client, over TLS to the test module's ``sandbox``."""
+    return client_from_settings(sandbox.client_settings())
+
+
+# ------------------------------------------------------------------ config and connections, as the DAGs read them
+
+
+def _set_connection(monkeypatch, conn_id: str, connection: dict) -> None:
+    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(connection))
+
+
+@pytest.fixture()
+def sandbox_conn(monkeypatch):
+    """Points ``google_ads_default``, the DAGs' connection, at a started sandbox."""
+
+    def point(server: SandboxServer) -> None:
+        extra = {"sandbox": True, **server.client_settings()}
+        _set_connection(monkeypatch, "google_ads_default", {"conn_type": "google_ads", "extra": extra})
+
+    return point
+
+
+@pytest.fixture()
+def warehouse_conn(pg_schema_url, monkeypatch):
+    """Points the named Airflow connection at the test schema; returns the conn id."""
+
+    def point(conn_id: str) -> str:
+        _set_connection(monkeypatch, conn_id, {"conn_type": "generic", "extra": {"sqlalchemy_url": pg_schema_url}})
+        return conn_id
+
+    return point
+
+
+@pytest.fixture()
+def write_settings(tmp_path, monkeypatch):
+    """Writes a one-account settings file with every storage root under ``tmp_path`` and makes it the config.
+
+    The account defaults to Norway and NOK; other top-level sections come as keyword arguments.
+    """
+
+    def write(
+        account: dict,
+        *,
+        columns: dict = REQUIRED_COLUMNS,
+        crm_source: dict | None = None,
+        name: str = "config.yaml",
+        **sections,
+    ) -> Path:
+        config = {
+            "export_uri": str(tmp_path / "export"),
+            "data_docs_uri": str(tmp_path / "docs"),
+            "archive_uri": str(tmp_path / "archive"),
+            "quarantine_uri": str(tmp_path / "quarantine"),
+            "crm_source": {"landing_uri": str(tmp_path / "landing"), **(crm_source or {}), "columns": columns},
+            "accounts": [{"default_region": "NO", "default_currency": "NOK", **account}],
+            **sections,
+        }
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(config))
+        monkeypatch.setenv("CALL_CONVERSIONS_CONFIG", str(path))
+        return path
+
+    return write

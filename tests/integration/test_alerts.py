@@ -13,7 +13,6 @@ from types import SimpleNamespace
 
 import pytest
 import sqlalchemy as sa
-import yaml
 from smtp_sink import SmtpSink, WebhookSink
 
 from callconv.alerts import (
@@ -68,11 +67,8 @@ def ui_base_url(monkeypatch):
 
 
 @pytest.fixture()
-def alerts_warehouse(warehouse, pg_schema_url, monkeypatch):
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_ALERTS_WAREHOUSE",
-        json.dumps({"conn_type": "generic", "extra": {"sqlalchemy_url": pg_schema_url}}),
-    )
+def alerts_warehouse(warehouse, warehouse_conn):
+    warehouse_conn("alerts_warehouse")
     return warehouse
 
 
@@ -363,28 +359,16 @@ def _engine():
 
 
 @pytest.fixture()
-def project_config(tmp_path, monkeypatch):
-    config = {
-        "warehouse_conn_id": "alerts_warehouse",
-        "export_uri": str(tmp_path / "export"),
-        "data_docs_uri": str(tmp_path / "docs"),
-        "crm_source": {
-            "landing_uri": str(tmp_path / "landing"),
-            "columns": {"caller_phone": "p", "conversion_time": "t", "outcome": "o"},
+def project_config(write_settings):
+    write_settings(
+        {
+            "id": ACCOUNT,
+            "customer_id": "1112223333",
+            "timezone": "UTC",
+            "conversion_actions": {"sale": {"id": "111", "name": "Sale"}},
         },
-        "accounts": [
-            {
-                "id": ACCOUNT,
-                "customer_id": "1112223333",
-                "timezone": "UTC",
-                "default_region": "NO",
-                "default_currency": "NOK",
-                "conversion_actions": {"sale": {"id": "111", "name": "Sale"}},
-            }
-        ],
-    }
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    monkeypatch.setenv("CALL_CONVERSIONS_CONFIG", str(tmp_path / "config.yaml"))
+        warehouse_conn_id="alerts_warehouse",
+    )
 
 
 @pytest.mark.integration

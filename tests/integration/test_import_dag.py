@@ -8,28 +8,20 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import tempfile
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
 import sqlalchemy as sa
 import yaml
 
-from callconv.ads_client import SSL_ROOTS_ENV_VAR
 from callconv.crypto import decrypt_bytes
 from callconv.normalise import normalise_phone
-from callconv.sandbox import ActionSpec, SandboxServer, ensure_certificate
+from callconv.sandbox import ActionSpec
 from callconv.schema import call_logs, crm_imports, crm_sales, matches, quarantine, run_summary, upload_ledger
 
 pytestmark = pytest.mark.integration
-
-# gRPC reads its trusted roots once per process: trust the sandbox certificate before any channel exists.
-CERT_DIR = Path(tempfile.gettempdir()) / f"callconv-sandbox-tests-{os.getuid()}"
-os.environ[SSL_ROOTS_ENV_VAR] = str(ensure_certificate(CERT_DIR)[0])
 
 OSLO = ZoneInfo("Europe/Oslo")
 DAY = date(2026, 11, 27)
@@ -105,74 +97,52 @@ EXPECTED_QUARANTINE = {
 
 
 @pytest.fixture()
-def sandbox(monkeypatch):
+def sandbox(make_sandbox, sandbox_conn):
     """Google Ads as the sandbox: it knows the forwarded calls, and it is two days after the sales."""
     forwarded = [
         (normalise_phone(number, "NO")[0], oslo(start))
         for _, number, start, _, via in CALLS
         if via and number[0] != "n"
     ]
-    server = SandboxServer(
+    server = make_sandbox(
         customers={
             "1112223333": [ActionSpec(id=SALE_ACTION, name="Phone sale"), ActionSpec(id=UPSELL_ACTION, name="Upsell")]
         },
         calls=forwarded,
         clock=lambda: oslo("2026-11-29 12:00:00"),
-        cert_dir=CERT_DIR,
     ).start()
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_GOOGLE_ADS_DEFAULT",
-        json.dumps({"conn_type": "google_ads", "extra": {"sandbox": True, **server.client_settings()}}),
-    )
-    yield server
-    server.stop()
+    sandbox_conn(server)
+    return server
 
 
 @pytest.fixture()
-def project(tmp_path, warehouse, pg_schema_url, airflow_db, sandbox, monkeypatch):
+def project(tmp_path, warehouse, airflow_db, sandbox, write_settings, warehouse_conn):
     """A config, landing area and warehouse for the test account, wired through env vars."""
-    config = {
-        "warehouse_conn_id": "test_warehouse",
-        "export_uri": str(tmp_path / "export"),
-        "data_docs_uri": str(tmp_path / "docs"),
-        "archive_uri": str(tmp_path / "archive"),
-        "quarantine_uri": str(tmp_path / "quarantine"),
-        "crm_source": {
-            "landing_uri": str(tmp_path / "landing"),
-            "delimiter": ";",
-            "decimal": ",",
-            "columns": {
-                "crm_id": "Deal",
-                "caller_phone": "Phone",
-                "call_start": "Call started",
-                "conversion_time": "Closed at",
-                "outcome": "Outcome",
-                "value": "Amount",
-                "currency": "Currency",
+    write_settings(
+        {
+            "id": ACCOUNT,
+            "customer_id": "111-222-3333",
+            "timezone": "Europe/Oslo",
+            "conversion_actions": {
+                "sale": {"id": SALE_ACTION, "name": "Phone sale"},
+                "upsell": {"id": UPSELL_ACTION, "name": "Upsell"},
             },
         },
-        "match": {"window_days": 30, "min_duration_seconds": 30, "forwarded_only": True},
-        "validation": {"max_bad_row_share": 0.5},
-        "freshness": {"grace_minutes": 1440},
-        "accounts": [
-            {
-                "id": ACCOUNT,
-                "customer_id": "111-222-3333",
-                "timezone": "Europe/Oslo",
-                "default_region": "NO",
-                "default_currency": "NOK",
-                "conversion_actions": {
-                    "sale": {"id": SALE_ACTION, "name": "Phone sale"},
-                    "upsell": {"id": UPSELL_ACTION, "name": "Upsell"},
-                },
-            }
-        ],
-    }
-    config_path = tmp_path / "call_conversions.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    monkeypatch.setenv("CALL_CONVERSIONS_CONFIG", str(config_path))
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_TEST_WAREHOUSE", json.dumps({"conn_type": "generic", "extra": {"sqlalchemy_url": pg_schema_url}})
+        columns={
+            "crm_id": "Deal",
+            "caller_phone": "Phone",
+            "call_start": "Call started",
+            "conversion_time": "Closed at",
+            "outcome": "Outcome",
+            "value": "Amount",
+            "currency": "Currency",
+        },
+        crm_source={"delimiter": ";", "decimal": ","},
+        name="call_conversions.yaml",
+        warehouse_conn_id=warehouse_conn("test_warehouse"),
+        match={"window_days": 30, "min_duration_seconds": 30, "forwarded_only": True},
+        validation={"max_bad_row_share": 0.5},
+        freshness={"grace_minutes": 1440},
     )
 
     with warehouse.begin() as connection:

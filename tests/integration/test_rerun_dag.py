@@ -8,25 +8,16 @@ again uploads nothing.
 from __future__ import annotations
 
 import csv
-import json
-import os
-import tempfile
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
 import sqlalchemy as sa
-import yaml
 
-from callconv.ads_client import SSL_ROOTS_ENV_VAR
-from callconv.sandbox import ActionSpec, SandboxServer, ensure_certificate
+from callconv.sandbox import ActionSpec
 from callconv.schema import call_logs, run_summary, upload_ledger
 
 pytestmark = pytest.mark.integration
-
-CERT_DIR = Path(tempfile.gettempdir()) / f"callconv-sandbox-tests-{os.getuid()}"
-os.environ[SSL_ROOTS_ENV_VAR] = str(ensure_certificate(CERT_DIR)[0])
 
 OSLO = ZoneInfo("Europe/Oslo")
 DAYS = (date(2026, 10, 24), date(2026, 10, 25), date(2026, 10, 26))
@@ -39,33 +30,17 @@ def local(day: date, hour: int, minute: int = 0) -> datetime:
 
 
 @pytest.fixture()
-def three_days(tmp_path, warehouse, pg_schema_url, airflow_db, monkeypatch):
-    config = {
-        "warehouse_conn_id": "rerun_warehouse",
-        "export_uri": str(tmp_path / "export"),
-        "data_docs_uri": str(tmp_path / "docs"),
-        "archive_uri": str(tmp_path / "archive"),
-        "quarantine_uri": str(tmp_path / "quarantine"),
-        "crm_source": {
-            "landing_uri": str(tmp_path / "landing"),
-            "columns": {"caller_phone": "phone", "conversion_time": "sold_at", "outcome": "outcome", "crm_id": "id"},
+def three_days(tmp_path, warehouse, airflow_db, write_settings, warehouse_conn, make_sandbox, sandbox_conn):
+    write_settings(
+        {
+            "id": ACCOUNT,
+            "customer_id": "2223334444",
+            "timezone": "Europe/Oslo",
+            "conversion_actions": {"sale": {"id": "77", "name": "Phone sale"}},
         },
-        "freshness": {"grace_minutes": 60, "poke_minutes": 1},
-        "accounts": [
-            {
-                "id": ACCOUNT,
-                "customer_id": "2223334444",
-                "timezone": "Europe/Oslo",
-                "default_region": "NO",
-                "default_currency": "NOK",
-                "conversion_actions": {"sale": {"id": "77", "name": "Phone sale"}},
-            }
-        ],
-    }
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    monkeypatch.setenv("CALL_CONVERSIONS_CONFIG", str(tmp_path / "config.yaml"))
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_RERUN_WAREHOUSE", json.dumps({"conn_type": "generic", "extra": {"sqlalchemy_url": pg_schema_url}})
+        columns={"caller_phone": "phone", "conversion_time": "sold_at", "outcome": "outcome", "crm_id": "id"},
+        warehouse_conn_id=warehouse_conn("rerun_warehouse"),
+        freshness={"grace_minutes": 60, "poke_minutes": 1},
     )
     calls, known = [], []
     for day in DAYS:
@@ -94,18 +69,13 @@ def three_days(tmp_path, warehouse, pg_schema_url, airflow_db, monkeypatch):
     with warehouse.begin() as connection:
         connection.execute(call_logs.insert(), calls)
 
-    sandbox = SandboxServer(
+    sandbox = make_sandbox(
         customers={"2223334444": [ActionSpec(id="77", name="Phone sale")]},
         calls=known,
         clock=lambda: local(DAYS[-1], 12) + timedelta(days=3),
-        cert_dir=CERT_DIR,
     ).start()
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_GOOGLE_ADS_DEFAULT",
-        json.dumps({"conn_type": "google_ads", "extra": {"sandbox": True, **sandbox.client_settings()}}),
-    )
-    yield sandbox
-    sandbox.stop()
+    sandbox_conn(sandbox)
+    return sandbox
 
 
 def rerun(conf: dict):

@@ -10,7 +10,6 @@ from datetime import UTC, date, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
-import yaml
 
 from callconv.retention import caller_hmac
 from callconv.schema import crm_sales, matches, quarantine, retention_audit, upload_ledger
@@ -33,35 +32,17 @@ def phone(age: int, suffix: int = 0) -> str:
 
 
 @pytest.fixture()
-def aged_data(tmp_path, warehouse, pg_schema_url, airflow_db, monkeypatch):
-    config = {
-        "warehouse_conn_id": "retention_warehouse",
-        "hmac_conn_id": "retention_hmac",
-        "export_uri": str(tmp_path / "export"),
-        "data_docs_uri": str(tmp_path / "docs"),
-        "archive_uri": str(tmp_path / "archive"),
-        "quarantine_uri": str(tmp_path / "quarantine"),
-        "crm_source": {
-            "landing_uri": str(tmp_path / "landing"),
-            "columns": {"caller_phone": "p", "conversion_time": "t", "outcome": "o"},
+def aged_data(tmp_path, warehouse, airflow_db, write_settings, warehouse_conn, monkeypatch):
+    write_settings(
+        {
+            "id": ACCOUNT,
+            "customer_id": "1112223333",
+            "timezone": "UTC",
+            "conversion_actions": {"sale": {"id": "1", "name": "Sale"}},
         },
-        "retention": {"default_days": 90, "hard_max_days": 365},
-        "accounts": [
-            {
-                "id": ACCOUNT,
-                "customer_id": "1112223333",
-                "timezone": "UTC",
-                "default_region": "NO",
-                "default_currency": "NOK",
-                "conversion_actions": {"sale": {"id": "1", "name": "Sale"}},
-            }
-        ],
-    }
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    monkeypatch.setenv("CALL_CONVERSIONS_CONFIG", str(tmp_path / "config.yaml"))
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_RETENTION_WAREHOUSE",
-        json.dumps({"conn_type": "generic", "extra": {"sqlalchemy_url": pg_schema_url}}),
+        warehouse_conn_id=warehouse_conn("retention_warehouse"),
+        hmac_conn_id="retention_hmac",
+        retention={"default_days": 90, "hard_max_days": 365},
     )
     monkeypatch.setenv("AIRFLOW_CONN_RETENTION_HMAC", json.dumps({"conn_type": "generic", "password": HMAC_KEY}))
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -21,21 +20,18 @@ from callconv.ads_client import (
     get_upload_service,
     is_empty_result,
 )
-from callconv.sandbox import ActionSpec, SandboxServer, ensure_certificate
-
-# gRPC reads its trusted roots once per process: set them while collecting.
-CERT_DIR = Path(tempfile.gettempdir()) / f"callconv-sandbox-tests-{os.getuid()}"
-CERT_PATH, _ = ensure_certificate(CERT_DIR)
-os.environ[SSL_ROOTS_ENV_VAR] = str(CERT_PATH)
+from callconv.sandbox import ActionSpec
 
 CUSTOMER = "1234567890"
 NOW = datetime(2026, 3, 2, 1, 0, tzinfo=UTC)
 CALL = ("+4791000001", datetime(2026, 3, 1, 7, 0, tzinfo=UTC))
+# The same caller again, half an hour later: another call.
+SECOND_CALL = (CALL[0], datetime(2026, 3, 1, 7, 30, tzinfo=UTC))
 
 
 @pytest.fixture()
-def sandbox():
-    server = SandboxServer(
+def sandbox(make_sandbox):
+    return make_sandbox(
         customers={
             CUSTOMER: [
                 ActionSpec(id="111", name="Phone sale"),
@@ -45,17 +41,9 @@ def sandbox():
                 ActionSpec(id="555", name="Late", tracking_since=NOW - timedelta(hours=13)),
             ]
         },
-        calls=[CALL],
+        calls=[CALL, SECOND_CALL],
         clock=lambda: NOW,
-        cert_dir=CERT_DIR,
     ).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture()
-def client(sandbox):
-    return client_from_settings(sandbox.client_settings())
 
 
 def conversion(client, caller=CALL[0], start="2026-03-01 08:00:00+01:00", at="2026-03-01 10:00:00+01:00", action="111"):
@@ -129,6 +117,18 @@ def test_row_errors_come_back_as_partial_failure_with_row_indexes(sandbox, clien
     assert decode_partial_failure(client, again)[0][0] == "CALL_CONVERSION_ALREADY_EXISTS"
 
 
+def test_two_calls_from_one_caller_may_convert_in_the_same_second(sandbox, client):
+    first = conversion(client, start="2026-03-01 08:00:00+01:00", at="2026-03-01 10:00:00+01:00")
+    second = conversion(client, start="2026-03-01 08:30:00+01:00", at="2026-03-01 10:00:00+01:00")
+
+    response = upload(client, [first, second])
+
+    assert decode_partial_failure(client, response) == {}
+    assert len(sandbox.accepted()) == 2
+    again = upload(client, [conversion(client, start="2026-03-01 08:30:00+01:00", at="2026-03-01 10:00:00+01:00")])
+    assert decode_partial_failure(client, again)[0][0] == "CALL_CONVERSION_ALREADY_EXISTS"
+
+
 def test_validate_only_checks_but_records_nothing(sandbox, client):
     response = upload(client, [conversion(client), conversion(client, action="222")], validate_only=True)
 
@@ -189,7 +189,7 @@ def test_plaintext_clients_are_refused(sandbox):
     channel.close()
 
 
-def test_command_line_sandbox_serves_the_real_client():
+def test_command_line_sandbox_serves_the_real_client(sandbox_cert):
     command = [
         sys.executable,
         "-m",
@@ -199,7 +199,7 @@ def test_command_line_sandbox_serves_the_real_client():
         "--action",
         "111:Phone sale",
         "--cert-dir",
-        str(CERT_DIR),
+        str(sandbox_cert.parent),
         "--now",
         NOW.isoformat(),
     ]
@@ -214,7 +214,7 @@ def test_command_line_sandbox_serves_the_real_client():
             if line.startswith("Ctrl-C"):
                 break
         endpoint = next(line for line in lines if "serving on" in line).rsplit(" ", 1)[1]
-        assert f"export {SSL_ROOTS_ENV_VAR}={CERT_PATH}" in lines
+        assert f"export {SSL_ROOTS_ENV_VAR}={sandbox_cert}" in lines
         client = client_from_settings(
             {"developer_token": "sandbox-dev-token", "access_token": "sandbox-token", "endpoint": endpoint}
         )

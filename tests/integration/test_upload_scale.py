@@ -10,10 +10,8 @@ at once and which conversions each one carries; the sandbox itself is unchanged.
 from __future__ import annotations
 
 import gc
-import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import tracemalloc
@@ -24,18 +22,13 @@ import grpc
 import pytest
 import sqlalchemy as sa
 
-from callconv.ads_client import SSL_ROOTS_ENV_VAR, client_from_settings
+from callconv.ads_client import client_from_settings
 from callconv.config import Account
-from callconv.sandbox import ActionSpec, SandboxServer, ensure_certificate
+from callconv.sandbox import ActionSpec, SandboxServer
 from callconv.schema import call_logs, upload_ledger
 from callconv.upload import UploadConfigError, _due_rows, ledger_counts, upload_pending
 
 pytestmark = pytest.mark.integration
-
-# As in test_upload.py: gRPC reads its trusted roots once per process.
-CERT_DIR = Path(tempfile.gettempdir()) / f"callconv-sandbox-tests-{os.getuid()}"
-CERT_PATH, _ = ensure_certificate(CERT_DIR)
-os.environ[SSL_ROOTS_ENV_VAR] = str(CERT_PATH)
 
 CUSTOMER = "1234567890"
 ACTION = "111"
@@ -142,31 +135,16 @@ class Instrumented:
 
 
 @pytest.fixture()
-def sandbox(warehouse):
-    server = SandboxServer(
+def sandbox(warehouse, make_sandbox):
+    server = make_sandbox(
         customers={CUSTOMER: [ActionSpec(id=ACTION, name="Phone sale")]},
         clock=lambda: SANDBOX_NOW,
         access_token=ACCESS_TOKEN,
         developer_token=DEV_TOKEN,
-        cert_dir=CERT_DIR,
         max_workers=16,
     )
     server.probe = Instrumented(server)
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture()
-def client(sandbox):
-    return client_from_settings(
-        {
-            "developer_token": DEV_TOKEN,
-            "access_token": ACCESS_TOKEN,
-            "endpoint": sandbox.endpoint,
-            "ssl_roots_file": str(CERT_PATH),
-        }
-    )
+    return server.start()
 
 
 # ----------------------------------------------------------------- concurrency
@@ -389,14 +367,14 @@ server.stop()
 
 
 class SandboxProcess:
-    def __init__(self, url: str):
+    def __init__(self, url: str, cert_dir: Path):
         self.process = subprocess.Popen(
             [
                 sys.executable,
                 "-c",
                 SANDBOX_SCRIPT,
                 url,
-                str(CERT_DIR),
+                str(cert_dir),
                 SANDBOX_NOW.isoformat(),
                 CUSTOMER,
                 ACTION,
@@ -425,11 +403,11 @@ def _clear(engine) -> None:
         connection.execute(call_logs.delete())
 
 
-def _upload_peak(engine, url: str, rows: int, **kwargs) -> tuple[int, float, object]:
+def _upload_peak(engine, url: str, cert_dir: Path, rows: int, **kwargs) -> tuple[int, float, object]:
     """Seed ``rows``, upload them to a sandbox process; returns (tracemalloc peak bytes, seconds, outcome)."""
     _clear(engine)
     seed(engine, rows)
-    sandbox = SandboxProcess(url)
+    sandbox = SandboxProcess(url, cert_dir)
     try:
         client = client_from_settings(
             {"developer_token": DEV_TOKEN, "access_token": ACCESS_TOKEN, "endpoint": f"localhost:{sandbox.port}"}
@@ -466,12 +444,13 @@ def _held_peak(engine) -> int:
     return held
 
 
-def test_upload_memory_does_not_grow_with_the_number_of_due_rows(warehouse, pg_schema_url):
+def test_upload_memory_does_not_grow_with_the_number_of_due_rows(warehouse, pg_schema_url, sandbox_cert):
     started = time.monotonic()
-    _upload_peak(warehouse, pg_schema_url, 50)  # warm up: imports, descriptors, channel code
+    cert_dir = sandbox_cert.parent
+    _upload_peak(warehouse, pg_schema_url, cert_dir, 50)  # warm up: imports, descriptors, channel code
 
-    small, small_seconds, _ = _upload_peak(warehouse, pg_schema_url, 10_000, batch_size=2000)
-    large, large_seconds, outcome = _upload_peak(warehouse, pg_schema_url, 60_000, batch_size=2000)
+    small, small_seconds, _ = _upload_peak(warehouse, pg_schema_url, cert_dir, 10_000, batch_size=2000)
+    large, large_seconds, outcome = _upload_peak(warehouse, pg_schema_url, cert_dir, 60_000, batch_size=2000)
     held = _held_peak(warehouse)
 
     report = (
@@ -485,11 +464,12 @@ def test_upload_memory_does_not_grow_with_the_number_of_due_rows(warehouse, pg_s
     assert time.monotonic() - started < 60, report
 
 
-def test_upload_memory_stays_bounded_with_four_batches_in_flight(warehouse, pg_schema_url):
+def test_upload_memory_stays_bounded_with_four_batches_in_flight(warehouse, pg_schema_url, sandbox_cert):
     started = time.monotonic()
-    _upload_peak(warehouse, pg_schema_url, 50, max_concurrent_batches=4)  # warm up
+    cert_dir = sandbox_cert.parent
+    _upload_peak(warehouse, pg_schema_url, cert_dir, 50, max_concurrent_batches=4)  # warm up
 
-    peak, seconds, outcome = _upload_peak(warehouse, pg_schema_url, 60_000, max_concurrent_batches=4)
+    peak, seconds, outcome = _upload_peak(warehouse, pg_schema_url, cert_dir, 60_000, max_concurrent_batches=4)
     held = _held_peak(warehouse)
 
     report = (

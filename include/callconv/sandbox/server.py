@@ -173,8 +173,8 @@ class AcceptedConversion:
     accepted_at: datetime
 
     @property
-    def key(self) -> tuple[str, str, datetime, str]:
-        return (self.customer_id, self.caller_id, self.conversion_time, self.action_id)
+    def key(self) -> tuple[str, str, datetime, datetime, str]:
+        return (self.customer_id, self.caller_id, self.call_start, self.conversion_time, self.action_id)
 
 
 def load_calls_from_warehouse(engine, account_id: str) -> set[tuple[str, datetime]]:
@@ -686,7 +686,9 @@ class SandboxServer:
                 "The conversion_date_time precedes the call. Make sure conversion_date_time is correct.",
                 "conversion_date_time",
             )
-        key = (customer_id, caller, conversion_time, action.id)
+        # "The imported call has the same conversion_date_time": a call is its caller and its
+        # start, so two calls from one caller may each convert in the same second.
+        key = (customer_id, caller, call_start, conversion_time, action.id)
         if key in seen:
             return fail(
                 "DUPLICATE_CALL_CONVERSION_IN_REQUEST",
