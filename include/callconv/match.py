@@ -146,6 +146,7 @@ def _call_evidence(account_id: str, business_date: date, rules: MatchRules):
         sa.select(
             sale.c.sale_key,
             sa.func.max(sale.c.caller_e164).label("caller_e164"),
+            sa.func.max(sale.c.conversion_action_id).label("action_id"),
             sa.func.count(call.c.source_call_id).label("any_calls"),
             count_where(in_window).label("in_window"),
             count_where(sa.and_(in_window, call.c.duration_seconds >= rules.min_duration_seconds)).label("long_enough"),
@@ -178,7 +179,11 @@ def _outcome_rows(account_id: str, business_date: date, rules: MatchRules):
         else_="only_non_forwarded_calls",
     )
     return sa.select(
-        evidence.c.sale_key, evidence.c.caller_e164, chosen_start.label("call_start"), reason.label("reason")
+        evidence.c.sale_key,
+        evidence.c.caller_e164,
+        evidence.c.action_id,
+        chosen_start.label("call_start"),
+        reason.label("reason"),
     )
 
 
@@ -248,7 +253,16 @@ def match_day(
             .where(_day_sales(account_id, business_date), crm_sales.c.matched_call_id.is_not(None))
         )
         _match_sales(connection, account_id, business_date, rules)
-        _remember_groups(connection, touched, _day_sales(account_id, business_date))
+        # The groups the new matches joined (frozen sales' groups are delivered: nothing to rebuild).
+        connection.execute(
+            touched.insert().from_select(
+                ["call_id", "action_id", "conversion_key", "caller_e164"],
+                sa.select(OUTCOME.c.call_id, OUTCOME.c.action_id, OUTCOME.c.conversion_key, OUTCOME.c.caller_e164)
+                .where(OUTCOME.c.call_id.is_not(None))
+                .distinct(),
+            )
+        )
+        OUTCOME.drop(connection)
         _analyze(connection, touched)
         conversions = _rebuild_conversions(connection, touched, account_id, rules, run_id)
         new_pending = _queue_for_delivery(connection, touched, account_id, run_id)
@@ -303,37 +317,38 @@ def _remember_groups(connection, touched: sa.Table, sales) -> None:
 
 
 def _match_sales(connection, account_id: str, business_date: date, rules: MatchRules) -> None:
-    """Choose each unmatched sale's call (or reason) into a temporary table, then write each sale once.
+    """Choose each unmatched sale's call (or reason) into tmp_sale_outcome, then write each sale once.
 
     CREATE TABLE AS, unlike INSERT, may run its query in parallel on PostgreSQL.
     """
     chosen = _outcome_rows(account_id, business_date, rules).subquery("chosen")
+    key = conversion_key_sql(account_id, chosen.c.caller_e164, chosen.c.call_start, chosen.c.action_id)
     connection.execute(
         CreateTemporaryTableAs(
             OUTCOME.name,
             sa.select(
                 chosen.c.sale_key,
                 chosen.c.caller_e164,
+                chosen.c.action_id,
                 chosen.c.call_start,
                 _chosen_call_id(chosen, account_id, rules).label("call_id"),
+                sa.case((chosen.c.call_start.is_not(None), key)).label("conversion_key"),
                 chosen.c.reason,
             ),
         )
     )
     _analyze(connection, OUTCOME)
     sale, outcome = crm_sales, OUTCOME
-    key = conversion_key_sql(account_id, sale.c.caller_e164, outcome.c.call_start, sale.c.conversion_action_id)
     connection.execute(
         sale.update()
         .where(sale.c.account_id == account_id, sale.c.sale_key == outcome.c.sale_key)
         .values(
             matched_call_id=outcome.c.call_id,
             matched_call_start=outcome.c.call_start,
-            conversion_key=sa.case((outcome.c.call_id.is_not(None), key)),
+            conversion_key=outcome.c.conversion_key,
             unmatched_reason=outcome.c.reason,
         )
     )
-    outcome.drop(connection)
 
 
 # The shape CreateTemporaryTableAs gives tmp_sale_outcome, for the statements that read it.
@@ -342,8 +357,10 @@ OUTCOME = sa.Table(
     sa.MetaData(),
     sa.Column("sale_key", sa.String(64)),
     sa.Column("caller_e164", sa.String(20)),
+    sa.Column("action_id", sa.String(32)),
     sa.Column("call_start", sa.DateTime(timezone=True)),
     sa.Column("call_id", sa.String(128)),
+    sa.Column("conversion_key", sa.String(64)),
     sa.Column("reason", sa.String(32)),
     prefixes=["TEMPORARY"],
 )
