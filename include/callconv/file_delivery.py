@@ -60,19 +60,12 @@ import sqlalchemy as sa
 
 from callconv.config import Account
 from callconv.conversion_file import render
-from callconv.schema import upload_ledger
+from callconv.schema import CONVERSION_PAYLOAD, upload_ledger
 
 log = logging.getLogger(__name__)
 
 DELIVERED_BY_FILE = "file"
-PAYLOAD_COLUMNS = (
-    "caller_e164",
-    "call_start",
-    "conversion_action_id",
-    "conversion_time",
-    "conversion_value",
-    "currency_code",
-)
+PAYLOAD_COLUMNS = CONVERSION_PAYLOAD
 
 
 class FileDeliveryError(RuntimeError):

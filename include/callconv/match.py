@@ -38,7 +38,7 @@ from sqlalchemy.sql.expression import ClauseElement, Executable
 
 from callconv import sqlhash
 from callconv.config import MatchRules
-from callconv.schema import call_logs, crm_sales, matches, upload_ledger
+from callconv.schema import CONVERSION_PAYLOAD, call_logs, crm_sales, matches, upload_ledger
 from callconv.sqlhash import sha256_hex
 from callconv.sqltime import shift_seconds, utc_second_text
 from callconv.warehouse import Analyze
@@ -490,9 +490,6 @@ def _rebuild_conversions(connection, touched: sa.Table, account_id: str, rules: 
     return max(inserted or 0, 0)
 
 
-PAYLOAD = ("caller_e164", "call_start", "conversion_action_id", "conversion_time", "conversion_value", "currency_code")
-
-
 def _queue_for_delivery(connection, touched: sa.Table, account_id: str, run_id: str) -> int:
     """Pending ledger rows take the newest payload; new conversions enter as pending.
 
@@ -511,11 +508,11 @@ def _queue_for_delivery(connection, touched: sa.Table, account_id: str, run_id: 
         )
         .subquery("todays")
     )
-    changed = sa.or_(*(upload_ledger.c[name].is_distinct_from(todays.c[name]) for name in PAYLOAD))
+    changed = sa.or_(*(upload_ledger.c[name].is_distinct_from(todays.c[name]) for name in CONVERSION_PAYLOAD))
     connection.execute(
         upload_ledger.update()
         .where(upload_ledger.c.state == "pending", upload_ledger.c.conversion_key == todays.c.conversion_key, changed)
-        .values({name: todays.c[name] for name in PAYLOAD})
+        .values({name: todays.c[name] for name in CONVERSION_PAYLOAD})
     )
     new_rows = (
         sa.select(
@@ -523,7 +520,7 @@ def _queue_for_delivery(connection, touched: sa.Table, account_id: str, run_id: 
             todays.c.account_id,
             todays.c.business_date,
             sa.literal("pending").label("state"),
-            *(todays.c[name] for name in PAYLOAD),
+            *(todays.c[name] for name in CONVERSION_PAYLOAD),
             sa.literal(0).label("attempts"),
             sa.literal(run_id).label("run_id"),
         )
@@ -532,7 +529,8 @@ def _queue_for_delivery(connection, touched: sa.Table, account_id: str, run_id: 
     )
     inserted = connection.execute(
         upload_ledger.insert().from_select(
-            ["conversion_key", "account_id", "business_date", "state", *PAYLOAD, "attempts", "run_id"], new_rows
+            ["conversion_key", "account_id", "business_date", "state", *CONVERSION_PAYLOAD, "attempts", "run_id"],
+            new_rows,
         )
     ).rowcount
     return max(inserted or 0, 0)

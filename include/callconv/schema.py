@@ -121,6 +121,16 @@ matches = sa.Table(
 
 # Delivery state per conversion. The payload is copied in when the row turns
 # pending, so what is retried is exactly what was first sent.
+# What Google is sent for a conversion: the ledger keeps it as it was (or will be) sent.
+CONVERSION_PAYLOAD = (
+    "caller_e164",
+    "call_start",
+    "conversion_action_id",
+    "conversion_time",
+    "conversion_value",
+    "currency_code",
+)
+
 upload_ledger = sa.Table(
     "upload_ledger",
     metadata,
