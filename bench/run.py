@@ -2,9 +2,11 @@
 
 It generates (or reuses) the data under ``bench/.data``, loads each size's call
 logs into a PostgreSQL schema of its own (``bench_n1e4`` ...), runs every stage
-in a fresh interpreter per size and repeat (:mod:`bench.stages`), and writes
-``docs/benchmarks.md`` with the PNG charts. Raw results go to
-``bench/.data/results.json``; ``--report-only`` rebuilds the report from them.
+in a fresh interpreter per size and repeat (:mod:`bench.stages`), then the
+end-to-end ``dag.test()`` (:mod:`bench.end_to_end`, also in its own process), and
+writes ``docs/benchmarks.md`` with the PNG charts. It measures the pipeline's own
+code in ``include/callconv`` and the naive baselines, nothing else. Raw results go
+to ``bench/.data/results.json``; ``--report-only`` rebuilds the report from them.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import logging
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -29,59 +32,115 @@ from bench import config, generate
 
 log = logging.getLogger("bench")
 
-ALL_STAGES = ("read_validate", "normalise", "match", "write_file", "upload", "normalise_call_logs", "ledger_history")
+ALL_STAGES = (
+    "read_validate",
+    "normalise",
+    "match",
+    "write_file",
+    "upload",
+    "normalise_call_logs",
+    "ledger_history",
+    "end_to_end",
+)
 # Delivered keys of earlier days: none, just above what fits work_mem's hash (~40k), and more.
 LEDGER_HISTORY_ROWS = (0, 50_000, 200_000)
 HISTORY_SALES = 10_000
-CALL_LOG_NORMALISE_ROWS = {"": (2_000, 10_000, 30_000), "proto": (2_000, 10_000, 30_000, 100_000, 1_000_000)}
+# Never normalised call-log rows; those above 10x the biggest --sizes are skipped (3.4 s at 100k).
+CALL_LOG_NORMALISE_ROWS = (2_000, 10_000, 30_000, 100_000, 1_000_000)
 
 
 def _python() -> str:
     return sys.executable
 
 
-def run_stage(stage: str, size: int, variant: str = "", timeout: float = 3600, **extra) -> dict:
-    """One measurement in a fresh interpreter; an ``error`` entry when it failed or timed out."""
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
-        out = Path(handle.name)
-    command = [_python(), "-m", "bench.stages", stage, "--size", str(size), "--out", str(out)]
-    if variant:
-        command += ["--variant", variant]
-    for key, value in extra.items():
-        command += [f"--{key}", str(value)]
-    started = time.perf_counter()
-    log.info("  %s%s n=%s ...", stage, f" [{variant}]" if variant else "", config.size_label(size))
+def _run_json(command: list[str], out: Path, timeout: float) -> tuple[dict | None, str]:
+    """Run ``command``, which writes its JSON result to ``out``; the result, or None and why not.
+
+    The command gets a process group of its own, so a timeout kills what it started too
+    (end_to_end's sandbox).
+    """
     process = subprocess.Popen(
-        command, cwd=config.PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command,
+        cwd=config.PROJECT_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
-        stdout, stderr = process.communicate(timeout=timeout)
+        _, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        process.kill()
+        os.killpg(process.pid, signal.SIGKILL)
         process.communicate()
         cancel_queries(process.pid)
         out.unlink(missing_ok=True)
-        log.warning("  %s n=%s: no result within %.0f s", stage, size, timeout)
-        return {"stage": stage, "size": size, "variant": variant, "error": f"timed out after {timeout:.0f} s"}
-    completed = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-    if completed.returncode != 0 or not out.stat().st_size:
-        out.unlink(missing_ok=True)
-        tail = (completed.stderr or completed.stdout).strip().splitlines()[-12:]
-        log.warning("  %s n=%s failed: %s", stage, size, "\n".join(line[:300] for line in tail))
-        return {"stage": stage, "size": size, "variant": variant, "error": " | ".join(tail[-3:])[-600:]}
-    result = json.loads(out.read_text())
+        return None, f"timed out after {timeout:.0f} s"
+    text = out.read_text() if out.is_file() else ""
     out.unlink(missing_ok=True)
+    if text.strip():
+        return json.loads(text), ""
+    tail = stderr.strip().splitlines()[-12:]
+    log.warning("  failed (exit code %s): %s", process.returncode, "\n".join(line[:300] for line in tail))
+    return None, " | ".join(tail[-3:])[-600:] or f"exit code {process.returncode}"
+
+
+def _out_file() -> Path:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+        return Path(handle.name)
+
+
+def run_stage(stage: str, size: int, timeout: float = 3600, **extra) -> dict:
+    """One measurement in a fresh interpreter; an ``error`` entry when it failed or timed out."""
+    out = _out_file()
+    command = [_python(), "-m", "bench.stages", stage, "--size", str(size), "--out", str(out)]
+    for key, value in extra.items():
+        command += [f"--{key}", str(value)]
+    started = time.perf_counter()
+    log.info("  %s n=%s ...", stage, config.size_label(size))
+    result, error = _run_json(command, out, timeout)
+    if result is None:
+        return {"stage": stage, "size": size, "error": error}
     result["wall_seconds"] = round(time.perf_counter() - started, 2)
     log.info(
-        "  %s%s n=%s: %.2f s, %s rows/s, peak RSS %.0f MB",
+        "  %s n=%s: %.2f s, %s rows/s, peak RSS %.0f MB",
         stage,
-        f" [{variant}]" if variant else "",
         config.size_label(size),
         result["seconds"],
         result.get("rows_per_s"),
         result["peak_rss_mb"],
     )
     return result
+
+
+def run_end_to_end(size: int, timeout: float) -> dict:
+    """``python -m bench.end_to_end`` (one ``dag.test()`` of the day), its JSON kept under ``end_to_end``.
+
+    A process of its own: it must set AIRFLOW_HOME before Airflow is imported. A failed
+    DAG run still writes its JSON (state not success): that is a measurement, and a FAIL.
+    """
+    out = _out_file()
+    command = [_python(), "-m", "bench.end_to_end", "--size", str(size), "--out", str(out)]
+    log.info("  end_to_end n=%s ...", config.size_label(size))
+    e2e, error = _run_json(command, out, timeout)
+    if e2e is None:
+        return {"stage": "end_to_end", "size": size, "error": error}
+    log.info(
+        "  end_to_end n=%s: %s in %.1f s, peak RSS %.0f MB",
+        config.size_label(size),
+        e2e["state"],
+        e2e["dag_test_seconds"],
+        e2e["peak_rss_mb"],
+    )
+    return {
+        "stage": "end_to_end",
+        "size": size,
+        "rows": size,
+        "seconds": e2e["dag_test_seconds"],
+        "rows_per_s": round(size / e2e["dag_test_seconds"], 1) if e2e["dag_test_seconds"] else None,
+        "rss_before_mb": e2e["rss"]["rss_at_start_mb"],
+        "peak_rss_mb": e2e["peak_rss_mb"],
+        "end_to_end": e2e,
+    }
 
 
 def cancel_queries(pid: int) -> None:
@@ -161,7 +220,7 @@ def seed_ledger_history(size: int, rows: int) -> None:
 
 
 def match_fingerprint(size: int) -> dict:
-    """What matching wrote, as digests, to check that a prototype gives the same tables."""
+    """What matching wrote, as digests: a record of the run (same data and code, same digests)."""
     import sqlalchemy as sa
 
     engine = _engine(config.schema_name(size))
@@ -367,20 +426,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--full", action="store_true", help="sizes 1e4,1e5,1e6 (10^7 call rows at the top)")
     parser.add_argument("--stages", default=",".join(ALL_STAGES), help=f"subset of {','.join(ALL_STAGES)}")
     parser.add_argument("--repeat", type=int, default=3, help="runs per stage and size (1 at sizes >= 1e6)")
-    parser.add_argument("--upload-sizes", default="1e4,5e4,1e5")
-    parser.add_argument("--no-proto", action="store_true", help="skip the prototype fixes")
-    parser.add_argument(
-        "--match-variants",
-        default="orig,proto,set,lateral",
-        help="match_day as is (orig), with the streaming _build_conversions (proto), the set-based rewrite (set), "
-        "the set-based rewrite with LATERAL index probes (lateral)",
-    )
+    parser.add_argument("--upload-sizes", default="1e4,5e4,1e5", help="conversions per upload run")
+    parser.add_argument("--e2e-sizes", default="1e5", help="sales per end-to-end dag.test() run (once each)")
     parser.add_argument("--append", action="store_true", help="add to --results instead of starting afresh")
-    parser.add_argument(
-        "--orig-variant",
-        default="",
-        help="label for the measurements of the pipeline's own code (e.g. 'now' to keep earlier ones beside them)",
-    )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per stage run")
     parser.add_argument("--results", default=str(config.DATA_DIR / "results.json"))
     parser.add_argument("--out", default=str(config.DOCS_DIR / "benchmarks.md"))
@@ -454,32 +502,25 @@ def main(argv: list[str] | None = None) -> None:
 
         if "read_validate" in stages:
             for _ in range(repeat):
-                record(run_stage("read_validate", size, variant=args.orig_variant, timeout=args.timeout))
+                record(run_stage("read_validate", size, timeout=args.timeout))
         if "normalise" in stages:
             for _ in range(repeat):
-                record(run_stage("normalise", size, variant=args.orig_variant, timeout=args.timeout))
-                record(run_stage("normalise_phones", size, variant=args.orig_variant, timeout=args.timeout))
-                if not args.no_proto:
-                    record(run_stage("normalise_phones", size, variant="fast", timeout=args.timeout))
+                record(run_stage("normalise", size, timeout=args.timeout))
+                record(run_stage("normalise_phones", size, timeout=args.timeout))
                 record(run_stage("normalise_naive", size, timeout=args.timeout))
-        if "match" in stages or "write_file" in stages:
-            wanted = {"orig": args.orig_variant, "proto": "proto", "set": "set", "lateral": "lateral"}
-            variants = [wanted[v] for v in args.match_variants.split(",")]
-            if args.no_proto:
-                variants = [v for v in variants if v == args.orig_variant]
-            for variant in variants:
+        if stages & {"match", "write_file"}:
+            # write_file writes what match_day left, so the day is matched first either way.
+            for _ in range(repeat if "match" in stages else 1):
+                prepare_match(size)
+                result = run_stage("match", size, timeout=args.timeout)
+                if "match" in stages:
+                    record(result)
+            run["checks"][f"match_tables_{label}"] = match_fingerprint(size)
+            if "write_file" in stages:
                 for _ in range(repeat):
-                    prepare_match(size)
-                    if "match" in stages:
-                        record(run_stage("match", size, variant=variant, timeout=args.timeout))
-                    else:
-                        record(run_stage("match", size, timeout=args.timeout))
-                run["checks"][f"match_tables_{label}_{variant or 'original'}"] = match_fingerprint(size)
-                if "write_file" in stages and variant not in ("set", "lateral"):
-                    for _ in range(repeat):
-                        record(run_stage("write_file", size, variant=variant, timeout=args.timeout))
-                    run["checks"][f"file_{label}_{variant or 'original'}"] = file_digest(size)
-            if "match" in stages and "orig" in args.match_variants.split(",") and not args.orig_variant:
+                    record(run_stage("write_file", size, timeout=args.timeout))
+                run["checks"][f"file_{label}"] = file_digest(size)
+            if "match" in stages:
                 for _ in range(repeat):
                     record(run_stage("match_pandas", size, timeout=args.timeout))
 
@@ -488,29 +529,21 @@ def main(argv: list[str] | None = None) -> None:
         record(run_stage("phone_repeats", probe, timeout=args.timeout))
 
     if "upload" in stages:
-        variants = [args.orig_variant]  # upload_pending pages the ledger itself since 01:39; no prototype
         for rows in (config.parse_size(s) for s in args.upload_sizes.split(",")):
-            for variant in variants:
-                prepare_upload(rows)
-                sandbox, endpoint, cert = start_sandbox()
-                try:
-                    record(
-                        run_stage("upload", rows, variant=variant, timeout=args.timeout, endpoint=endpoint, cert=cert)
-                    )
-                finally:
-                    stop_sandbox(sandbox)
+            prepare_upload(rows)
+            sandbox, endpoint, cert = start_sandbox()
+            try:
+                record(run_stage("upload", rows, timeout=args.timeout, endpoint=endpoint, cert=cert))
+            finally:
+                stop_sandbox(sandbox)
 
     if "normalise_call_logs" in stages:
-        for variant, sizes_for in CALL_LOG_NORMALISE_ROWS.items():
-            if variant and args.no_proto:
+        for rows in CALL_LOG_NORMALISE_ROWS:
+            if rows > max(sizes) * config.CALLS_PER_SALE_ROW:
                 continue
-            variant = variant or args.orig_variant
-            for rows in sizes_for:
-                if rows > max(sizes) * config.CALLS_PER_SALE_ROW:
-                    continue
-                prepare_call_log_normalise(rows)
-                record(run_stage("normalise_call_logs", rows, variant=variant, timeout=min(args.timeout, 900)))
-                run["checks"][f"call_logs_{config.size_label(rows)}_{variant or 'original'}"] = call_log_digest()
+            prepare_call_log_normalise(rows)
+            record(run_stage("normalise_call_logs", rows, timeout=min(args.timeout, 900)))
+            run["checks"][f"call_logs_{config.size_label(rows)}"] = call_log_digest()
 
     if "ledger_history" in stages:
         # Matching one day of HISTORY_SALES sales with months of uploaded conversions in the ledger:
@@ -520,14 +553,18 @@ def main(argv: list[str] | None = None) -> None:
             generate.generate(size)
         generate.load_call_logs(size)
         for history in LEDGER_HISTORY_ROWS:
-            for variant in ("", "proto", "set", "lateral") if not args.no_proto else ("",):
-                prepare_match(size)
-                seed_ledger_history(size, history)
-                tag = f"history{history}" + (f"-{variant}" if variant else "")
-                first = run_stage("match", size, variant=f"{variant}:{tag}", timeout=min(args.timeout, 300))
-                record({**first, "stage": "match_history", "variant": tag, "history": history})
-                again = run_stage("match", size, variant=f"{variant}:{tag}-rerun", timeout=min(args.timeout, 300))
-                record({**again, "stage": "match_rerun", "variant": tag, "history": history})
+            log.info("ledger history: %d uploaded conversions of earlier days", history)
+            prepare_match(size)
+            seed_ledger_history(size, history)
+            tag = f"history{history}"
+            first = run_stage("match", size, timeout=min(args.timeout, 300))
+            record({**first, "stage": "match_history", "variant": tag, "history": history})
+            again = run_stage("match", size, timeout=min(args.timeout, 300))
+            record({**again, "stage": "match_rerun", "variant": tag, "history": history})
+
+    if "end_to_end" in stages:
+        for size in (config.parse_size(s) for s in args.e2e_sizes.split(",")):
+            record(run_end_to_end(size, timeout=args.timeout))
 
     run["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
     run["load_after"] = _load()

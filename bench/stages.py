@@ -198,28 +198,19 @@ def stage_normalise(size: int, **_) -> dict:
     )
 
 
-def stage_normalise_phones(size: int, variant: str = "", **_) -> dict:
-    """normalise.normalise_phones alone (variant "fast": the prototype), checked against the original.
+def stage_normalise_phones(size: int, **_) -> dict:
+    """normalise.normalise_phones alone, and both naive loops on the same values.
 
-    Both naive loops also run here, on the same values in the same process, so
-    the ratios hold even when other work slows the machine between processes.
+    The naive loops run in the same process, so the ratios (``ratio_vs_*``, what the
+    normalisation target is judged on) hold even when other work slows the machine
+    between processes.
     """
-    from bench import prototypes
     from callconv import normalise
 
     frame = _crm_frame(size)
-    phones_of = prototypes.normalise_phones_fast if variant == "fast" else normalise.normalise_phones
     with Timer() as timer:
-        phones = phones_of(frame["caller_phone"], config.HOME_REGION)
-    extra = {}
-    if variant == "fast":  # after the timing: the same answers as the pipeline's, row by row?
-        expected = normalise.normalise_phones(frame["caller_phone"], config.HOME_REGION)
-        same = (phones["e164"].fillna("") == expected["e164"].fillna("")) & (
-            phones["reason"].fillna("") == expected["reason"].fillna("")
-        )
-        extra["mismatches"] = int((~same).sum())
-    else:
-        extra["phone_paths"] = _phone_paths(frame["caller_phone"])
+        phones = normalise.normalise_phones(frame["caller_phone"], config.HOME_REGION)
+    extra = {"phone_paths": _phone_paths(frame["caller_phone"])}
     values = frame["caller_phone"].tolist()
     for name, naive in (("parse_format", naive_parse_format), ("parse_valid_format", naive_normalise)):
         started = time.perf_counter()
@@ -349,27 +340,15 @@ def stage_phone_repeats(size: int, **_) -> dict:
     return _result(rows, timer, points=points)
 
 
-def stage_match(size: int, variant: str = "", **_) -> dict:
+def stage_match(size: int, **_) -> dict:
     from callconv.match import match_day
 
     settings = config.settings()
     account = settings.accounts[0]
     engine = _engine(size)
-    if variant.split(":")[0] == "proto":  # "proto" or "proto:<label>"
-        from bench import prototypes
-
-        prototypes.install_streaming_build_conversions()
-    run_match = match_day
-    if variant.split(":")[0] in ("set", "lateral"):  # "set" or "set:<label>", "lateral"...
-        from functools import partial
-
-        from bench import prototypes
-
-        picks = "lateral" if variant.startswith("lateral") else "window"
-        run_match = partial(prototypes.match_day_set_based, picks=picks)
     totals = _statement_log(engine)
     with Timer() as timer:
-        outcome = run_match(engine, account.id, config.BUSINESS_DATE, settings.match_rules(account), RUN_ID)
+        outcome = match_day(engine, account.id, config.BUSINESS_DATE, settings.match_rules(account), RUN_ID)
     engine.dispose()
     return _result(outcome.sales, timer, outcome=outcome.as_counts(), statements=_statements(totals))
 
@@ -426,25 +405,20 @@ def stage_match_pandas(size: int, **_) -> dict:
     )
 
 
-def stage_write_file(size: int, variant: str = "", **_) -> dict:
+def stage_write_file(size: int, **_) -> dict:
     from callconv.conversion_file import write_conversion_file
 
     settings = config.settings()
     account = settings.accounts[0]
     engine = _engine(size)
     export_root = config.DATA_DIR / "export" / config.size_label(size)
-    write = write_conversion_file
-    if variant == "proto":
-        from bench import prototypes
-
-        write = prototypes.write_conversion_file_streaming
     with Timer() as timer:
-        written = write(engine, account, config.BUSINESS_DATE, export_root)
+        written = write_conversion_file(engine, account, config.BUSINESS_DATE, export_root)
     engine.dispose()
     return _result(written.rows, timer, bytes=Path(written.path).stat().st_size)
 
 
-def stage_upload(size: int, variant: str = "", endpoint: str = "", cert: str = "", **_) -> dict:
+def stage_upload(size: int, endpoint: str = "", cert: str = "", **_) -> dict:
     from callconv.ads_client import client_from_settings
     from callconv.upload import upload_pending
 
@@ -475,20 +449,15 @@ def stage_upload(size: int, variant: str = "", endpoint: str = "", cert: str = "
     )
 
 
-def stage_normalise_call_logs(size: int, variant: str = "", limit: int = 0, **_) -> dict:
-    """call_logs.normalise_call_logs over the day's 40-day call history (status reset by the harness)."""
+def stage_normalise_call_logs(size: int, **_) -> dict:
+    """call_logs.normalise_call_logs over ``size`` never normalised call-log rows (loaded by the harness)."""
     from callconv.call_logs import normalise_call_logs
 
     engine = _engine(schema=CALL_LOG_SCHEMA)
     start, end = config.day_window()
-    normalise = normalise_call_logs
-    if variant == "proto":
-        from bench import prototypes
-
-        normalise = prototypes.normalise_call_logs_set_based
     totals = _statement_log(engine)
     with Timer() as timer:
-        counts = normalise(engine, config.ACCOUNT_ID, config.HOME_REGION, start, end, timedelta(days=45))
+        counts = normalise_call_logs(engine, config.ACCOUNT_ID, config.HOME_REGION, start, end, timedelta(days=45))
     engine.dispose()
     return _result(counts["rows"], timer, counts=counts, statements=_statements(totals))
 
@@ -523,7 +492,6 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.stages")
     parser.add_argument("stage", choices=sorted(STAGES))
     parser.add_argument("--size", type=config.parse_size, required=True)
-    parser.add_argument("--variant", default="")
     parser.add_argument("--endpoint", default="")
     parser.add_argument("--cert", default="")
     parser.add_argument("--out", required=True)
@@ -531,12 +499,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     started = datetime.now(UTC)
     code = code_version()
-    result = STAGES[args.stage](args.size, variant=args.variant, endpoint=args.endpoint, cert=args.cert)
+    result = STAGES[args.stage](args.size, endpoint=args.endpoint, cert=args.cert)
     result.update(
         {
             "stage": args.stage,
             "size": args.size,
-            "variant": args.variant,
             "pid": os.getpid(),
             "started": started.isoformat(timespec="seconds"),
             "code": code,
