@@ -77,7 +77,7 @@ crm_sales = sa.Table(
     sa.Column("unmatched_reason", sa.String(32)),
     sa.Index("ix_crm_sales_day", "account_id", "business_date"),
     # Nothing matching writes is indexed, so its one UPDATE per sale can stay on the
-    # row's page (a HOT update, PostgreSQL; migration 0004 leaves room with fillfactor).
+    # row's page (a HOT update, PostgreSQL; migration 0004 sets fillfactor 40 to leave room).
     # Sales on one call are found through their caller, who never changes.
     sa.Index("ix_crm_sales_caller", "account_id", "caller_e164"),
 )

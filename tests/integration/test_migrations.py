@@ -65,3 +65,17 @@ def test_downgrade_to_base_and_up_again(empty_pg_schema):
     assert "crm_sales" not in sa.inspect(sa.create_engine(empty_pg_schema)).get_table_names()
     migrate(empty_pg_schema)
     assert schema_drift(empty_pg_schema) == []
+
+
+def test_postgres_gets_the_storage_matching_relies_on(empty_pg_schema):
+    """Matching's speed rests on two things the generic drift check cannot see."""
+    migrate(empty_pg_schema)
+    engine = sa.create_engine(empty_pg_schema)
+    with engine.connect() as connection:
+        options = connection.scalar(sa.text("select reloptions from pg_class where oid = to_regclass('crm_sales')"))
+        definition = connection.scalar(sa.text("select pg_get_indexdef(to_regclass('ix_call_logs_match'))"))
+    engine.dispose()
+    assert options == ["fillfactor=40"]  # room for the matched version of each sale on its page
+    assert definition.endswith(
+        "(account_id, caller_e164, call_start) INCLUDE (source_call_id, duration_seconds, via_google_forwarding)"
+    )
