@@ -380,6 +380,9 @@ def stage_match_pandas(size: int, **_) -> dict:
                 params={"a": config.ACCOUNT_ID, "d": config.BUSINESS_DATE},
             )
         pulled = time.perf_counter() - timer.started
+        # read_sql_query leaves a column of mixed-offset timestamps as objects; merge_asof needs one dtype.
+        calls["call_start"] = pd.to_datetime(calls["call_start"], utc=True)
+        sales["conversion_time"] = pd.to_datetime(sales["conversion_time"], utc=True)
         calls = calls[calls["via_google_forwarding"] & (calls["duration_seconds"] >= rules.min_duration_seconds)]
         calls = calls.dropna(subset=["caller_e164"]).sort_values("call_start")
         sales = sales.dropna(subset=["caller_e164"]).sort_values("conversion_time")
