@@ -465,11 +465,6 @@ def due_rows_paged(engine, account_id: str, window_end: datetime, page_size: int
         del page
 
 
-def _due_rows(engine, account_id: str, window_end: datetime) -> list:
-    """Every due row at once. Not used by :func:`upload_pending` (it streams); kept for callers of the old API."""
-    return list(due_rows_paged(engine, account_id, window_end))
-
-
 def _count_due(engine, account_id: str, window_end: datetime) -> int:
     query = sa.select(sa.func.count()).select_from(upload_ledger).where(_due(account_id, window_end))
     with engine.connect() as connection:

@@ -26,7 +26,7 @@ from callconv.ads_client import client_from_settings
 from callconv.config import Account
 from callconv.sandbox import ActionSpec, SandboxServer
 from callconv.schema import call_logs, upload_ledger
-from callconv.upload import UploadConfigError, _due_rows, ledger_counts, upload_pending
+from callconv.upload import UploadConfigError, due_rows_paged, ledger_counts, upload_pending
 
 pytestmark = pytest.mark.integration
 
@@ -436,7 +436,7 @@ def _held_peak(engine) -> int:
     gc.collect()
     tracemalloc.start()
     try:
-        rows = len(_due_rows(engine, "acme", DAY_END))
+        rows = len(list(due_rows_paged(engine, "acme", DAY_END)))
         _, held = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
