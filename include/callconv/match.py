@@ -211,10 +211,6 @@ def conversion_key_sql(account_id: str, caller, call_start, action_id):
     return sha256_hex(text)
 
 
-def _temporary(name: str, *columns: sa.Column) -> sa.Table:
-    return sa.Table(name, sa.MetaData(), *columns, prefixes=["TEMPORARY"])
-
-
 def _analyze(connection, table: sa.Table) -> None:
     # Autovacuum never sees temporary tables; without statistics the planner guesses.
     if connection.dialect.name == "postgresql":
@@ -238,13 +234,7 @@ def match_day(
     """
     with engine.begin() as connection:
         _prepare(connection)
-        touched = _temporary(
-            "tmp_touched_groups",
-            sa.Column("call_id", sa.String(128)),
-            sa.Column("action_id", sa.String(32)),
-            sa.Column("conversion_key", sa.String(64)),
-            sa.Column("caller_e164", sa.String(20)),
-        )
+        touched = TOUCHED
         touched.create(connection)
         _forget_earlier_matches(connection, touched, account_id, business_date, rematch)
         frozen = connection.scalar(
@@ -350,6 +340,18 @@ def _match_sales(connection, account_id: str, business_date: date, rules: MatchR
         )
     )
 
+
+# The (call, action) groups a day's match touched, before or after: theirs are the
+# conversions to rebuild.
+TOUCHED = sa.Table(
+    "tmp_touched_groups",
+    sa.MetaData(),
+    sa.Column("call_id", sa.String(128)),
+    sa.Column("action_id", sa.String(32)),
+    sa.Column("conversion_key", sa.String(64)),
+    sa.Column("caller_e164", sa.String(20)),
+    prefixes=["TEMPORARY"],
+)
 
 # The shape CreateTemporaryTableAs gives tmp_sale_outcome, for the statements that read it.
 OUTCOME = sa.Table(

@@ -62,17 +62,7 @@ def _map_distinct(
     it is still one row per distinct key.
     """
     keys = _keys(raw)
-    return _spread(raw, keys, {key: parse(key) for key in keys.unique()}, columns, typed)
-
-
-def _spread(
-    raw: pd.Series,
-    keys: pd.Series,
-    results: dict[str, Result],
-    columns: tuple[str, str],
-    typed: Callable[[pd.Series], pd.Series] | None = None,
-) -> pd.DataFrame:
-    """One row per ``raw`` row from ``results`` (one entry per distinct key)."""
+    results = {key: parse(key) for key in keys.unique()}
     table = pd.DataFrame(list(results.values()), index=list(results), columns=list(columns), dtype=object)
     if typed is not None:
         table[columns[0]] = typed(table[columns[0]])

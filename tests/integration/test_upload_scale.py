@@ -15,45 +15,25 @@ import sys
 import threading
 import time
 import tracemalloc
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
 import pytest
 import sqlalchemy as sa
+from test_upload import ACCESS_TOKEN, ACTION, CALL_BASE, CUSTOMER, DAY_END, DEV_TOKEN, make_account
 
 from callconv.ads_client import client_from_settings
-from callconv.config import Account
 from callconv.sandbox import ActionSpec, SandboxServer
 from callconv.schema import call_logs, upload_ledger
 from callconv.upload import UploadConfigError, due_rows_paged, ledger_counts, upload_pending
 
 pytestmark = pytest.mark.integration
 
-CUSTOMER = "1234567890"
-ACTION = "111"
 OTHER_ACTION = "222"
-DEV_TOKEN = "dev-token-for-tests"
-ACCESS_TOKEN = "static-access-token"
-DAY_END = datetime(2026, 3, 2, 0, 0, tzinfo=UTC)  # the run's data-interval end
 SANDBOX_NOW = DAY_END + timedelta(hours=1)
-# Calls go back one second per row from here: 60,000 rows reach ~17 h back,
+# Calls go back one second per row from CALL_BASE: 60,000 rows reach ~17 h back,
 # all older than the 12 h "too recent" limit and inside the 60-day lookback.
-CALL_BASE = datetime(2026, 3, 1, 7, 0, tzinfo=UTC)
-
-
-def make_account(**overrides) -> Account:
-    raw = {
-        "id": "acme",
-        "customer_id": "123-456-7890",
-        "timezone": "Europe/Oslo",
-        "default_region": "NO",
-        "default_currency": "NOK",
-        "conversion_actions": {"sale": {"id": ACTION, "name": "Phone sale"}},
-        "consent": {"ad_user_data": "GRANTED", "ad_personalization": "DENIED"},
-    }
-    raw.update(overrides)
-    return Account.model_validate(raw)
 
 
 def seed(engine, count: int, *, start: int = 0, action: str = ACTION, twin_every: int = 0) -> None:
