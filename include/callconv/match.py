@@ -19,10 +19,11 @@ A conversion that has been delivered is frozen: a rematch never moves its
 sales or changes what was sent.
 
 How it runs: one aggregate pass over the day's sales joined to their callers'
-calls gives, per sale, the best call start and the counts that explain a miss;
-the chosen call id is one index probe per matched sale; each sale is then
-written once, its conversion key hashed in SQL. Matches and ledger rows are
-rebuilt only for the (call, action) groups the day touched, before or after.
+calls in reach of the day gives, per sale, the best call start and the counts
+that explain a miss; in caller order, the chosen call id is then one index probe
+per matched sale; each sale is written once, in the order it was stored, its
+conversion key hashed in SQL. Matches and ledger rows are rebuilt only for the
+(call, action) groups the day touched, before or after.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.ext.compiler import compiles
@@ -38,8 +39,9 @@ from sqlalchemy.sql.expression import ClauseElement, Executable
 
 from callconv import sqlhash
 from callconv.config import MatchRules
-from callconv.schema import CONVERSION_PAYLOAD, call_logs, crm_sales, matches, upload_ledger
+from callconv.schema import CONVERSION_PAYLOAD, UTC_TIME, call_logs, crm_sales, matches, upload_ledger
 from callconv.sqlhash import sha256_hex
+from callconv.sqlorder import byte_order
 from callconv.sqltime import shift_seconds, utc_second_text
 from callconv.warehouse import Analyze
 
@@ -131,13 +133,34 @@ def _near_crm_call_start(rules: MatchRules):
     )
 
 
-def _call_evidence(account_id: str, business_date: date, rules: MatchRules):
-    """Per unmatched sale of the day, in one pass over its caller's calls: the best eligible
-    call start (near the CRM's own call start first) and the counts that explain a miss."""
+def _conversion_span(connection, account_id: str, business_date: date) -> tuple | None:
+    """The earliest and latest conversion time among the day's unmatched sales, if any.
+
+    Every sale's window lies in [earliest - window, latest), so only those calls are
+    joined: the call log keeps months of history that no sale of the day can reach.
+    """
+    span = connection.execute(
+        sa.select(sa.func.min(crm_sales.c.conversion_time), sa.func.max(crm_sales.c.conversion_time)).where(
+            _day_sales(account_id, business_date), crm_sales.c.matched_call_id.is_(None)
+        )
+    ).one()
+    return None if span[0] is None else (as_utc(span[0]), as_utc(span[1]))
+
+
+def _call_evidence(account_id: str, business_date: date, rules: MatchRules, span: tuple | None = None):
+    """Per unmatched sale of the day, in one pass over its caller's calls in reach: the best
+    eligible call start (near the CRM's own call start first) and the counts that explain a miss."""
     sale, call = crm_sales, call_logs
     in_window = _in_window(rules)
     eligible = sa.and_(in_window, *_call_filters(rules))
     best = sa.func.max if rules.attribution == "last" else sa.func.min
+    in_reach = []
+    if span is not None:
+        earliest, latest = span
+        in_reach = [
+            call.c.call_start >= sa.literal(earliest - timedelta(days=rules.window_days), UTC_TIME),
+            call.c.call_start < sa.literal(latest, UTC_TIME),
+        ]
 
     def count_where(condition):
         return sa.func.sum(sa.case((condition, 1), else_=0))
@@ -147,7 +170,7 @@ def _call_evidence(account_id: str, business_date: date, rules: MatchRules):
             sale.c.sale_key,
             sa.func.max(sale.c.caller_e164).label("caller_e164"),
             sa.func.max(sale.c.conversion_action_id).label("action_id"),
-            sa.func.count(call.c.source_call_id).label("any_calls"),
+            sa.func.max(sale.c.source_row).label("source_row"),
             count_where(in_window).label("in_window"),
             count_where(sa.and_(in_window, call.c.duration_seconds >= rules.min_duration_seconds)).label("long_enough"),
             best(sa.case((sa.and_(eligible, _near_crm_call_start(rules)), call.c.call_start))).label("near_start"),
@@ -156,7 +179,7 @@ def _call_evidence(account_id: str, business_date: date, rules: MatchRules):
         .select_from(
             sale.outerjoin(
                 call,
-                sa.and_(call.c.account_id == sale.c.account_id, call.c.caller_e164 == sale.c.caller_e164),
+                sa.and_(call.c.account_id == sale.c.account_id, call.c.caller_e164 == sale.c.caller_e164, *in_reach),
             )
         )
         .where(_day_sales(account_id, business_date), sale.c.matched_call_id.is_(None))
@@ -165,25 +188,51 @@ def _call_evidence(account_id: str, business_date: date, rules: MatchRules):
     )
 
 
-def _outcome_rows(account_id: str, business_date: date, rules: MatchRules):
-    """(sale_key, caller, chosen call start, reason): a start for a match, else why there is none."""
-    evidence = _call_evidence(account_id, business_date, rules)
+def _has_any_call(account_id: str, caller_e164):
+    return sa.exists().where(call_logs.c.account_id == account_id, call_logs.c.caller_e164 == caller_e164)
+
+
+def _ordered_evidence(account_id: str, business_date: date, rules: MatchRules, span: tuple | None = None):
+    """Each sale's chosen call start (none for a miss) and its miss counts, in caller and start order.
+
+    The probes that follow (tie-break, any call at all) then walk the call index in
+    its own order, so each index page is read once instead of once per sale.
+    """
+    evidence = _call_evidence(account_id, business_date, rules, span)
     chosen_start = sa.func.coalesce(evidence.c.near_start, evidence.c.best_start)
-    # Calls in the window, long enough and forwarded would have matched, so a sale
-    # that had long-enough calls in its window had none through a forwarding number.
-    reason = sa.case(
-        (chosen_start.is_not(None), sa.null()),
-        (evidence.c.any_calls == 0, "no_call_from_number"),
-        (evidence.c.in_window == 0, "calls_outside_window"),
-        (evidence.c.long_enough == 0, "calls_too_short"),
-        else_="only_non_forwarded_calls",
+    return (
+        sa.select(
+            evidence.c.sale_key,
+            evidence.c.caller_e164,
+            evidence.c.action_id,
+            evidence.c.source_row,
+            chosen_start.label("call_start"),
+            evidence.c.in_window,
+            evidence.c.long_enough,
+        )
+        .order_by(byte_order(evidence.c.caller_e164), chosen_start)
+        .subquery("chosen")
     )
-    return sa.select(
-        evidence.c.sale_key,
-        evidence.c.caller_e164,
-        evidence.c.action_id,
-        chosen_start.label("call_start"),
-        reason.label("reason"),
+
+
+def _unmatched_reason(chosen, account_id: str):
+    """Why a sale has no call: the first missing piece of evidence names it.
+
+    Calls in the window, long enough and forwarded would have matched, so a sale
+    that had long-enough calls in its window had none through a forwarding number.
+    Whether the caller ever called is asked only of the sales with no call in reach.
+    """
+    return sa.case(
+        (chosen.c.call_start.is_not(None), sa.null()),
+        (
+            chosen.c.in_window == 0,
+            sa.case(
+                (_has_any_call(account_id, chosen.c.caller_e164), "calls_outside_window"),
+                else_="no_call_from_number",
+            ),
+        ),
+        (chosen.c.long_enough == 0, "calls_too_short"),
+        else_="only_non_forwarded_calls",
     )
 
 
@@ -311,7 +360,8 @@ def _match_sales(connection, account_id: str, business_date: date, rules: MatchR
 
     CREATE TABLE AS, unlike INSERT, may run its query in parallel on PostgreSQL.
     """
-    chosen = _outcome_rows(account_id, business_date, rules).subquery("chosen")
+    span = _conversion_span(connection, account_id, business_date)
+    chosen = _ordered_evidence(account_id, business_date, rules, span)
     key = conversion_key_sql(account_id, chosen.c.caller_e164, chosen.c.call_start, chosen.c.action_id)
     connection.execute(
         CreateTemporaryTableAs(
@@ -323,12 +373,16 @@ def _match_sales(connection, account_id: str, business_date: date, rules: MatchR
                 chosen.c.call_start,
                 _chosen_call_id(chosen, account_id, rules).label("call_id"),
                 sa.case((chosen.c.call_start.is_not(None), key)).label("conversion_key"),
-                chosen.c.reason,
+                _unmatched_reason(chosen, account_id).label("reason"),
+                chosen.c.source_row,
             ),
         )
     )
     _analyze(connection, OUTCOME)
-    sale, outcome = crm_sales, OUTCOME
+    sale = crm_sales
+    # In extract order, the order intake stored the sales: each table page is then
+    # written once, not once per sale (10 s -> 4.5 s for 10^6 sales, 128 MB of shared buffers).
+    outcome = sa.select(OUTCOME).order_by(OUTCOME.c.source_row).subquery("outcome")
     connection.execute(
         sale.update()
         .where(sale.c.account_id == account_id, sale.c.sale_key == outcome.c.sale_key)
@@ -364,6 +418,7 @@ OUTCOME = sa.Table(
     sa.Column("call_id", sa.String(128)),
     sa.Column("conversion_key", sa.String(64)),
     sa.Column("reason", sa.String(32)),
+    sa.Column("source_row", sa.Integer),
     prefixes=["TEMPORARY"],
 )
 
@@ -399,7 +454,9 @@ def _rebuild_conversions(connection, touched: sa.Table, account_id: str, rules: 
     """Merge the sales on each touched (call, action) into one conversion row; skip delivered ones."""
     sale = crm_sales
     groups = _groups(touched)
-    group = (sale.c.matched_call_id, sale.c.conversion_action_id)
+    # A (call, action) group's sales share its conversion key, so the key partitions them;
+    # in byte order, one sort serves the windows and the insert in key order.
+    group = byte_order(sale.c.conversion_key)
     members = (
         sa.select(
             sale.c.conversion_key,
@@ -451,7 +508,7 @@ def _rebuild_conversions(connection, touched: sa.Table, account_id: str, rules: 
         )
         .where(members.c.recency == 1, ~_is_delivered(members.c.conversion_key))
         # In key order the primary key index grows at its right edge instead of at random.
-        .order_by(members.c.conversion_key)
+        .order_by(byte_order(members.c.conversion_key))
     )
     connection.execute(
         matches.delete().where(

@@ -17,7 +17,8 @@ from callconv.match import (
     CreateTemporaryTableAs,
     _call_evidence,
     _chosen_call_id,
-    _outcome_rows,
+    _ordered_evidence,
+    _unmatched_reason,
     as_utc,
     conversion_key,
     conversion_key_sql,
@@ -92,7 +93,6 @@ def test_call_evidence_compiles_for_every_dialect(dialect_name):
     assert "call_logs.call_start < crm_sales.conversion_time" in flat
     assert "crm_sales.matched_call_id is null" in flat
     assert "group by crm_sales.sale_key" in flat
-    assert "count(call_logs.source_call_id) as any_calls" in flat
     assert " as in_window" in flat and " as long_enough" in flat
     assert " as near_start" in flat and " as best_start" in flat
 
@@ -159,13 +159,48 @@ def test_min_duration_adds_the_duration_filter(dialect_name):
     assert 45 in on.params.values()
 
 
+def join_condition(statement) -> str:
+    return normalised(str(statement)).split(" left outer join call_logs on ", 1)[1].split(" where ", 1)[0]
+
+
+@pytest.mark.parametrize("dialect_name", list(DIALECTS))
+def test_calls_out_of_every_sale_s_reach_are_not_joined(dialect_name):
+    earliest = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
+    latest = datetime(2026, 3, 2, 23, 0, tzinfo=UTC)
+    statement = compiled(_call_evidence("acme", DAY, MatchRules(window_days=7), (earliest, latest)), dialect_name)
+    join = join_condition(statement)
+    assert "call_logs.call_start >=" in join and "call_logs.call_start <" in join
+    values = list(statement.params.values())
+    assert earliest - timedelta(days=7) in values and latest in values
+    # Without a span (no unmatched sale) nothing narrows the join.
+    assert "call_start" not in join_condition(compiled(evidence(), dialect_name))
+
+
 @pytest.mark.parametrize("dialect_name", list(DIALECTS))
 def test_outcome_reasons_in_order_of_evidence(dialect_name):
-    statement = compiled(_outcome_rows("acme", DAY, MatchRules()).subquery(), dialect_name)
+    reason = _unmatched_reason(_ordered_evidence("acme", DAY, MatchRules()), "acme")
+    statement = compiled(reason, dialect_name)
     assert "coalesce(evidence.near_start, evidence.best_start)" in normalised(str(statement))
     values = list(statement.params.values())
-    # The first missing piece of evidence names the reason, so the checks go in this order.
-    assert [value for value in values if value in UNMATCHED_REASONS] == list(UNMATCHED_REASONS)
+    # The first missing piece of evidence names the reason, so the checks go in this order;
+    # with no call in the window, one probe tells an old caller from a new one.
+    order = ["calls_outside_window", "no_call_from_number", "calls_too_short", "only_non_forwarded_calls"]
+    assert sorted(order) == sorted(UNMATCHED_REASONS)
+    assert [value for value in values if value in UNMATCHED_REASONS] == order
+    assert "exists (select * from call_logs" in normalised(str(statement))
+
+
+@pytest.mark.parametrize(
+    ("dialect_name", "sort_key"),
+    [
+        ("postgresql", 'ORDER BY evidence.caller_e164 COLLATE "C"'),
+        ("sqlite", "ORDER BY evidence.caller_e164,"),
+        ("bigquery", "ORDER BY `evidence`.`caller_e164`,"),
+    ],
+)
+def test_evidence_comes_in_caller_byte_order(dialect_name, sort_key):
+    sql = " ".join(sql_of(_ordered_evidence("acme", DAY, MatchRules()), dialect_name).split())
+    assert sort_key.replace("(", "") in sql.replace("(", "")
 
 
 @pytest.mark.parametrize("dialect_name", list(DIALECTS))
@@ -256,7 +291,7 @@ def test_as_utc():
 
 @pytest.mark.parametrize("dialect_name", list(DIALECTS))
 def test_the_outcome_table_is_created_from_one_query(dialect_name):
-    chosen = _outcome_rows("acme", DAY, MatchRules()).subquery("chosen")
+    chosen = _ordered_evidence("acme", DAY, MatchRules())
     query = sa.select(chosen.c.sale_key, _chosen_call_id(chosen, "acme", MatchRules()).label("call_id"))
     statement = CreateTemporaryTableAs("tmp_sale_outcome", query).compile(dialect=DIALECTS[dialect_name])
     flat = normalised(str(statement))
