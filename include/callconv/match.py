@@ -270,6 +270,10 @@ def _prepare(connection) -> None:
     sqlhash.enable_on(connection)
     if connection.dialect.name == "postgresql":
         connection.execute(sa.select(sa.func.set_config("work_mem", POSTGRES_WORK_MEM, True)))  # SET LOCAL
+        # JIT-compiled expressions pay here; LLVM's optimise and inline passes cost about
+        # a second per process, more than they gain (10^5 sales: 6.3 s -> 4.9 s; 10^6: even).
+        for setting in ("jit_optimize_above_cost", "jit_inline_above_cost"):
+            connection.execute(sa.select(sa.func.set_config(setting, "-1", True)))
 
 
 def match_day(
@@ -584,7 +588,7 @@ def _queue_for_delivery(connection, touched: sa.Table, account_id: str, run_id: 
             sa.literal(run_id).label("run_id"),
         )
         .where(~sa.exists().where(upload_ledger.c.conversion_key == todays.c.conversion_key))
-        .order_by(todays.c.conversion_key)
+        .order_by(byte_order(todays.c.conversion_key))
     )
     inserted = connection.execute(
         upload_ledger.insert().from_select(

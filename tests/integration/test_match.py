@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from callconv.config import MatchRules
-from callconv.match import conversion_key, match_day
+from callconv.match import _prepare, conversion_key, match_day
 from callconv.schema import call_logs, crm_sales, matches, metadata, upload_ledger
 from callconv.warehouse import create_engine, migrate
 
@@ -168,6 +168,7 @@ def test_a_tie_at_one_second_goes_to_the_lowest_call_id(engine):
     [
         ([], "no_call_from_number"),
         ([{"start": SALE_TIME - timedelta(days=40)}], "calls_outside_window"),
+        ([{"start": SALE_TIME + timedelta(hours=1)}], "calls_outside_window"),
         ([{"start": SALE_TIME - timedelta(hours=1), "seconds": 10}], "calls_too_short"),
         ([{"start": SALE_TIME - timedelta(hours=1), "forwarded": False}], "only_non_forwarded_calls"),
     ],
@@ -275,6 +276,45 @@ def test_without_rematch_earlier_matches_stand_and_misses_are_retried(engine):
     assert sale_row(engine, "matched").matched_call_id == "first-call"
     assert sale_row(engine, "missed").matched_call_id == "late-call-for-missed"
     assert sale_row(engine, "missed").unmatched_reason is None
+
+
+def test_each_sale_reaches_back_its_own_window_from_a_day_of_far_apart_sales(engine):
+    # The calls joined are those in reach of the day's earliest and latest sale.
+    add_call(engine, "call-old", SALE_TIME - timedelta(days=40))
+    add_call(engine, "call-late", SALE_TIME + timedelta(hours=2))
+    add_sale(engine, "s-late-entry", at=SALE_TIME - timedelta(days=25))
+    add_sale(engine, "s-today", at=SALE_TIME)
+    add_sale(engine, "s-after-call", at=SALE_TIME + timedelta(hours=3))
+    run(engine)
+    assert sale_row(engine, "s-late-entry").matched_call_id == "call-old"
+    assert sale_row(engine, "s-today").matched_call_id is None
+    assert sale_row(engine, "s-today").unmatched_reason == "calls_outside_window"
+    assert sale_row(engine, "s-after-call").matched_call_id == "call-late"
+
+
+def test_the_match_settings_end_with_its_transaction(warehouse):
+    """work_mem and the JIT limits are SET LOCAL: a pooled connection goes back as it came."""
+    names = ("work_mem", "jit_optimize_above_cost", "jit_inline_above_cost")
+    engine = sa.create_engine(warehouse.url, poolclass=sa.pool.StaticPool)  # one connection for every checkout
+
+    def settings(connection) -> dict:
+        return {name: connection.scalar(sa.select(sa.func.current_setting(name))) for name in names}
+
+    try:
+        with engine.connect() as connection:
+            before = settings(connection)
+        with engine.begin() as connection:
+            _prepare(connection)
+            during = settings(connection)
+        assert during == {"work_mem": "256MB", "jit_optimize_above_cost": "-1", "jit_inline_above_cost": "-1"}
+        assert during != before
+        add_call(engine, "call-1", SALE_TIME - timedelta(hours=1))
+        add_sale(engine, "s1")
+        assert run(engine).matched == 1
+        with engine.connect() as connection:
+            assert settings(connection) == before
+    finally:
+        engine.dispose()
 
 
 def test_running_a_day_twice_leaves_identical_tables(engine):
