@@ -60,6 +60,7 @@ def _summary(runs: list[dict]) -> dict:
         # normalise_phones only: the naive loops timed in the same process.
         "ratio_vs_parse_format": _median(runs, "ratio_vs_parse_format"),
         "ratio_vs_parse_valid_format": _median(runs, "ratio_vs_parse_valid_format"),
+        "first_pass_ratio": _median(runs, "first_pass_ratio"),
         "last": runs[-1],
     }
 
@@ -113,11 +114,15 @@ def evaluate(run: dict, summaries: dict) -> list[dict]:
         phones = summaries.get(("normalise_phones", size))
         ratio = phones["ratio_vs_parse_format"] if phones else None
         strict = phones["ratio_vs_parse_valid_format"] if phones else None
+        first = phones["first_pass_ratio"] if phones else None
+        measured = f"{ratio:.2f}x (vs parse + validate + format: {strict:.2f}x" if ratio else "—"
+        if ratio and first:
+            measured += f"; first pass of a process, one-time costs included: {first:.2f}x"
         targets.append(
             {
                 "target": f"normalise_phones >= {config.TARGET_NORMALISE_SPEEDUP:.0f}x the naive "
                 f"`phonenumbers.parse` + `format_number` loop, {config.size_label(size)} CRM rows (realistic data)",
-                "measured": f"{ratio:.2f}x (vs parse + validate + format: {strict:.2f}x)" if ratio else "—",
+                "measured": measured + (")" if ratio else ""),
                 "result": _verdict(ratio >= config.TARGET_NORMALISE_SPEEDUP if ratio else None),
             }
         )
