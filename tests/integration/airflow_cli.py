@@ -32,6 +32,35 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def airflow_env(home: Path, port: int, executor: str, **settings: str) -> dict:
+    """An environment for an Airflow home of its own under ``home``: this project's DAGs, no
+    examples, an api-server on ``port``, a quick scheduler; ``settings`` add or override."""
+    return {
+        **os.environ,
+        "AIRFLOW_HOME": str(home / "airflow"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(home / "no-plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": executor,
+        "AIRFLOW__CORE__PARALLELISM": "2",
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        "AIRFLOW__API_AUTH__JWT_SECRET": "integration-test-secret-" + "x" * 48,
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
+        "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": "300",
+        # Only the backfill's runs: no scheduled run of today's interval alongside them.
+        "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+        **settings,
+    }
+
+
+def prepare_home(env: dict, dag_id: str) -> None:
+    """Metadata database migrated, DAGs serialised, ``dag_id`` unpaused."""
+    airflow(env, "db", "migrate")
+    airflow(env, "dags", "reserialize")
+    airflow(env, "dags", "unpause", dag_id)
+
+
 def airflow(env: dict, *args: str, timeout: int = 180) -> str:
     # A SQLite metadata DB is shared with the running scheduler: a CLI write can meet
     # its lock. A few tries with a pause, as an operator would.

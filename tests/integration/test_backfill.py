@@ -8,12 +8,11 @@ backfill again, which must upload nothing.
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
-from airflow_cli import PROJECT, airflow, as_utc, background, free_port, wait_for_port
+from airflow_cli import airflow_env, as_utc, background, free_port, prepare_home, wait_for_port
 from airflow_cli import run_backfill as run_airflow_backfill
 from test_rerun_dag import ACCOUNT, DAYS, local, three_days  # noqa: F401 - shared fixture
 
@@ -28,25 +27,8 @@ DAG_ID = f"call_conversions_import__{ACCOUNT}"
 def airflow_stack(tmp_path, three_days):  # noqa: F811 - pytest fixture
     """An Airflow home of its own, with an api-server and a scheduler running the LocalExecutor."""
     port = free_port()
-    env = {
-        **os.environ,
-        "AIRFLOW_HOME": str(tmp_path / "airflow"),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT / "dags"),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(tmp_path / "no-plugins"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        "AIRFLOW__CORE__PARALLELISM": "2",
-        "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-        "AIRFLOW__API_AUTH__JWT_SECRET": "backfill-test-secret",
-        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
-        "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": "300",
-        # Only the backfill's runs: no scheduled run of today's interval alongside them.
-        "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
-    }
-    airflow(env, "db", "migrate")
-    airflow(env, "dags", "reserialize")
-    airflow(env, "dags", "unpause", DAG_ID)
+    env = airflow_env(tmp_path, port, "LocalExecutor")
+    prepare_home(env, DAG_ID)
     logs = tmp_path / "logs"
     commands = {"api-server": ["api-server", "--port", str(port)], "scheduler": ["scheduler"]}
     with background(env, logs, commands) as processes:

@@ -28,7 +28,16 @@ from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
-from airflow_cli import PROJECT, airflow, as_utc, background, free_port, metadata_rows, run_backfill, wait_for_port
+from airflow_cli import (
+    airflow_env,
+    as_utc,
+    background,
+    free_port,
+    metadata_rows,
+    prepare_home,
+    run_backfill,
+    wait_for_port,
+)
 from test_rerun_dag import ACCOUNT, DAYS, local, three_days  # noqa: F401 - shared fixture
 
 from callconv.schema import upload_ledger
@@ -95,29 +104,18 @@ def celery_stack(tmp_path, redis_broker, metadata_database, three_days):  # noqa
     broker_url, queue = redis_broker
     worker_name = f"callconv-celery-{uuid.uuid4().hex[:8]}"
     port = free_port()
-    env = {
-        **os.environ,
-        "AIRFLOW_HOME": str(tmp_path / "airflow"),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT / "dags"),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(tmp_path / "no-plugins"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
-        "AIRFLOW__CORE__PARALLELISM": "2",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_database,
-        "AIRFLOW__CELERY__BROKER_URL": broker_url,
-        "AIRFLOW__CELERY__RESULT_BACKEND": f"db+{metadata_database}",
+    env = airflow_env(
+        tmp_path,
+        port,
+        "CeleryExecutor",
+        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=metadata_database,
+        AIRFLOW__CELERY__BROKER_URL=broker_url,
+        AIRFLOW__CELERY__RESULT_BACKEND=f"db+{metadata_database}",
         # Celery then records, per task, the worker that ran it and the queue it came from.
-        "AIRFLOW__CELERY__EXTRA_CELERY_CONFIG": json.dumps({"result_extended": True}),
-        "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
-        "AIRFLOW__OPERATORS__DEFAULT_QUEUE": queue,
-        "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-        "AIRFLOW__API_AUTH__JWT_SECRET": "celery-test-secret-" + "x" * 48,
-        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
-        "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": "300",
-        # Only the backfill's run: no scheduled run of today's interval alongside it.
-        "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
-    }
+        AIRFLOW__CELERY__EXTRA_CELERY_CONFIG=json.dumps({"result_extended": True}),
+        AIRFLOW__CELERY__WORKER_CONCURRENCY="2",
+        AIRFLOW__OPERATORS__DEFAULT_QUEUE=queue,
+    )
     # Only the worker's processes name themselves so: a task instance with this hostname ran there.
     identity = tmp_path / "worker-identity"
     identity.mkdir()
@@ -127,9 +125,7 @@ def celery_stack(tmp_path, redis_broker, metadata_database, three_days):  # noqa
         "AIRFLOW__CORE__HOSTNAME_CALLABLE": "celery_worker_identity.hostname",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(identity), env.get("PYTHONPATH")])),
     }
-    airflow(env, "db", "migrate")
-    airflow(env, "dags", "reserialize")
-    airflow(env, "dags", "unpause", DAG_ID)
+    prepare_home(env, DAG_ID)
     logs = tmp_path / "logs"
     components = {"api-server": ["api-server", "--host", "127.0.0.1", "--port", str(port)], "scheduler": ["scheduler"]}
     worker = {
