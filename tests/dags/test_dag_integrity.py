@@ -9,14 +9,16 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 DAGS_DIR = Path(__file__).resolve().parents[2] / "dags"
 DAG_FILES = sorted(DAGS_DIR.glob("*.py"))
-PARSE_BUDGET_SECONDS = 5.0
+# Airflow's own limit: the DAG processor kills a parse after core.dagbag_import_timeout
+# (30 s by default). Anything tighter is a timing assertion that flakes on a loaded CI;
+# heavy imports are caught structurally by test_no_heavy_imports_at_top_level.
+PARSE_BUDGET_SECONDS = 30.0
 # Checks of the data or of a request: a retry cannot change their answer.
 VALIDATION_TASKS = ("take_in_crm_extracts", "plan")
 
@@ -67,12 +69,10 @@ def test_parse_time_is_bounded(dag_file):
         "import time, runpy, airflow.sdk\n"
         f"start = time.perf_counter(); runpy.run_path({str(dag_file)!r}); print(time.perf_counter() - start)\n"
     )
-    started = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     seconds = float(result.stdout.strip().splitlines()[-1])
     assert seconds < PARSE_BUDGET_SECONDS, f"{dag_file.name} took {seconds:.2f}s to parse"
-    assert time.perf_counter() - started < 120
 
 
 @pytest.mark.parametrize("dag_file", DAG_FILES, ids=lambda p: p.name)

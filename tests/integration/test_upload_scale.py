@@ -137,9 +137,7 @@ def test_20000_rows_in_four_concurrent_batches_each_accepted_exactly_once(wareho
     delay = 2.0
     sandbox.set_delay(delay)
 
-    started = time.monotonic()
     outcome = run(warehouse, client, max_concurrent_batches=4)
-    elapsed = time.monotonic() - started
 
     assert (outcome.selected, outcome.sent, outcome.batches) == (20_000, 20_000, 10)
     assert (outcome.accepted, outcome.already_existed) == (20_000, 0)
@@ -150,11 +148,10 @@ def test_20000_rows_in_four_concurrent_batches_each_accepted_exactly_once(wareho
     assert len(accepted) == 20_000
     assert len({a.caller_id for a in accepted}) == 20_000
     assert sorted(r["rows"] for r in sandbox.requests) == [2000] * 10
-    # Concurrent, and never more than allowed.
+    # Concurrent, and never more than allowed: the sandbox saw four requests in flight at
+    # once, never five. (How long that takes is measured in bench/, not asserted here.)
     assert sandbox.probe.peak == 4
     assert sandbox.probe.overlaps == []
-    # Four in flight: three rounds of the delay, plus the work (this process also runs the sandbox).
-    assert elapsed < 10 * delay * 0.7, f"{elapsed:.1f} s for 10 batches of {delay} s with 4 in flight"
 
     again = run(warehouse, client, window_end=DAY_END + timedelta(days=1), max_concurrent_batches=4)
     assert (again.selected, again.sent) == (0, 0)
@@ -425,7 +422,6 @@ def _held_peak(engine) -> int:
 
 
 def test_upload_memory_does_not_grow_with_the_number_of_due_rows(warehouse, pg_schema_url, sandbox_cert):
-    started = time.monotonic()
     cert_dir = sandbox_cert.parent
     _upload_peak(warehouse, pg_schema_url, cert_dir, 50)  # warm up: imports, descriptors, channel code
 
@@ -441,11 +437,9 @@ def test_upload_memory_does_not_grow_with_the_number_of_due_rows(warehouse, pg_s
     assert outcome.batches == 30
     assert large < 1.5 * small, report
     assert large < held / 2, report
-    assert time.monotonic() - started < 60, report
 
 
 def test_upload_memory_stays_bounded_with_four_batches_in_flight(warehouse, pg_schema_url, sandbox_cert):
-    started = time.monotonic()
     cert_dir = sandbox_cert.parent
     _upload_peak(warehouse, pg_schema_url, cert_dir, 50, max_concurrent_batches=4)  # warm up
 
@@ -460,4 +454,3 @@ def test_upload_memory_stays_bounded_with_four_batches_in_flight(warehouse, pg_s
     assert outcome.batches == 30
     # Four batches of 2,000 in flight, one planned and one page read: a few batches, far from all 30.
     assert peak < held / 2, report
-    assert time.monotonic() - started < 60, report
