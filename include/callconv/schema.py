@@ -115,12 +115,12 @@ matches = sa.Table(
     sa.Column("currency_code", sa.String(3)),
     sa.Column("sale_count", sa.Integer, nullable=False),
     sa.Column("run_id", sa.String(250), nullable=False),
-    sa.UniqueConstraint("account_id", "source_call_id", "conversion_action_id", name="uq_matches_call_action"),
+    # Keyed by conversion_key alone, like the ledger: a call id reused for another caller
+    # or start is another conversion, never a unique-key crash that every retry repeats.
+    sa.Index("ix_matches_call_action", "account_id", "source_call_id", "conversion_action_id"),
     sa.Index("ix_matches_day", "account_id", "business_date"),
 )
 
-# Delivery state per conversion. The payload is copied in when the row turns
-# pending, so what is retried is exactly what was first sent.
 # What Google is sent for a conversion: the ledger keeps it as it was (or will be) sent.
 CONVERSION_PAYLOAD = (
     "caller_e164",
@@ -131,6 +131,9 @@ CONVERSION_PAYLOAD = (
     "currency_code",
 )
 
+# Delivery state per conversion. The payload is copied in when the row turns
+# pending and may change until it is first sent (``sent_at``); from then on it
+# is frozen, and every resend carries ``sent_payload``, the bytes first sent.
 upload_ledger = sa.Table(
     "upload_ledger",
     metadata,
@@ -152,7 +155,30 @@ upload_ledger = sa.Table(
     sa.Column("delivered_at", UTC_TIME),
     sa.Column("delivered_by", sa.String(8)),
     sa.Column("run_id", sa.String(250), nullable=False),
+    # Set in its own transaction before the request leaves: the payload may have reached Google.
+    sa.Column("sent_at", UTC_TIME),
+    sa.Column("sent_payload", sa.LargeBinary),
+    # The claim of the run sending it (state 'sending'); a lease run out means the sender died.
+    sa.Column("claimed_by", sa.String(250)),
+    sa.Column("request_id", sa.String(64)),
+    sa.Column("lease_until", UTC_TIME),
+    sa.Column("sends", sa.Integer, nullable=False, server_default="0"),
     sa.Index("ix_upload_ledger_state", "account_id", "state"),
+)
+
+# Changes that arrived after a conversion was sent, and were recorded instead of
+# applied (a sent payload is never changed): one row per sale and reason.
+delivery_conflicts = sa.Table(
+    "delivery_conflicts",
+    metadata,
+    sa.Column("account_id", sa.String(64), primary_key=True),
+    sa.Column("sale_key", sa.String(64), primary_key=True),
+    sa.Column("reason", sa.String(48), primary_key=True),
+    sa.Column("business_date", sa.Date, nullable=False),
+    sa.Column("conversion_key", sa.String(64)),
+    sa.Column("detail", sa.String(256)),
+    sa.Column("run_id", sa.String(250), nullable=False),
+    sa.Index("ix_delivery_conflicts_day", "account_id", "business_date"),
 )
 
 # One row per (DAG run, account, day): counts by stage, for reports and alerts.
@@ -181,4 +207,4 @@ retention_audit = sa.Table(
     sa.Column("recorded_at", UTC_TIME, nullable=False),
 )
 
-LEDGER_STATES = ("pending", "uploaded", "parked", "failed", "delivered")
+LEDGER_STATES = ("pending", "sending", "uploaded", "parked", "failed", "delivered")
