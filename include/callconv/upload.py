@@ -11,10 +11,28 @@ batch's outcome is written in one transaction:
   :class:`UploadConfigError`, the rows stay as they were;
 * any other row error -> ``failed`` with its code and a masked message.
 
-Exactly once: Google keys a call conversion on (caller id, conversion time,
-action). If the process dies after Google accepted a batch but before the
-ledger commit, the rows are still pending; the next run resends them, Google
-answers ``CALL_CONVERSION_ALREADY_EXISTS`` and they become ``uploaded``.
+Exactly once, by claims and frozen payloads (never by guessing Google's key):
+
+* **Claim before send.** Before a batch leaves, one transaction claims its rows:
+  ``state='sending'``, the claiming run, a request id and a lease, and, the
+  first time, ``sent_at`` and ``sent_payload`` (the serialized
+  ``CallConversion``). Only rows still due are claimed (on PostgreSQL the
+  candidates are locked with ``FOR UPDATE SKIP LOCKED``; SQLite has one writer),
+  so two runs can never send the same row at once.
+* **Frozen once sent.** From ``sent_at`` on, the row's payload is never changed
+  (matching leaves it alone, see :mod:`callconv.match`), and every request that
+  carries it again is built from ``sent_payload``: the same bytes.
+* **Settled after.** The answer is written by a second transaction, only on the
+  rows this request claimed. An RPC that fails releases the claim (the row is
+  due again, its payload frozen). A process killed mid-request leaves its rows
+  ``sending``; once the lease runs out, a later run takes them over and resends
+  the identical bytes.
+* **Why an identical resend is safe.** Google keys a call conversion on caller
+  id, conversion date time and conversion action, and answers a second upload of
+  that key with ``CALL_CONVERSION_ALREADY_EXISTS`` ("The imported call has the
+  same conversion_date_time as an existing conversion"): nothing is counted
+  twice, and the row becomes ``uploaded``. A *changed* payload would be a new
+  conversion to Google, which is why a sent payload never changes.
 
 Transient RPC errors are retried with bounded, jittered exponential backoff,
 then re-raised for Airflow to retry the task. Quota exhaustion parks what is
@@ -41,6 +59,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -94,6 +113,14 @@ QUOTA_CODE = "RESOURCE_EXHAUSTED"
 
 BACKOFF_BASE_SECONDS = 2.0
 BACKOFF_CAP_SECONDS = 60.0
+# How long a claim holds: longer than a request can take with all its retries
+# (5 attempts of at most 300 s, plus backoff), so a live sender never loses its rows.
+DEFAULT_LEASE = timedelta(minutes=60)
+
+
+def wall_clock() -> datetime:
+    """Claims and leases are about processes, not business days: they use the real clock."""
+    return datetime.now(UTC)
 
 
 class UploadError(RuntimeError):
@@ -128,6 +155,8 @@ class UploadOutcome:
     resend: int = 0  # RESEND_ERRORS: left due
     same_identity: int = 0  # rows sharing Google's key with another row of the batch being filled, sent later
     max_concurrent_batches: int = 1  # how many batches this run allowed in flight at once
+    resent: int = 0  # rows sent again from their frozen bytes (an earlier request may have reached Google)
+    claimed_elsewhere: int = 0  # rows read as due that another run claimed first: not sent by this one
 
     @property
     def uploaded(self) -> int:
@@ -151,6 +180,8 @@ class UploadOutcome:
             "resend": self.resend,
             "same_identity": self.same_identity,
             "max_concurrent_batches": self.max_concurrent_batches,
+            "resent": self.resent,
+            "claimed_elsewhere": self.claimed_elsewhere,
         }
 
     def add(self, other: UploadOutcome) -> None:
@@ -163,6 +194,8 @@ class UploadOutcome:
             "validated",
             "unanswered",
             "resend",
+            "resent",
+            "claimed_elsewhere",
         ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.parked.update(other.parked)
@@ -277,29 +310,39 @@ def plan_batches(rows: Sequence, batch_size: int = MAX_BATCH) -> tuple[list[list
     return batches, planner.moved
 
 
-def _build_request(client, account, batch: Sequence, dry_run: bool):
-    """The ``UploadCallConversionsRequest`` for ``batch``.
+def _conversion_bytes(client, account, row) -> bytes:
+    """One ``CallConversion`` as it goes on the wire, serialized.
 
     Filled through the raw protobuf message under the proto-plus wrapper: the
     same bytes on the wire, at a tenth of the CPU per row (proto-plus converts
     on every field set, which dominated the upload's client-side time).
     """
     consent_status = client.enums.ConsentStatusEnum
-    ad_user_data = getattr(consent_status, account.consent.ad_user_data)
-    ad_personalization = getattr(consent_status, account.consent.ad_personalization)
+    conversion = type(client.get_type("CallConversion")).pb()()
+    conversion.caller_id = row.caller_e164 or ""
+    conversion.call_start_date_time = format_ads_time(row.call_start, account.tz)
+    conversion.conversion_date_time = format_ads_time(row.conversion_time, account.tz)
+    conversion.conversion_action = account.action_resource(row.conversion_action_id)
+    if row.conversion_value is not None:
+        conversion.conversion_value = float(row.conversion_value)
+        conversion.currency_code = row.currency_code or account.default_currency
+    conversion.consent.ad_user_data = getattr(consent_status, account.consent.ad_user_data)
+    conversion.consent.ad_personalization = getattr(consent_status, account.consent.ad_personalization)
+    return conversion.SerializeToString(deterministic=True)
+
+
+def _payload(client, account, row) -> bytes:
+    """The bytes to send for ``row``: those first sent, if it ever was; else built now."""
+    frozen = getattr(row, "sent_payload", None)
+    return bytes(frozen) if frozen is not None else _conversion_bytes(client, account, row)
+
+
+def _build_request(client, account, payloads: Sequence[bytes], dry_run: bool):
+    """The ``UploadCallConversionsRequest`` carrying these serialized conversions, in order."""
     request_type = type(client.get_type("UploadCallConversionsRequest"))
     raw = request_type.pb()(customer_id=account.customer_id, partial_failure=True, validate_only=dry_run)
-    for row in batch:
-        conversion = raw.conversions.add()
-        conversion.caller_id = row.caller_e164 or ""
-        conversion.call_start_date_time = format_ads_time(row.call_start, account.tz)
-        conversion.conversion_date_time = format_ads_time(row.conversion_time, account.tz)
-        conversion.conversion_action = account.action_resource(row.conversion_action_id)
-        if row.conversion_value is not None:
-            conversion.conversion_value = float(row.conversion_value)
-            conversion.currency_code = row.currency_code or account.default_currency
-        conversion.consent.ad_user_data = ad_user_data
-        conversion.consent.ad_personalization = ad_personalization
+    for payload in payloads:
+        raw.conversions.add().MergeFromString(payload)
     return request_type.wrap(raw)
 
 
@@ -426,22 +469,28 @@ def _send(service, request, *, account_id: str, max_retries: int, sleep: Callabl
 # ---------------------------------------------------------------------- ledger
 
 
-def _due(account_id: str, window_end: datetime):
-    """The ledger rows of ``account_id`` that are due: pending, or parked until no later than ``window_end``."""
+def _due(account_id: str, window_end: datetime, now: datetime | None = None):
+    """The ledger rows of ``account_id`` that are due: pending, or parked until no later than ``window_end``.
+
+    With ``now``, also the rows whose claim's lease ran out before it: their sender died
+    mid-request, and they are resent from their frozen bytes.
+    """
     ledger = upload_ledger
-    return sa.and_(
-        ledger.c.account_id == account_id,
-        sa.or_(
-            ledger.c.state == "pending",
-            sa.and_(
-                ledger.c.state == "parked",
-                sa.or_(ledger.c.park_until.is_(None), ledger.c.park_until <= window_end),
-            ),
+    due = [
+        ledger.c.state == "pending",
+        sa.and_(
+            ledger.c.state == "parked",
+            sa.or_(ledger.c.park_until.is_(None), ledger.c.park_until <= window_end),
         ),
-    )
+    ]
+    if now is not None:
+        due.append(sa.and_(ledger.c.state == "sending", ledger.c.lease_until < now))
+    return sa.and_(ledger.c.account_id == account_id, sa.or_(*due))
 
 
-def due_rows_paged(engine, account_id: str, window_end: datetime, page_size: int = MAX_BATCH) -> Iterator:
+def due_rows_paged(
+    engine, account_id: str, window_end: datetime, page_size: int = MAX_BATCH, now: datetime | None = None
+) -> Iterator:
     """The due rows in ``conversion_key`` order, read ``page_size`` at a time (keyset pagination).
 
     Each page is one short query on its own connection, so no transaction or
@@ -451,7 +500,7 @@ def due_rows_paged(engine, account_id: str, window_end: datetime, page_size: int
     ledger = upload_ledger
     after: str | None = None
     while True:
-        query = sa.select(ledger).where(_due(account_id, window_end)).order_by(ledger.c.conversion_key)
+        query = sa.select(ledger).where(_due(account_id, window_end, now)).order_by(ledger.c.conversion_key)
         if after is not None:
             query = query.where(ledger.c.conversion_key > after)
         with engine.connect() as connection:
@@ -488,13 +537,14 @@ def _change(row, state: str, *, attempt: int = 1, park_until=None, code=None, me
     }
 
 
-def _write(engine, changes: list[dict]) -> None:
-    """Apply one batch's changes in one transaction.
+def _write(engine, changes: list[dict], request_id: str) -> None:
+    """Settle one batch's rows in one transaction, and release their claim.
 
     Rows with the same new values (usually all the uploaded ones) share one
     ``UPDATE ... WHERE conversion_key IN (...)``, so a batch costs a few
-    statements, not one round trip per row. Only rows still ``pending`` or
-    ``parked`` change: a row another run already settled is left alone.
+    statements, not one round trip per row. Only rows this request claimed
+    (``state='sending'`` under ``request_id``) change: a row another run took
+    over after a lapsed lease is that run's to settle.
     """
     if not changes:
         return
@@ -509,7 +559,7 @@ def _write(engine, changes: list[dict]) -> None:
             new = dict(zip(names, values, strict=True))
             statement = (
                 sa.update(ledger)
-                .where(ledger.c.state.in_(("pending", "parked")))
+                .where(ledger.c.state == "sending", ledger.c.request_id == request_id)
                 .values(
                     state=new["b_state"],
                     attempts=ledger.c.attempts + new["b_attempt"],
@@ -518,10 +568,78 @@ def _write(engine, changes: list[dict]) -> None:
                     error_message=new["b_error_message"],
                     delivered_at=new["b_delivered_at"],
                     delivered_by=new["b_delivered_by"],
+                    claimed_by=None,
+                    lease_until=None,
                 )
             )
             for start in range(0, len(keys), WRITE_CHUNK):
                 connection.execute(statement.where(ledger.c.conversion_key.in_(keys[start : start + WRITE_CHUNK])))
+
+
+def _claim(engine, client, account, rows: Sequence, *, window_end, run_id, request_id, now, lease) -> list:
+    """Claim the rows of a batch that are still due, in one transaction that commits before the send.
+
+    Returns the claimed rows, as stored once claimed, in the batch's order. A row
+    another run claimed (or settled) since it was read is left out. A row sent
+    for the first time gets ``sent_at`` and its serialized payload, frozen from
+    here on; a row sent before keeps both.
+    """
+    ledger = upload_ledger
+    keys = [row.conversion_key for row in rows]
+    candidates = (
+        sa.select(ledger.c.conversion_key)
+        .where(ledger.c.conversion_key.in_(keys), _due(account.id, window_end, now))
+        .with_for_update(skip_locked=True)
+    )
+    with engine.begin() as connection:
+        connection.execute(
+            sa.update(ledger)
+            .where(ledger.c.conversion_key.in_(candidates))
+            .values(
+                state="sending",
+                claimed_by=run_id,
+                request_id=request_id,
+                lease_until=now + lease,
+                sent_at=sa.func.coalesce(ledger.c.sent_at, now),
+                sends=ledger.c.sends + 1,
+            )
+        )
+        claimed = {
+            row.conversion_key: row
+            for row in connection.execute(sa.select(ledger).where(ledger.c.request_id == request_id))
+        }
+        fresh = [
+            {"b_key": key, "b_payload": _conversion_bytes(client, account, row)}
+            for key, row in claimed.items()
+            if row.sent_payload is None
+        ]
+        if fresh:
+            connection.execute(
+                sa.update(ledger)
+                .where(ledger.c.conversion_key == sa.bindparam("b_key"))
+                .values(sent_payload=sa.bindparam("b_payload")),
+                fresh,
+            )
+            claimed.update(
+                {
+                    row.conversion_key: row
+                    for row in connection.execute(
+                        sa.select(ledger).where(ledger.c.conversion_key.in_([item["b_key"] for item in fresh]))
+                    )
+                }
+            )
+    return [claimed[key] for key in keys if key in claimed]
+
+
+def _release(engine, request_id: str) -> None:
+    """Give back a claim whose request failed: the rows are due again, their payload still frozen."""
+    ledger = upload_ledger
+    with engine.begin() as connection:
+        connection.execute(
+            sa.update(ledger)
+            .where(ledger.c.state == "sending", ledger.c.request_id == request_id)
+            .values(state="pending", claimed_by=None, lease_until=None)
+        )
 
 
 def _judge_batch(batch, response, row_errors, window_end, outcome: UploadOutcome, dry_run: bool):
@@ -612,30 +730,63 @@ class _Batch:
     identities: list[tuple]
 
 
-def _run_batch(batch: _Batch, *, engine, client, service, account, window_end, run_id, dry_run, send) -> _BatchResult:
-    """Send one batch and record its outcome in one transaction. Runs in a worker thread.
+def _run_batch(
+    batch: _Batch, *, engine, client, service, account, window_end, run_id, dry_run, send, clock, lease
+) -> _BatchResult:
+    """Claim one batch's rows, send them, and settle the answer. Runs in a worker thread.
 
     Touches nothing shared: it counts into its own :class:`UploadOutcome`.
-    Quota exhaustion is returned, not raised; any other failure is raised and
-    leaves the batch's rows as they were.
+    Quota exhaustion is returned, not raised (the claimed rows are parked); any
+    other failure releases the claim and is raised. A dry run claims nothing.
     """
     delta = UploadOutcome(account_id=account.id, run_id=run_id, dry_run=dry_run)
-    request = _build_request(client, account, batch.rows, dry_run)
+    if dry_run:
+        rows, request_id = batch.rows, None
+    else:
+        request_id = uuid.uuid4().hex
+        rows = _claim(
+            engine,
+            client,
+            account,
+            batch.rows,
+            window_end=window_end,
+            run_id=run_id,
+            request_id=request_id,
+            now=clock(),
+            lease=lease,
+        )
+        delta.claimed_elsewhere = len(batch.rows) - len(rows)
+        if not rows:
+            return _BatchResult(delta)
+        delta.resent = sum(1 for row in rows if row.sends > 1)
+    request = _build_request(client, account, [_payload(client, account, row) for row in rows], dry_run)
     try:
         response = send(service, request)
     except Exception as exc:
         if _is_quota(exc):
+            if request_id is not None:
+                parked = [_change(row, "parked", attempt=0, park_until=window_end, code=QUOTA_CODE) for row in rows]
+                for change in parked:
+                    change["b_error_message"] = QUOTA_MESSAGE
+                _write(engine, parked, request_id)
             return _BatchResult(delta, quota=True)
+        if request_id is not None:
+            _release(engine, request_id)
         raise
     del request
-    delta.sent, delta.batches = len(batch.rows), 1
+    delta.sent, delta.batches = len(rows), 1
     row_errors = decode_partial_failure(client, response)
     if -1 in row_errors:
         log.warning("account %s: Google Ads reported an error that names no row", account.id)
-    changes, config = _judge_batch(batch.rows, response, row_errors, window_end, delta, dry_run)
+    before = {row.conversion_key: row.state for row in batch.rows}
+    changes, config = _judge_batch(rows, response, row_errors, window_end, delta, dry_run)
     if dry_run:
         return _BatchResult(delta, config)
-    _write(engine, changes)
+    for change in changes:
+        if change["b_state"] == "sending":  # left as it was before the claim: due again
+            earlier = before.get(change["b_key"], "pending")
+            change["b_state"] = earlier if earlier != "sending" else "pending"
+    _write(engine, changes, request_id)
     sent_but_due = [
         change["b_key"]
         for change in changes
@@ -720,6 +871,8 @@ def upload_pending(
     sleep: Callable[[float], None] = time.sleep,
     timeout: float | None = 300.0,
     max_concurrent_batches: int = 1,
+    clock: Callable[[], datetime] = wall_clock,
+    lease: timedelta = DEFAULT_LEASE,
 ) -> UploadOutcome:
     """Upload ``account``'s due ledger rows through ``client``; see the module doc.
 
@@ -728,6 +881,8 @@ def upload_pending(
     ``dry_run`` sends ``validate_only`` requests and records nothing.
     ``max_concurrent_batches`` bounds the batches in flight at once (1: one
     after the other); each in-flight batch holds at most ``batch_size`` rows.
+    ``clock`` and ``lease`` time the claims: a row claimed by a run that died
+    is taken over once its lease has run out by ``clock``.
     """
     if window_end.tzinfo is None:
         raise ValueError("window_end must be timezone-aware")
@@ -759,9 +914,13 @@ def upload_pending(
             run_id=run_id,
             dry_run=dry_run,
             send=send,
+            clock=clock,
+            lease=lease,
         )
 
-    planner = BatchPlanner(due_rows_paged(engine, account.id, window_end, batch_size), batch_size)
+    # Claims lapsed before this run started are taken over (never in a dry run: it claims nothing).
+    lapsed_before = None if dry_run else clock()
+    planner = BatchPlanner(due_rows_paged(engine, account.id, window_end, batch_size, lapsed_before), batch_size)
     state = _Run(outcome)
     log.info(
         "account %s run %s%s: uploading due conversions in batches of up to %d, %d batch(es) in flight at most",

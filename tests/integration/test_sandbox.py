@@ -117,16 +117,38 @@ def test_row_errors_come_back_as_partial_failure_with_row_indexes(sandbox, clien
     assert decode_partial_failure(client, again)[0][0] == "CALL_CONVERSION_ALREADY_EXISTS"
 
 
-def test_two_calls_from_one_caller_may_convert_in_the_same_second(sandbox, client):
+def test_google_keys_a_call_conversion_on_caller_conversion_time_and_action(sandbox, client):
+    """Google's documented rule, not ours: the call start is not part of the key."""
     first = conversion(client, start="2026-03-01 08:00:00+01:00", at="2026-03-01 10:00:00+01:00")
     second = conversion(client, start="2026-03-01 08:30:00+01:00", at="2026-03-01 10:00:00+01:00")
 
     response = upload(client, [first, second])
 
-    assert decode_partial_failure(client, response) == {}
-    assert len(sandbox.accepted()) == 2
+    assert decode_partial_failure(client, response) == {
+        1: ("DUPLICATE_CALL_CONVERSION_IN_REQUEST", "Multiple events have the same call and conversion_date_time.")
+    }
+    assert len(sandbox.accepted()) == 1
+    # Another call, the same caller, conversion time and action: already there.
     again = upload(client, [conversion(client, start="2026-03-01 08:30:00+01:00", at="2026-03-01 10:00:00+01:00")])
     assert decode_partial_failure(client, again)[0][0] == "CALL_CONVERSION_ALREADY_EXISTS"
+    # Another conversion time on the same call is another conversion.
+    later = upload(client, [conversion(client, start="2026-03-01 08:00:00+01:00", at="2026-03-01 10:00:01+01:00")])
+    assert decode_partial_failure(client, later) == {}
+    assert len(sandbox.accepted()) == 2
+
+
+def test_two_requests_with_the_same_conversion_in_flight_record_it_once(sandbox, client):
+    """No global lock serialises requests: the insert-if-absent on Google's key decides."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sandbox.set_delay(0.3)
+    same = [conversion(client, at="2026-03-01 10:00:00+01:00") for _ in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda row: upload(client, [row]), same))
+
+    codes = sorted(decode_partial_failure(client, answer).get(0, ("ok",))[0] for answer in answers)
+    assert codes == ["CALL_CONVERSION_ALREADY_EXISTS", "ok"]
+    assert len(sandbox.accepted()) == 1
 
 
 def test_validate_only_checks_but_records_nothing(sandbox, client):

@@ -143,6 +143,7 @@ def test_clean_day_uploads_every_conversion_exactly_once(warehouse, sandbox, cli
     assert sandbox.requests[-1]["developer_token"] == DEV_TOKEN
     assert ledger_counts(warehouse, "acme") == {
         "pending": 0,
+        "sending": 0,
         "uploaded": 5,
         "parked": 0,
         "failed": 0,
@@ -527,10 +528,10 @@ def test_rows_with_the_same_google_key_never_share_a_request(warehouse, sandbox,
 
     assert outcome.same_identity == 1
     assert [r["rows"] for r in sandbox.requests] == [1, 1]
-    # Google's own key holds the call's start too, so the twin, from another call, is a
-    # conversion of its own; the planner's coarser key only costs it a later request.
+    # Google keys a call conversion on caller, conversion time and action, not the call's
+    # start: the twin, though from another call, is the same conversion to Google.
     assert first["call_start"] != twin["call_start"]
-    assert (outcome.accepted, outcome.already_existed) == (2, 0)
+    assert (outcome.accepted, outcome.already_existed) == (1, 1)
     assert "DUPLICATE_CALL_CONVERSION_IN_REQUEST" not in outcome.failed
 
 

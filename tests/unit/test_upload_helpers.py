@@ -18,6 +18,7 @@ from callconv.upload import (
     UploadOutcome,
     _action_problem,
     _build_request,
+    _conversion_bytes,
     _customer_problem,
     _identity,
     format_ads_time,
@@ -189,7 +190,7 @@ def test_build_request_matches_the_proto_plus_message_byte_for_byte():
         conversion.consent.ad_personalization = client.enums.ConsentStatusEnum.DENIED
         expected.conversions.append(conversion)
 
-    built = _build_request(client, acme, batch, dry_run=True)
+    built = _build_request(client, acme, [_conversion_bytes(client, acme, item) for item in batch], dry_run=True)
 
     assert type(built).serialize(built) == type(expected).serialize(expected)
     assert "conversion_value" in built.conversions[0] and "conversion_value" not in built.conversions[1]

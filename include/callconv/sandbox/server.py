@@ -173,8 +173,10 @@ class AcceptedConversion:
     accepted_at: datetime
 
     @property
-    def key(self) -> tuple[str, str, datetime, datetime, str]:
-        return (self.customer_id, self.caller_id, self.call_start, self.conversion_time, self.action_id)
+    def key(self) -> tuple[str, str, datetime, str]:
+        """Google's duplicate rule: caller id, conversion date time and conversion action
+        ("The imported call has the same conversion_date_time as an existing conversion")."""
+        return (self.customer_id, self.caller_id, self.conversion_time, self.action_id)
 
 
 def load_calls_from_warehouse(engine, account_id: str) -> set[tuple[str, datetime]]:
@@ -481,6 +483,8 @@ class SandboxServer:
                     "customer_id": request.customer_id,
                     "rows": len(request.conversions),
                     "validate_only": request.validate_only,
+                    # Each row as it came on the wire: tests tell identical resends from changed ones.
+                    "payloads": [type(c).serialize(c) for c in request.conversions],
                     "developer_token": metadata.get("developer-token"),
                     "login_customer_id": metadata.get("login-customer-id"),
                 }
@@ -584,45 +588,55 @@ class SandboxServer:
                 )
 
             now = self.now()
-            errors, results, accepted = [], [], []
-            seen: set[tuple] = set()
-            for index, conversion in enumerate(request.conversions):
-                outcome = self._check_row(customer_id, actions, index, conversion, now, seen)
-                if isinstance(outcome, AcceptedConversion):
-                    accepted.append(outcome)
-                    results.append(
-                        t.Result(
-                            caller_id=conversion.caller_id,
-                            call_start_date_time=conversion.call_start_date_time,
-                            conversion_action=conversion.conversion_action,
-                            conversion_date_time=conversion.conversion_date_time,
-                        )
-                    )
-                else:
-                    errors.append(outcome)
-                    results.append(t.Result())
-
-            response = t.Response()
-            if errors:
-                from google.protobuf import any_pb2
-                from google.rpc import code_pb2, status_pb2
-
-                failure = t.Failure(errors=errors)
-                response.partial_failure_error = status_pb2.Status(
-                    code=code_pb2.INVALID_ARGUMENT,
-                    message=f"{len(errors)} of {len(request.conversions)} conversions failed.",
-                    details=[any_pb2.Any(type_url=t.failure_type_url, value=t.Failure.serialize(failure))],
-                )
-            if request.validate_only:
-                return response, False
-            for row in accepted:
-                self._accepted[row.key] = row
-            response.results.extend(results)
             die = False
-            if self._die_after_accept > 0:
+            if not request.validate_only and self._die_after_accept > 0:
                 self._die_after_accept -= 1
                 die = True
-            return response, die
+
+        # Rows are checked and recorded outside the server's lock, as Google serves requests
+        # side by side: a conversion is recorded by one atomic insert-if-absent on its key,
+        # so two requests in flight with the same conversion record it once.
+        errors, results = [], []
+        seen: set[tuple] = set()
+        for index, conversion in enumerate(request.conversions):
+            outcome = self._check_row(customer_id, actions, index, conversion, now, seen)
+            if isinstance(outcome, AcceptedConversion) and not request.validate_only:
+                if self._accepted.setdefault(outcome.key, outcome) is not outcome:
+                    outcome = self._error(
+                        "conversion_upload_error",
+                        "CALL_CONVERSION_ALREADY_EXISTS",
+                        "The imported call has the same conversion_date_time as an existing conversion.",
+                        ("conversions", index),
+                        ("conversion_date_time", None),
+                    )
+            if isinstance(outcome, AcceptedConversion):
+                results.append(
+                    t.Result(
+                        caller_id=conversion.caller_id,
+                        call_start_date_time=conversion.call_start_date_time,
+                        conversion_action=conversion.conversion_action,
+                        conversion_date_time=conversion.conversion_date_time,
+                    )
+                )
+            else:
+                errors.append(outcome)
+                results.append(t.Result())
+
+        response = t.Response()
+        if errors:
+            from google.protobuf import any_pb2
+            from google.rpc import code_pb2, status_pb2
+
+            failure = t.Failure(errors=errors)
+            response.partial_failure_error = status_pb2.Status(
+                code=code_pb2.INVALID_ARGUMENT,
+                message=f"{len(errors)} of {len(request.conversions)} conversions failed.",
+                details=[any_pb2.Any(type_url=t.failure_type_url, value=t.Failure.serialize(failure))],
+            )
+        if request.validate_only:
+            return response, False
+        response.results.extend(results)
+        return response, die
 
     def _check_row(self, customer_id, actions, index, conversion, now, seen):
         """An AcceptedConversion, or the GoogleAdsError for the row."""
@@ -686,9 +700,8 @@ class SandboxServer:
                 "The conversion_date_time precedes the call. Make sure conversion_date_time is correct.",
                 "conversion_date_time",
             )
-        # "The imported call has the same conversion_date_time": a call is its caller and its
-        # start, so two calls from one caller may each convert in the same second.
-        key = (customer_id, caller, call_start, conversion_time, action.id)
+        # Google's key for a call conversion: caller id, conversion date time and action.
+        key = (customer_id, caller, conversion_time, action.id)
         if key in seen:
             return fail(
                 "DUPLICATE_CALL_CONVERSION_IN_REQUEST",
