@@ -95,6 +95,9 @@ class MatchRules(_Strict):
     crm_call_start_tolerance_seconds: int = Field(120, ge=0)
     # How several sales on one call under one action become one conversion.
     merge_rule: Literal["sum", "latest"] = "sum"
+    # A sale that reaches a conversion already sent to Google (which can never be changed
+    # or retracted): a recorded conflict, or a conversion of its own. See callconv.match.
+    late_sale: Literal["conflict", "new_conversion"] = "conflict"
 
 
 class ValidationRules(_Strict):

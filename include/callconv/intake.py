@@ -28,6 +28,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from decimal import Decimal
 from functools import partial
 
 import pandas as pd
@@ -38,7 +39,8 @@ from callconv.config import Account, Settings
 from callconv.conversion_file import safe_text
 from callconv.crypto import Keyring
 from callconv.extract import CrmFileReader, frame_from_query, imported_checksums, landing_files
-from callconv.schema import crm_imports, crm_sales, quarantine
+from callconv.match import as_utc, conversion_sent
+from callconv.schema import crm_imports, crm_sales, delivery_conflicts, quarantine
 from callconv.storage import open_for_read, plain_name, remove, store_as, stored_name
 from callconv.validate import ExtractRejected, ExtractValidator
 from callconv.validate_prepare import CANONICAL_COLUMNS
@@ -57,6 +59,7 @@ class IntakeOutcome:
     data_docs: list[str] = field(default_factory=list)
     archived: int = 0
     quarantine_export_rows: int = 0
+    conflicts: dict[str, int] = field(default_factory=dict)
 
     def as_counts(self) -> dict:
         return {
@@ -67,6 +70,7 @@ class IntakeOutcome:
             "quarantined": dict(sorted(self.quarantined.items())),
             "archived": self.archived,
             "quarantine_exported": self.quarantine_export_rows,
+            "conflicts": dict(sorted(self.conflicts.items())),
             "warnings": self.warnings,
         }
 
@@ -239,7 +243,9 @@ def _take_in(day: _Day, extract: _Extract, outcome: IntakeOutcome) -> None:
                 for reason, count in _count_first_reasons(reasons).items():
                     first_reasons[reason] = first_reasons.get(reason, 0) + count
                 sale_rows = _sale_records(sales, account, extract, business_date)
-                _upsert(connection, crm_sales, ("account_id", "sale_key"), sale_rows)
+                changed = _store_sales(connection, account.id, sale_rows, day.run_id)
+                if changed:
+                    outcome.conflicts[CHANGED_AFTER_SEND] = outcome.conflicts.get(CHANGED_AFTER_SEND, 0) + changed
                 quarantine_rows = _quarantine_records(chunk, reasons, account, extract, business_date, day.run_id)
                 _upsert(connection, quarantine, ("account_id", "import_checksum", "source_row"), quarantine_rows)
             report = validator.finish()
@@ -483,6 +489,132 @@ def _count_first_reasons(reasons: dict[int, list[str]]) -> dict[str, int]:
     for found in reasons.values():
         counts[found[0]] = counts.get(found[0], 0) + 1
     return counts
+
+
+CHANGED_AFTER_SEND = "changed_after_send"
+# What matching wrote on a sale: it belongs to the sale's key, not to the row an extract brought.
+MATCH_STATE = ("matched_call_id", "matched_call_start", "conversion_key", "unmatched_reason")
+# What a sale contributes to the conversion sent to Google.
+SALE_PAYLOAD = (
+    "caller_e164",
+    "conversion_time",
+    "crm_call_start",
+    "outcome",
+    "conversion_action_id",
+    "conversion_value",
+    "currency_code",
+)
+
+
+def _comparable(name: str, value):
+    if value is None:
+        return None
+    if name in ("conversion_time", "crm_call_start"):
+        return as_utc(value)
+    if name == "conversion_value":
+        return Decimal(str(value)).quantize(Decimal("0.0001"))
+    return value
+
+
+def _changed_fields(stored, record: dict) -> list[str]:
+    """The payload fields in which a re-exported sale differs from the stored one.
+
+    A caller redacted by retention is unknown, not different.
+    """
+    names = [name for name in SALE_PAYLOAD if not (name == "caller_e164" and stored.caller_e164 is None)]
+    return [name for name in names if _comparable(name, getattr(stored, name)) != _comparable(name, record[name])]
+
+
+def _store_sales(connection, account_id: str, records: list[dict], run_id: str, chunk: int = 2000) -> int:
+    """Upsert the sales by key; a re-export never loses what matching and delivery know of them.
+
+    * A sale not seen before is inserted.
+    * A sale seen before, whose conversion was never sent, takes the new content and keeps
+      its match state, so the next match sees the group it was in and rebuilds it.
+    * A sale whose conversion may have reached Google is frozen: its stored content stays
+      (it is what was sent); it is only re-pointed at this import. If the export changed
+      its payload, a ``changed_after_send`` conflict names the fields.
+
+    Returns how many frozen sales came back changed.
+    """
+    sale = crm_sales
+    changed_after_send = 0
+    for start in range(0, len(records), chunk):
+        part = records[start : start + chunk]
+        keys = [record["sale_key"] for record in part]
+        sent = sa.and_(sale.c.conversion_key.is_not(None), conversion_sent(sale.c.conversion_key))
+        stored = {
+            row.sale_key: row
+            for row in connection.execute(
+                sa.select(
+                    sale.c.sale_key,
+                    sale.c.business_date,
+                    *(sale.c[name] for name in SALE_PAYLOAD),
+                    *(sale.c[name] for name in MATCH_STATE),
+                    sa.case((sent, True), else_=False).label("sent"),
+                ).where(sale.c.account_id == account_id, sale.c.sale_key.in_(keys))
+            )
+        }
+        replace, frozen, conflicts = [], [], []
+        for record in part:
+            old = stored.get(record["sale_key"])
+            if old is None:
+                replace.append(record)
+            elif old.sent:
+                frozen.append(
+                    {
+                        "b_key": record["sale_key"],
+                        "b_checksum": record["import_checksum"],
+                        "b_row": record["source_row"],
+                    }
+                )
+                fields = _changed_fields(old, record)
+                if fields:
+                    conflicts.append(
+                        {
+                            "account_id": account_id,
+                            "sale_key": record["sale_key"],
+                            "reason": CHANGED_AFTER_SEND,
+                            "business_date": old.business_date,
+                            "conversion_key": old.conversion_key,
+                            "detail": ("changed after its conversion was sent: " + ", ".join(fields))[:256],
+                            "run_id": run_id,
+                        }
+                    )
+            else:
+                replace.append({**record, **{name: getattr(old, name) for name in MATCH_STATE}})
+        if replace:
+            connection.execute(
+                sale.delete().where(
+                    sale.c.account_id == account_id, sale.c.sale_key.in_([r["sale_key"] for r in replace])
+                )
+            )
+            connection.execute(sale.insert(), replace)
+        if frozen:
+            connection.execute(
+                sale.update()
+                .where(sale.c.account_id == account_id, sale.c.sale_key == sa.bindparam("b_key"))
+                .values(import_checksum=sa.bindparam("b_checksum"), source_row=sa.bindparam("b_row")),
+                frozen,
+            )
+        if conflicts:
+            connection.execute(
+                delivery_conflicts.delete().where(
+                    delivery_conflicts.c.account_id == account_id,
+                    delivery_conflicts.c.reason == CHANGED_AFTER_SEND,
+                    delivery_conflicts.c.sale_key.in_([c["sale_key"] for c in conflicts]),
+                )
+            )
+            connection.execute(delivery_conflicts.insert(), conflicts)
+            changed_after_send += len(conflicts)
+    if changed_after_send:
+        log.warning(
+            "intake: %d sales of account %s changed after their conversion was sent; kept as sent (%s)",
+            changed_after_send,
+            account_id,
+            CHANGED_AFTER_SEND,
+        )
+    return changed_after_send
 
 
 def _upsert(connection, table: sa.Table, key: tuple[str, ...], rows: list[dict], chunk: int = 2000) -> None:

@@ -15,8 +15,20 @@ Several sales on one call under one conversion action become one conversion:
 sale's value stands), ``latest`` keeps the latest sale's value. Either way the
 conversion time is the latest sale's time.
 
-A conversion that has been delivered is frozen: a rematch never moves its
-sales or changes what was sent.
+A conversion whose request may have reached Google (its ledger row has
+``sent_at``, or is ``sending``, ``uploaded`` or ``delivered``) is frozen: a
+rematch never moves its sales or changes what was sent. A sale that reaches a
+frozen conversion afterwards (a later sale on a delivered call, a sale
+re-exported or rematched onto it) is never merged into it. The account's
+``match.late_sale`` policy decides what it becomes:
+
+* ``conflict`` (the default): no conversion; the sale keeps its call, and a
+  ``delivery_conflicts`` row with reason ``late_sale_on_delivered_call`` says why,
+  counted in the run summary and alerted;
+* ``new_conversion``: a conversion of its own, with its own conversion time and
+  value, keyed by the call, the action and the sale. Google counts it as another
+  conversion of the call (its duplicate key is caller, conversion time and
+  action), so choose it only where one call can really bring several sales.
 
 How it runs: one aggregate pass over the day's sales joined to their callers'
 calls in reach of the day gives, per sale, the best call start and the counts
@@ -28,6 +40,7 @@ conversion key hashed in SQL. Matches and ledger rows are rebuilt only for the
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -39,7 +52,15 @@ from sqlalchemy.sql.expression import ClauseElement, Executable
 
 from callconv import sqlhash
 from callconv.config import MatchRules
-from callconv.schema import CONVERSION_PAYLOAD, UTC_TIME, call_logs, crm_sales, matches, upload_ledger
+from callconv.schema import (
+    CONVERSION_PAYLOAD,
+    UTC_TIME,
+    call_logs,
+    crm_sales,
+    delivery_conflicts,
+    matches,
+    upload_ledger,
+)
 from callconv.sqlhash import sha256_hex
 from callconv.sqlorder import byte_order
 from callconv.sqltime import shift_seconds, utc_second_text
@@ -47,7 +68,9 @@ from callconv.warehouse import Analyze
 
 log = logging.getLogger(__name__)
 
-DELIVERED_STATES = ("uploaded", "delivered")
+# Ledger states whose payload may have reached Google, whatever sent_at says.
+SENT_STATES = ("sending", "uploaded", "delivered")
+LATE_SALE = "late_sale_on_delivered_call"
 # Per sort or hash in the match transaction (PostgreSQL): a day of 10^6 sales
 # aggregates in memory instead of spilling to disk.
 POSTGRES_WORK_MEM = "256MB"
@@ -67,6 +90,7 @@ class MatchOutcome:
     conversions: int
     frozen: int
     new_pending: int
+    conflicts: dict[str, int] | None = None
 
     def as_counts(self) -> dict:
         return {
@@ -76,6 +100,7 @@ class MatchOutcome:
             "match_rate": round(self.matched / self.sales, 4) if self.sales else None,
             "conversions": self.conversions,
             "new_pending": self.new_pending,
+            "conflicts": dict(self.conflicts or {}),
         }
 
 
@@ -96,13 +121,20 @@ def _day_sales(account_id: str, business_date: date):
     return sa.and_(crm_sales.c.account_id == account_id, crm_sales.c.business_date == business_date)
 
 
-def _is_delivered(key_column):
-    """NOT EXISTS, not NOT IN: a long ledger history must stay an index probe, not a rescan."""
-    return sa.exists().where(upload_ledger.c.conversion_key == key_column, upload_ledger.c.state.in_(DELIVERED_STATES))
+def conversion_sent(key_column):
+    """The conversion may have reached Google: frozen.
+
+    NOT EXISTS, not NOT IN: a long ledger history must stay an index probe, not a rescan.
+    """
+    ledger = upload_ledger
+    return sa.exists().where(
+        ledger.c.conversion_key == key_column,
+        sa.or_(ledger.c.sent_at.is_not(None), ledger.c.state.in_(SENT_STATES)),
+    )
 
 
 def _not_frozen():
-    return sa.or_(crm_sales.c.conversion_key.is_(None), ~_is_delivered(crm_sales.c.conversion_key))
+    return sa.or_(crm_sales.c.conversion_key.is_(None), ~conversion_sent(crm_sales.c.conversion_key))
 
 
 def _in_window(rules: MatchRules):
@@ -260,6 +292,21 @@ def conversion_key_sql(account_id: str, caller, call_start, action_id):
     return sha256_hex(text)
 
 
+def separate_key_sql(account_id: str, caller, call_start, action_id, sale_key):
+    """The key of a late sale's own conversion (policy ``new_conversion``): its call, action and sale."""
+    text = (
+        sa.literal(f"{account_id}|")
+        + caller
+        + "|"
+        + utc_second_text(call_start)
+        + "|"
+        + action_id
+        + "|sale|"
+        + sale_key
+    )
+    return sha256_hex(text)
+
+
 def _analyze(connection, table: sa.Table) -> None:
     # Autovacuum never sees temporary tables; without statistics the planner guesses.
     if connection.dialect.name == "postgresql":
@@ -296,6 +343,8 @@ def match_day(
             .where(_day_sales(account_id, business_date), crm_sales.c.matched_call_id.is_not(None))
         )
         _match_sales(connection, account_id, business_date, rules)
+        conflicts = _late_sales(connection, account_id, business_date, rules, run_id)
+        _write_outcome(connection, account_id)
         # The groups the new matches joined (frozen sales' groups are delivered: nothing to rebuild).
         connection.execute(
             touched.insert().from_select(
@@ -310,10 +359,18 @@ def match_day(
         conversions = _rebuild_conversions(connection, touched, account_id, rules, run_id)
         new_pending = _queue_for_delivery(connection, touched, account_id, run_id)
         outcome = _day_counts(connection, account_id, business_date, conversions, frozen, new_pending)
+        outcome = dataclasses.replace(outcome, conflicts=conflicts)
         touched.drop(connection)
 
+    if conflicts:
+        log.warning(
+            "match: %d sales reached a conversion already sent and were not merged into it (policy %s): %s",
+            sum(conflicts.values()),
+            rules.late_sale,
+            conflicts,
+        )
     log.info(
-        "match: %d sales, %d matched, %d unmatched %s, %d conversions (%d frozen as delivered), %d newly pending",
+        "match: %d sales, %d matched, %d unmatched %s, %d conversions (%d frozen as sent), %d newly pending",
         outcome.sales,
         outcome.matched,
         sum(outcome.unmatched.values()),
@@ -339,6 +396,14 @@ def _forget_earlier_matches(connection, touched: sa.Table, account_id: str, busi
     else:
         forget = sale.c.unmatched_reason.is_not(None)
     _remember_groups(connection, touched, sa.and_(day, forget))
+    # Their late-sale conflicts are decided again by this match.
+    connection.execute(
+        delivery_conflicts.delete().where(
+            delivery_conflicts.c.account_id == account_id,
+            delivery_conflicts.c.reason == LATE_SALE,
+            delivery_conflicts.c.sale_key.in_(sa.select(sale.c.sale_key).where(day, forget)),
+        )
+    )
     connection.execute(
         sale.update()
         .where(day, forget)
@@ -360,7 +425,7 @@ def _remember_groups(connection, touched: sa.Table, sales) -> None:
 
 
 def _match_sales(connection, account_id: str, business_date: date, rules: MatchRules) -> None:
-    """Choose each unmatched sale's call (or reason) into tmp_sale_outcome, then write each sale once.
+    """Choose each unmatched sale's call (or reason) into tmp_sale_outcome.
 
     CREATE TABLE AS, unlike INSERT, may run its query in parallel on PostgreSQL.
     """
@@ -379,10 +444,51 @@ def _match_sales(connection, account_id: str, business_date: date, rules: MatchR
                 sa.case((chosen.c.call_start.is_not(None), key)).label("conversion_key"),
                 _unmatched_reason(chosen, account_id).label("reason"),
                 chosen.c.source_row,
+                sa.cast(sa.null(), sa.String(48)).label("conflict"),
+                sa.cast(sa.null(), sa.String(64)).label("sent_key"),
             ),
         )
     )
     _analyze(connection, OUTCOME)
+
+
+def _late_sales(connection, account_id: str, business_date: date, rules: MatchRules, run_id: str) -> dict[str, int]:
+    """Sales matched now onto a conversion already sent: never merged into it (see the module doc).
+
+    Under ``conflict`` they lose their conversion key; under ``new_conversion`` they get a
+    key of their own. Either way a ``delivery_conflicts`` row records it. Returns counts by reason.
+    """
+    late = sa.and_(OUTCOME.c.conversion_key.is_not(None), conversion_sent(OUTCOME.c.conversion_key))
+    if rules.late_sale == "new_conversion":
+        new_key = separate_key_sql(
+            account_id, OUTCOME.c.caller_e164, OUTCOME.c.call_start, OUTCOME.c.action_id, OUTCOME.c.sale_key
+        )
+    else:
+        new_key = sa.null()
+    connection.execute(
+        OUTCOME.update()
+        .where(late)
+        .values(conflict=LATE_SALE, sent_key=OUTCOME.c.conversion_key, conversion_key=new_key)
+    )
+    count = connection.execute(
+        delivery_conflicts.insert().from_select(
+            ["account_id", "sale_key", "reason", "business_date", "conversion_key", "detail", "run_id"],
+            sa.select(
+                sa.literal(account_id),
+                OUTCOME.c.sale_key,
+                OUTCOME.c.conflict,
+                sa.literal(business_date, sa.Date),
+                OUTCOME.c.sent_key,
+                sa.literal(f"its call's conversion was already sent; policy {rules.late_sale}"),
+                sa.literal(run_id),
+            ).where(OUTCOME.c.conflict.is_not(None)),
+        )
+    ).rowcount
+    return {LATE_SALE: count} if count and count > 0 else {}
+
+
+def _write_outcome(connection, account_id: str) -> None:
+    """Write each sale's outcome once."""
     sale = crm_sales
     # In extract order, the order intake stored the sales: each table page is then
     # written once, not once per sale (10 s -> 4.5 s for 10^6 sales, 128 MB of shared buffers).
@@ -423,6 +529,8 @@ OUTCOME = sa.Table(
     sa.Column("conversion_key", sa.String(64)),
     sa.Column("reason", sa.String(32)),
     sa.Column("source_row", sa.Integer),
+    sa.Column("conflict", sa.String(48)),  # why the sale is not merged into its call's conversion
+    sa.Column("sent_key", sa.String(64)),  # the conversion already sent that it reached
     prefixes=["TEMPORARY"],
 )
 
@@ -489,6 +597,8 @@ def _rebuild_conversions(connection, touched: sa.Table, account_id: str, rules: 
                 sale.c.conversion_action_id == groups.c.action_id,
             ),
         )
+        # A late sale under the conflict policy keeps its call but joins no conversion.
+        .where(sale.c.conversion_key.is_not(None))
         .subquery("members")
     )
     value = members.c.conversion_value
@@ -510,7 +620,7 @@ def _rebuild_conversions(connection, touched: sa.Table, account_id: str, rules: 
             members.c.sale_count,
             sa.literal(run_id),
         )
-        .where(members.c.recency == 1, ~_is_delivered(members.c.conversion_key))
+        .where(members.c.recency == 1, ~conversion_sent(members.c.conversion_key))
         # In key order the primary key index grows at its right edge instead of at random.
         .order_by(byte_order(members.c.conversion_key))
     )
@@ -518,7 +628,7 @@ def _rebuild_conversions(connection, touched: sa.Table, account_id: str, rules: 
         matches.delete().where(
             matches.c.account_id == account_id,
             _in_touched(touched, matches.c.source_call_id, matches.c.conversion_action_id),
-            ~_is_delivered(matches.c.conversion_key),
+            ~conversion_sent(matches.c.conversion_key),
         )
     )
     inserted = connection.execute(
@@ -540,10 +650,12 @@ def _rebuild_conversions(connection, touched: sa.Table, account_id: str, rules: 
             rows,
         )
     ).rowcount
-    # A rematch can move every sale off a call: its conversion is gone and must not be sent.
+    # A rematch can move every sale off a call: its conversion is gone and must not be sent
+    # (unless it may have been sent already: then it stays, as it was).
     connection.execute(
         upload_ledger.delete().where(
             upload_ledger.c.state.in_(("pending", "parked")),
+            upload_ledger.c.sent_at.is_(None),
             upload_ledger.c.conversion_key.in_(
                 sa.select(touched.c.conversion_key).where(touched.c.conversion_key.is_not(None))
             ),
@@ -554,9 +666,10 @@ def _rebuild_conversions(connection, touched: sa.Table, account_id: str, rules: 
 
 
 def _queue_for_delivery(connection, touched: sa.Table, account_id: str, run_id: str) -> int:
-    """Pending ledger rows take the newest payload; new conversions enter as pending.
+    """Pending ledger rows never sent take the newest payload; new conversions enter as pending.
 
-    The refresh runs first, so it never rewrites the rows the insert creates.
+    The refresh runs first, so it never rewrites the rows the insert creates. A row
+    with ``sent_at`` is never refreshed: what may have reached Google never changes.
     """
     groups = _groups(touched)
     todays = (
@@ -574,7 +687,12 @@ def _queue_for_delivery(connection, touched: sa.Table, account_id: str, run_id: 
     changed = sa.or_(*(upload_ledger.c[name].is_distinct_from(todays.c[name]) for name in CONVERSION_PAYLOAD))
     connection.execute(
         upload_ledger.update()
-        .where(upload_ledger.c.state == "pending", upload_ledger.c.conversion_key == todays.c.conversion_key, changed)
+        .where(
+            upload_ledger.c.state == "pending",
+            upload_ledger.c.sent_at.is_(None),
+            upload_ledger.c.conversion_key == todays.c.conversion_key,
+            changed,
+        )
         .values({name: todays.c[name] for name in CONVERSION_PAYLOAD})
     )
     new_rows = (
