@@ -99,13 +99,16 @@ def _rerun_dag(account_ids: list[str]):
 
                 return run(account_id, context, day=day)
 
-            @task(retries=3, retry_delay=timedelta(minutes=10))
+            # One delivery at a time in a rerun: an upload sends every due row of its account,
+            # so the days' mapped uploads take turns (claims in the ledger keep any overlap
+            # with the daily import exactly-once as well).
+            @task(retries=3, retry_delay=timedelta(minutes=10), max_active_tis_per_dagrun=1)
             def upload_conversions(account_id: str, day: str, **context) -> dict:
                 from callconv.steps import upload_conversions as run
 
                 return run(account_id, context, dry_run=bool(context["params"]["dry_run"]), day=day)
 
-            @task(retries=3, retry_delay=timedelta(minutes=10))
+            @task(retries=3, retry_delay=timedelta(minutes=10), max_active_tis_per_dagrun=1)
             def publish_conversion_file(account_id: str, day: str, **context) -> dict:
                 from callconv.steps import publish_conversion_file as run
 

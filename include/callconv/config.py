@@ -132,6 +132,9 @@ class Upload(_Strict):
     batch_size: int = Field(2000, ge=1, le=2000)
     # Batches in flight at once per account; the ledger stays exactly-once either way.
     max_concurrent_batches: int = Field(1, ge=1, le=16)
+    # How long a claim on ledger rows holds before another run may take over and resend
+    # them (identical bytes): longer than one request with all its retries can take.
+    lease_minutes: float = Field(60, gt=0)
 
 
 class FileDelivery(_Strict):

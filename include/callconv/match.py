@@ -64,7 +64,7 @@ from callconv.schema import (
 from callconv.sqlhash import sha256_hex
 from callconv.sqlorder import byte_order
 from callconv.sqltime import shift_seconds, utc_second_text
-from callconv.warehouse import Analyze
+from callconv.warehouse import Analyze, serialise
 
 log = logging.getLogger(__name__)
 
@@ -333,6 +333,8 @@ def match_day(
     never matched are looked at, and earlier matches stand.
     """
     with engine.begin() as connection:
+        # A conversion can gather sales of several days: one match per account at a time.
+        serialise(connection, "match", account_id)
         _prepare(connection)
         touched = TOUCHED
         touched.create(connection)
@@ -343,7 +345,7 @@ def match_day(
             .where(_day_sales(account_id, business_date), crm_sales.c.matched_call_id.is_not(None))
         )
         _match_sales(connection, account_id, business_date, rules)
-        conflicts = _late_sales(connection, account_id, business_date, rules, run_id)
+        late = _late_sales(connection, account_id, business_date, rules, run_id)
         _write_outcome(connection, account_id)
         # The groups the new matches joined (frozen sales' groups are delivered: nothing to rebuild).
         connection.execute(
@@ -359,16 +361,18 @@ def match_day(
         conversions = _rebuild_conversions(connection, touched, account_id, rules, run_id)
         new_pending = _queue_for_delivery(connection, touched, account_id, run_id)
         outcome = _day_counts(connection, account_id, business_date, conversions, frozen, new_pending)
-        outcome = dataclasses.replace(outcome, conflicts=conflicts)
+        outcome = dataclasses.replace(outcome, conflicts=_day_conflicts(connection, account_id, business_date))
         touched.drop(connection)
 
-    if conflicts:
+    if late:
         log.warning(
-            "match: %d sales reached a conversion already sent and were not merged into it (policy %s): %s",
-            sum(conflicts.values()),
+            "match: %d sales reached a conversion already sent and were not merged into it (policy %s, reason %s)",
+            late,
             rules.late_sale,
-            conflicts,
+            LATE_SALE,
         )
+    if outcome.conflicts:
+        log.warning("match: the day's recorded delivery conflicts by reason: %s", outcome.conflicts)
     log.info(
         "match: %d sales, %d matched, %d unmatched %s, %d conversions (%d frozen as sent), %d newly pending",
         outcome.sales,
@@ -452,11 +456,11 @@ def _match_sales(connection, account_id: str, business_date: date, rules: MatchR
     _analyze(connection, OUTCOME)
 
 
-def _late_sales(connection, account_id: str, business_date: date, rules: MatchRules, run_id: str) -> dict[str, int]:
+def _late_sales(connection, account_id: str, business_date: date, rules: MatchRules, run_id: str) -> int:
     """Sales matched now onto a conversion already sent: never merged into it (see the module doc).
 
     Under ``conflict`` they lose their conversion key; under ``new_conversion`` they get a
-    key of their own. Either way a ``delivery_conflicts`` row records it. Returns counts by reason.
+    key of their own. Either way a ``delivery_conflicts`` row records it. Returns how many.
     """
     late = sa.and_(OUTCOME.c.conversion_key.is_not(None), conversion_sent(OUTCOME.c.conversion_key))
     if rules.late_sale == "new_conversion":
@@ -484,7 +488,17 @@ def _late_sales(connection, account_id: str, business_date: date, rules: MatchRu
             ).where(OUTCOME.c.conflict.is_not(None)),
         )
     ).rowcount
-    return {LATE_SALE: count} if count and count > 0 else {}
+    return max(count or 0, 0)
+
+
+def _day_conflicts(connection, account_id: str, business_date: date) -> dict[str, int]:
+    """The day's recorded conflicts by reason: the same figure whichever run counts it."""
+    rows = connection.execute(
+        sa.select(delivery_conflicts.c.reason, sa.func.count())
+        .where(delivery_conflicts.c.account_id == account_id, delivery_conflicts.c.business_date == business_date)
+        .group_by(delivery_conflicts.c.reason)
+    ).all()
+    return dict(sorted(rows))
 
 
 def _write_outcome(connection, account_id: str) -> None:

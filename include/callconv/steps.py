@@ -154,6 +154,7 @@ def upload_conversions(account_id: str, context, dry_run: bool = False, day: str
             dry_run=dry_run,
             batch_size=scope.settings.upload.batch_size,
             max_concurrent_batches=scope.settings.upload.max_concurrent_batches,
+            lease=timedelta(minutes=scope.settings.upload.lease_minutes),
         )
         counts = {**outcome.as_dict(), "ledger": ledger_counts(scope.engine, account_id)}
     return _record(scope, "upload" if not dry_run else "upload_dry_run", counts)

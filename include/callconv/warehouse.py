@@ -28,6 +28,18 @@ def create_engine(url: str) -> sa.Engine:
     return engine
 
 
+def serialise(connection, *scope: str) -> None:
+    """Hold a transaction-scoped lock on ``scope`` (e.g. a stage and an account) until commit.
+
+    Two DAG runs on the same account (the daily import and an analyst's rerun) then
+    take turns in that stage instead of interleaving their deletes and inserts. On
+    PostgreSQL it is an advisory lock; SQLite has a single writer already.
+    """
+    if connection.dialect.name == "postgresql":
+        name = "|".join(scope)
+        connection.execute(sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtextextended(name, 0))))
+
+
 def alembic_config(url: str):
     from alembic.config import Config
 
