@@ -292,6 +292,7 @@ class SandboxServer:
         self._accepted: dict[tuple, AcceptedConversion] = {}
         self._request_ids = itertools.count(1)
         self.requests: list[dict] = []  # per RPC: metadata (no token) and row count
+        self._in_flight = 0
         self.clear_faults()
 
     # -- set-up ---------------------------------------------------------------
@@ -362,6 +363,11 @@ class SandboxServer:
         with self._lock:
             rows = list(self._accepted.values())
         return [r for r in rows if customer_id is None or r.customer_id == customer_id]
+
+    def in_flight(self) -> int:
+        """Requests being served right now (a client killed mid-request leaves its request here)."""
+        with self._lock:
+            return self._in_flight
 
     def reset(self) -> None:
         """Forget accepted conversions, the request log and faults (calls/actions stay)."""
@@ -490,12 +496,16 @@ class SandboxServer:
                 }
             )
             delay = self._delay
-        if delay:
-            time.sleep(delay)
+            self._in_flight += 1
         try:
+            if delay:
+                time.sleep(delay)
             response, die = self._handle(request, metadata)
         except _Abort as abort:
             self._abort(context, request_id, abort)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
         context.set_trailing_metadata((("request-id", request_id),))
         if die:
             context.abort(grpc.StatusCode.UNAVAILABLE, "sandbox: connection lost after the upload was recorded")
