@@ -44,7 +44,6 @@ from callconv.schema import crm_imports, crm_sales, delivery_conflicts, quaranti
 from callconv.storage import open_for_read, plain_name, remove, store_as, stored_name
 from callconv.validate import ExtractRejected, ExtractValidator
 from callconv.validate_prepare import CANONICAL_COLUMNS
-from callconv.warehouse import serialise
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +231,6 @@ def _take_in(day: _Day, extract: _Extract, outcome: IntakeOutcome) -> None:
         validator.check_table(extract.columns, extract.row_count)
         rows_read = 0
         with day.engine.begin() as connection:
-            serialise(connection, "intake", account.id)
             for chunk in extract.chunks():
                 part = f"rows_{chunk.index[0]}-{chunk.index[-1]}" if several_chunks and len(chunk) else None
                 reasons = validator.check_rows(chunk, part=part)

@@ -182,10 +182,12 @@ def _redact_in_batches(engine, table, key_columns, expired, hmac_key: bytes, bat
             rows = connection.execute(sa.select(*keys, table.c.caller_e164).where(expired).limit(batch_size)).all()
             if not rows:
                 return done
+            # The ledger also holds the number inside the bytes first sent to Google.
+            payload = {"sent_payload": None} if "sent_payload" in table.c else {}
             connection.execute(
                 table.update()
                 .where(*(column == sa.bindparam(f"k_{column.name}") for column in keys))
-                .values(caller_e164=None, caller_hmac=sa.bindparam("hashed")),
+                .values(caller_e164=None, caller_hmac=sa.bindparam("hashed"), **payload),
                 [
                     {
                         **{f"k_{name}": value for name, value in zip(key_columns, row[:-1], strict=True)},

@@ -37,11 +37,17 @@ def _record(scope, stage: str, counts: dict) -> dict:
 def take_in_crm_extracts(account_id: str, context, reimport: bool = False, day: str | None = None) -> dict:
     from callconv.intake import take_in_day
     from callconv.storage import keyring_for
+    from callconv.warehouse import serialised_session
 
     scope = task_scope(account_id, context, day)
     settings = scope.settings
     keyring = keyring_for(settings)  # refuses to run without one when encryption is required
-    with log_group(f"intake {account_id} {scope.window.start:%Y-%m-%d %H:%M} to {scope.window.end:%Y-%m-%d %H:%M} UTC"):
+    # The daily import and a rerun of the same account take turns: one lists, reads and
+    # archives the landing files while the other waits, then finds them taken in.
+    with (
+        serialised_session(scope.engine, "intake", account_id),
+        log_group(f"intake {account_id} {scope.window.start:%Y-%m-%d %H:%M} to {scope.window.end:%Y-%m-%d %H:%M} UTC"),
+    ):
         outcome = take_in_day(
             scope.engine,
             settings,

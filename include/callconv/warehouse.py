@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -38,6 +40,28 @@ def serialise(connection, *scope: str) -> None:
     if connection.dialect.name == "postgresql":
         name = "|".join(scope)
         connection.execute(sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtextextended(name, 0))))
+
+
+@contextlib.contextmanager
+def serialised_session(engine: sa.Engine, *scope: str) -> Iterator[None]:
+    """Hold a lock on ``scope`` for a whole step that spans several transactions.
+
+    A session-level advisory lock on a connection of its own (PostgreSQL): a
+    process that dies drops its connection, and with it the lock, so nothing is
+    ever left locked. Elsewhere a no-op (SQLite has a single writer).
+    """
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    key = sa.func.hashtextextended("|".join(scope), 0)
+    with engine.connect() as connection:
+        connection.execute(sa.select(sa.func.pg_advisory_lock(key)))
+        connection.commit()
+        try:
+            yield
+        finally:
+            connection.execute(sa.select(sa.func.pg_advisory_unlock(key)))
+            connection.commit()
 
 
 def alembic_config(url: str):

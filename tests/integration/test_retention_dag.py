@@ -82,7 +82,9 @@ def aged_data(tmp_path, warehouse, airflow_db, write_settings, warehouse_conn, m
                 }
             )
             match_rows.append({**common, "source_call_id": key, "sale_count": 1})
-            ledger.append({**common, "state": state, "attempts": 1})
+            # A sent row keeps the bytes sent to Google, the number inside them.
+            sent = {"sent_payload": phone(age, suffix).encode()} if state == "uploaded" else {}
+            ledger.append({**common, "state": state, "attempts": 1, **sent})
         quarantined.append(
             {
                 "account_id": ACCOUNT,
@@ -137,6 +139,8 @@ def test_exactly_the_expired_data_goes_and_waiting_rows_survive(aged_data, wareh
     # 91 days: delivered rows redacted to the keyed hash, waiting rows kept whole
     delivered = ledger["091-uploaded"]
     assert delivered.caller_e164 is None and delivered.caller_hmac == caller_hmac(HMAC_KEY.encode(), phone(91, 0))
+    assert delivered.sent_payload is None and ledger["400-uploaded"].sent_payload is None
+    assert ledger["089-uploaded"].sent_payload == phone(89, 0).encode()
     assert sales["091-uploaded"].caller_e164 is None
     for state in ("pending", "parked"):
         assert ledger[f"091-{state}"].caller_e164 == phone(91, ("uploaded", "pending", "parked").index(state))

@@ -179,7 +179,7 @@ def test_unrelated_batches_still_overlap_next_to_shared_keys(warehouse, sandbox,
     seed(warehouse, 40)
     seed(warehouse, 10, start=40, twin_every=40)  # k000040..49: the same conversions as k000000..09
     sandbox.add_calls_from_warehouse(warehouse, "acme")
-    sandbox.set_delay(0.1)
+    sandbox.set_delay(0.5)  # long enough for four to be in flight at once on a loaded machine
 
     outcome = run(warehouse, client, batch_size=10, max_concurrent_batches=4)
 
