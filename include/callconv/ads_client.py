@@ -242,13 +242,17 @@ def access_problem(code: str, account) -> str | None:
             "project this way)"
         )
     else:  # USER_PERMISSION_DENIED
+        check = f"check that accounts[{account.id}].customer_id is the customer that received the calls"
         login = account.login_customer_id
         if login:
-            via = f"check that the manager account {_customer_text(login)} in accounts[{account.id}].login_customer_id"
-            fix = f"{via} manages this customer and that the connection's Google login can use that manager"
+            fix = (
+                f"{check}, that the manager account {_customer_text(login)} in "
+                f"accounts[{account.id}].login_customer_id manages it, and that the connection's Google login "
+                "may use that manager"
+            )
         else:
             fix = (
-                "give the connection's Google login (user or service account) access to the customer, or, if "
+                f"{check} and give the connection's Google login (user or service account) access to it; if "
                 f"access goes through a manager account, set accounts[{account.id}].login_customer_id to it"
             )
     return head + fix

@@ -195,7 +195,10 @@ def _account(login_customer_id: str | None = None):
         ("CLOUD_PROJECT_NOT_APPROVED_FOR_PRODUCTION", ["Test access", "Explorer access", "Basic access"]),
         ("CUSTOMER_NOT_ALLOWLISTED_FOR_THIS_FEATURE", ["accounts[acme].delivery to 'file'", "allowlist"]),
         ("ACTION_NOT_PERMITTED", ["Admin or Standard user role", "more than Test access"]),
-        ("USER_PERMISSION_DENIED", ["access to the customer", "set accounts[acme].login_customer_id"]),
+        (
+            "USER_PERMISSION_DENIED",
+            ["accounts[acme].customer_id is the customer", "access to it", "set accounts[acme].login_customer_id"],
+        ),
     ],
 )
 def test_access_problem_says_what_to_do_in_one_line(code, what_to_do):
@@ -212,6 +215,7 @@ def test_access_problem_names_the_manager_account_when_one_is_set():
     message = access_problem("USER_PERMISSION_DENIED", _account(login_customer_id="999-888-7777"))
 
     assert "manager account 999-888-7777" in message
+    assert "accounts[acme].customer_id is the customer that received the calls" in message
     assert "set accounts[acme].login_customer_id" not in message
 
 
