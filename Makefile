@@ -42,10 +42,15 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
+# standalone starts the scheduler, api-server, dag-processor and triggerer as `airflow ...` by
+# name, so the venv's bin directory must be on PATH. AIRFLOW__API__PORT=8090 make airflow moves
+# the UI; the task runner then reaches the execution API on that port too.
+airflow: export AIRFLOW__API__PORT ?= 8080
+airflow: export AIRFLOW__CORE__EXECUTION_API_SERVER_URL ?= http://localhost:$(AIRFLOW__API__PORT)/execution/
 airflow: $(STAMP)
 	@mkdir -p var $(AIRFLOW_HOME)
 	$(BIN)/python -m callconv.warehouse migrate
-	$(BIN)/airflow standalone
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/airflow standalone
 
 clean:
 	rm -rf var $(AIRFLOW_HOME)

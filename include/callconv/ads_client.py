@@ -14,6 +14,14 @@ The client always opens a TLS channel. To reach the sandbox, point
 ``GRPC_DEFAULT_SSL_ROOTS_FILE_PATH`` at the sandbox's certificate *before the
 first TLS channel of the process is opened* (gRPC reads the roots once), or
 give ``ssl_roots_file`` in the settings dict, which sets it.
+
+No developer token is needed. Google sunset developer tokens on 2026-09-09: API
+access now belongs to the Google Cloud project that owns the OAuth client or
+service account, at that project's access level (Test, Explorer, Basic or
+Standard). A ``developer_token`` in the settings or the connection is still
+passed on, as the optional ``developer-token`` header, which Google ignores.
+:func:`access_problem` turns Google's answers about access into one line that
+says what to do.
 """
 
 from __future__ import annotations
@@ -125,9 +133,10 @@ def _trust_roots_file(path: str) -> None:
 def client_from_settings(settings: Mapping[str, Any]):
     """A ``GoogleAdsClient`` with a static access token (no OAuth refresh, no Google call).
 
-    Keys: ``developer_token`` and ``access_token`` (required), ``endpoint``
-    (``host:port``; default Google's), ``login_customer_id`` (manager account),
-    ``ssl_roots_file`` (a PEM the channel must trust, for the sandbox).
+    Keys: ``access_token`` (required), ``endpoint`` (``host:port``; default
+    Google's), ``login_customer_id`` (when one login reaches several accounts),
+    ``ssl_roots_file`` (a PEM the channel must trust, for the sandbox) and
+    ``developer_token`` (optional since Google's sunset; sent as given).
     """
     import google.oauth2.credentials
     from google.ads.googleads.client import GoogleAdsClient
@@ -135,16 +144,15 @@ def client_from_settings(settings: Mapping[str, Any]):
     unknown = sorted(set(settings) - _SETTINGS_KEYS)
     if unknown:
         raise ValueError(f"unknown Google Ads settings key(s): {', '.join(unknown)}")
-    missing = [key for key in ("developer_token", "access_token") if not settings.get(key)]
-    if missing:
-        raise ValueError(f"Google Ads settings need {' and '.join(missing)}")
+    if not settings.get("access_token"):
+        raise ValueError("Google Ads settings need access_token")
     if settings.get("ssl_roots_file"):
         _trust_roots_file(str(settings["ssl_roots_file"]))
     protect_library_logging()
     credentials = google.oauth2.credentials.Credentials(token=str(settings["access_token"]))
     return GoogleAdsClient(
         credentials=credentials,
-        developer_token=str(settings["developer_token"]),
+        developer_token=str(settings["developer_token"]) if settings.get("developer_token") else None,
         endpoint=settings.get("endpoint") or None,
         login_customer_id=_clean_customer_id(settings.get("login_customer_id")),
         use_proto_plus=True,
@@ -162,10 +170,12 @@ def _connection_extras(hook) -> dict[str, Any]:
 def client_from_airflow_connection(conn_id: str = "google_ads_default"):
     """A ``GoogleAdsClient`` built from the Airflow connection ``conn_id``.
 
-    A production connection goes through ``GoogleAdsHook`` (developer token and
-    OAuth refresh token in the extras, or a service account via
-    ``gcp_conn_id``). A connection with ``"sandbox": true`` and a static
-    ``access_token`` is built by :func:`client_from_settings`.
+    A production connection goes through ``GoogleAdsHook``: an OAuth client
+    (``client_id``, ``client_secret``, ``refresh_token``) in the extras, or a
+    service account via ``gcp_conn_id``; ``developer_token`` is optional and,
+    when given, sent as Google's ignored header. A connection with
+    ``"sandbox": true`` and a static ``access_token`` is built by
+    :func:`client_from_settings`.
     """
     from airflow.providers.google.ads.hooks.ads import GoogleAdsHook
 
@@ -184,6 +194,68 @@ def client_from_airflow_connection(conn_id: str = "google_ads_default"):
     if not client.version:
         client.version = API_VERSION
     return client
+
+
+# Google's answers about API access, and what to do about each. Since the developer-token
+# sunset, access belongs to the Google Cloud project of the OAuth client or service account;
+# ACTION_NOT_PERMITTED is what API versions before v25 answer a Test-level project.
+ACCESS_ERRORS = (
+    "CLOUD_PROJECT_NOT_APPROVED_FOR_PRODUCTION",
+    "CUSTOMER_NOT_ALLOWLISTED_FOR_THIS_FEATURE",
+    "ACTION_NOT_PERMITTED",
+    "USER_PERMISSION_DENIED",
+)
+
+
+def _customer_text(customer_id: str) -> str:
+    digits = str(customer_id).replace("-", "")
+    return f"{digits[:3]}-{digits[3:6]}-{digits[6:]}" if len(digits) == 10 else digits
+
+
+def access_problem(code: str, account) -> str | None:
+    """One line saying what to do about an access error ``code`` for ``account``; None for other codes.
+
+    ``account`` is a :class:`callconv.config.Account` (``id``, ``customer_id``,
+    ``login_customer_id``). The line names no phone number and no secret.
+    """
+    if code not in ACCESS_ERRORS:
+        return None
+    customer = _customer_text(account.customer_id)
+    head = f"Google Ads refused access to customer {customer} for account '{account.id}' ({code}): "
+    if code == "CLOUD_PROJECT_NOT_APPROVED_FOR_PRODUCTION":
+        fix = (
+            "the Google Cloud project of the connection's OAuth client or service account has Test access, "
+            "which reaches test accounts only; get Explorer access (granted automatically in most cases) or "
+            "Basic access (needs a brand-verified project) for that project, or use a project that has it"
+        )
+    elif code == "CUSTOMER_NOT_ALLOWLISTED_FOR_THIS_FEATURE":
+        fix = (
+            "Google does not let this customer import conversions through the Google Ads API; set "
+            f"accounts[{account.id}].delivery to 'file' (a Google Ads scheduled upload of the conversion "
+            "file), or ask your Google Ads contact to allowlist the customer"
+        )
+    elif code == "ACTION_NOT_PERMITTED":
+        fix = (
+            "the connection's Google login may not upload conversions there; give that user or service "
+            "account an Admin or Standard user role (not Read only) on the customer in Google Ads, and check "
+            "that its Cloud project has more than Test access (API versions before v25 answer a Test-level "
+            "project this way)"
+        )
+    else:  # USER_PERMISSION_DENIED
+        check = f"check that accounts[{account.id}].customer_id is the customer that received the calls"
+        login = account.login_customer_id
+        if login:
+            fix = (
+                f"{check}, that the manager account {_customer_text(login)} in "
+                f"accounts[{account.id}].login_customer_id manages it, and that the connection's Google login "
+                "may use that manager"
+            )
+        else:
+            fix = (
+                f"{check} and give the connection's Google login (user or service account) access to it; if "
+                f"access goes through a manager account, set accounts[{account.id}].login_customer_id to it"
+            )
+    return head + fix
 
 
 def get_upload_service(client, login_customer_id: str | None = None):

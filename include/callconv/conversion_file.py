@@ -1,8 +1,15 @@
 """Stage 5 (file path): the day's conversions in Google's call-conversion import template.
 
 The layout is Google's: an optional ``Parameters:TimeZone=`` row, the header
-row, then one row per conversion with times written in that zone. Header names
-live in one constant because they come from Google's template, not from code.
+row, then one row per conversion. Header names live in one constant because
+they come from Google's template, not from code.
+
+Every time is written in the account's zone *with its UTC offset*,
+``yyyy-mm-dd hh:mm:ss+hh:mm``, which Google's template accepts. The
+``Parameters:TimeZone=`` row applies only to times without an offset, and a
+local time alone is ambiguous once a year: on the autumn change night in Oslo
+02:30 happens at +02:00 and again at +01:00. With the offset each row names
+one instant; the zone row stays for people reading the file.
 
 The file must be safe to open in a spreadsheet: text cells that start with
 ``=``, ``+``, ``-`` or ``@`` get a leading apostrophe so they are never run as
@@ -45,7 +52,6 @@ TEMPLATE_HEADER = (
     "Ad User Data",
     "Ad Personalization",
 )
-TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -72,6 +78,14 @@ def format_value(value) -> str:
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 
+def local_time(moment, tz) -> str:
+    """``moment`` (naive means UTC) in ``tz`` with the offset it has there: ``2026-10-25 02:30:00+01:00``.
+
+    Seconds are the finest unit written; a fraction is dropped, not rounded.
+    """
+    return as_utc(moment).astimezone(tz).isoformat(sep=" ", timespec="seconds")
+
+
 def render_lines(account: Account, rows: Iterable) -> Iterator[bytes]:
     """The file, a CSV line at a time, so a day of any size is written with flat memory."""
     names = {action.id: action.name for action in account.conversion_actions.values()}
@@ -90,9 +104,9 @@ def render_lines(account: Account, rows: Iterable) -> Iterator[bytes]:
         yield line(
             [
                 phone_cell(row["caller_e164"]),
-                as_utc(row["call_start"]).astimezone(account.tz).strftime(TIME_FORMAT),
+                local_time(row["call_start"], account.tz),
                 safe_text(names[row["conversion_action_id"]]),
-                as_utc(row["conversion_time"]).astimezone(account.tz).strftime(TIME_FORMAT),
+                local_time(row["conversion_time"], account.tz),
                 format_value(row["conversion_value"]),
                 safe_text(row["currency_code"] or ""),
                 account.consent.ad_user_data.title(),

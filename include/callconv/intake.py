@@ -16,6 +16,12 @@ rejected) stays in the landing area, so it can be fixed and taken in again.
 After the day's files, the day's quarantined rows (reason codes and the raw
 record) are written as one encrypted CSV for debugging,
 ``{quarantine_uri}/{account}/{YYYY-MM-DD}/quarantine_{account}_{day}.csv.enc``.
+
+A row that repeats an earlier row of the same extract exactly (a CRM that
+exported it twice) is dropped before validation and counted as
+``identical_duplicates``: it is neither a sale nor a bad row, so it never counts
+toward ``validation.max_bad_row_share``. The same CRM id with other content is
+still quarantined as ``duplicate_crm_id``, and the first row keeps the id.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from dataclasses import replace as with_changes
 from datetime import date, datetime
 from decimal import Decimal
 from functools import partial
@@ -43,7 +50,7 @@ from callconv.match import as_utc, conversion_sent
 from callconv.schema import crm_imports, crm_sales, delivery_conflicts, quarantine
 from callconv.storage import open_for_read, plain_name, remove, store_as, stored_name
 from callconv.validate import ExtractRejected, ExtractValidator
-from callconv.validate_prepare import CANONICAL_COLUMNS
+from callconv.validate_prepare import CANONICAL_COLUMNS, IdenticalRows
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +59,9 @@ log = logging.getLogger(__name__)
 class IntakeOutcome:
     files_seen: int = 0
     files_skipped: int = 0
-    rows_read: int = 0
+    rows_read: int = 0  # every data row of the extracts taken in, identical copies included
     sales: int = 0
+    identical_duplicates: int = 0
     quarantined: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     data_docs: list[str] = field(default_factory=list)
@@ -66,6 +74,7 @@ class IntakeOutcome:
             "files_seen": self.files_seen,
             "files_already_imported": self.files_skipped,
             "read": self.rows_read,
+            "identical_duplicates": self.identical_duplicates,
             "normalised": self.sales,
             "quarantined": dict(sorted(self.quarantined.items())),
             "archived": self.archived,
@@ -151,7 +160,7 @@ def take_in_day(
             outcome.files_skipped += 1
             log.info("intake: extract %s already imported, skipped", extract.checksum[:12])
         else:
-            _take_in(day, extract, outcome)
+            _take_in_first_copies(day, extract, outcome)
     else:
         for path, in_landing in _day_files(landing_root, archive_root, account.id, business_date):
             outcome.files_seen += 1
@@ -166,7 +175,8 @@ def take_in_day(
                 log.info("intake: extract %s already imported, skipped", scan.checksum[:12])
             else:
                 chunks = partial(reader.chunks, scan.checksum)
-                _take_in(day, _Extract(str(path), scan.checksum, scan.rows, scan.columns, chunks), outcome)
+                extract = _Extract(str(path), scan.checksum, scan.rows, scan.columns, chunks)
+                _take_in_first_copies(day, extract, outcome)
             if in_landing and archive_root is not None:
                 _archive(path, scan.checksum, archive_root, account, business_date, keyring, replace=not seen)
                 outcome.archived += 1
@@ -177,14 +187,37 @@ def take_in_day(
     for warning in outcome.warnings:
         log.warning("intake: %s", warning)
     log.info(
-        "intake: %d files (%d already imported), %d rows read, %d sales normalised, quarantined %s",
+        "intake: %d files (%d already imported), %d rows read, %d identical copies dropped, "
+        "%d sales normalised, quarantined %s",
         outcome.files_seen,
         outcome.files_skipped,
         outcome.rows_read,
+        outcome.identical_duplicates,
         outcome.sales,
         outcome.quarantined or "{}",
     )
     return outcome
+
+
+def _take_in_first_copies(day: _Day, extract: _Extract, outcome: IntakeOutcome) -> None:
+    """:func:`_take_in` of the extract without the rows that repeat an earlier row exactly.
+
+    The copies are counted once the extract is taken in; they are rows read, and neither
+    sales nor bad rows. The first copy of a row is the one taken in.
+    """
+    identical = IdenticalRows()
+
+    def first_copies() -> Iterator[pd.DataFrame]:
+        for chunk in extract.chunks():
+            kept = identical.first_copies(chunk)
+            if len(kept) or not len(chunk):  # a chunk of copies only is skipped; an empty file still passes
+                yield kept
+
+    _take_in(day, with_changes(extract, chunks=first_copies), outcome)
+    if identical.dropped:
+        outcome.rows_read += identical.dropped
+        outcome.identical_duplicates += identical.dropped
+        log.info("intake: extract %s: %d identical copies of rows dropped", extract.checksum[:12], identical.dropped)
 
 
 def _already_imported(engine: sa.Engine, account: Account, checksum: str) -> bool:
@@ -459,8 +492,12 @@ def _sale_records(sales: pd.DataFrame, account: Account, extract: _Extract, busi
                 "currency_code": sale["currency_code"],
             }
         )
-    # The same sale twice in one extract: the later row wins, as a CRM export update would.
-    return list({record["sale_key"]: record for record in records}.values())
+    # The same sale twice in one chunk (no CRM id, the same content once normalised): the first
+    # row keeps it, as the validator keeps the first row of a repeated CRM id.
+    first: dict[str, dict] = {}
+    for record in records:
+        first.setdefault(record["sale_key"], record)
+    return list(first.values())
 
 
 def _quarantine_records(frame, reasons, account, extract, business_date, run_id) -> list[dict]:

@@ -400,7 +400,8 @@ def _row_expectations(present: list[str], known_outcomes: set[str], decimal: str
                 column="crm_id_repeat",
                 **tagged(
                     DUPLICATE_CRM_ID,
-                    "a CRM id must not repeat one on an earlier row (the first row keeps it)",
+                    "a CRM id must not repeat one on an earlier row with other content (the first row keeps "
+                    "it; the intake drops an identical copy before validation)",
                 ),
             )
         )

@@ -8,6 +8,11 @@ the raw value where a row fails a check GX has no expectation for, else null:
 * ``value_unparseable`` / ``value_negative``: a value that is not an amount, or is below zero;
 * ``crm_id_repeat``: a CRM id that an earlier row (in file order) already had.
 
+Before any of this, :class:`IdenticalRows` takes out rows that repeat an earlier
+row exactly: a CRM that exports the same row twice made one sale, not a bad
+row, so the copy is dropped and counted, never quarantined. A CRM id that
+repeats with different content is still a ``duplicate_crm_id``.
+
 Times and values are judged by the normalisation stage's own parsers
 (:mod:`callconv.normalise`), so validation never quarantines a row that
 normalisation would accept, nor passes one it would refuse as unreadable.
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 from datetime import UTC
 
+import numpy as np
 import pandas as pd
 
 from callconv import normalise
@@ -27,6 +33,10 @@ CANONICAL_COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
 
 PHONE_PRESENT = "present"
 PHONE_MISSING = "missing"
+
+# A row's fingerprint: two 64-bit hashes of its cells under different keys, 16 bytes a row.
+_FINGERPRINT = np.dtype((np.void, 16))
+_HASH_KEYS = ("callconv-rows-01", "callconv-rows-02")
 
 
 def clean_text(series: pd.Series) -> pd.Series:
@@ -83,3 +93,46 @@ def prepare_row_frame(frame: pd.DataFrame, decimal: str) -> pd.DataFrame:
         repeat = crm_id.notna() & crm_id.duplicated(keep="first")
         columns["crm_id_repeat"] = crm_id.where(repeat, None)
     return pd.DataFrame(columns, index=frame.index)
+
+
+def row_fingerprints(frame: pd.DataFrame) -> np.ndarray:
+    """One 128-bit fingerprint per row of ``frame``, from its cells as the checks read them.
+
+    Cells are trimmed and a blank cell is the same as a missing one; columns are taken in
+    name order, so two reads of one file agree whatever order the columns come in.
+    """
+    columns = sorted(frame.columns)
+    # "=" before every value and "" for a missing one: no value can pass for a missing cell.
+    cells = pd.DataFrame(
+        {column: ("=" + clean_text(frame[column])).fillna("") for column in columns}, index=frame.index
+    )
+    halves = [pd.util.hash_pandas_object(cells, index=False, hash_key=key).to_numpy() for key in _HASH_KEYS]
+    return np.ascontiguousarray(np.stack(halves, axis=1)).view(_FINGERPRINT).ravel()
+
+
+class IdenticalRows:
+    """Finds the rows of one extract that repeat an earlier row exactly, chunk by chunk.
+
+    The first copy stays; every later identical copy is dropped and counted in
+    :attr:`dropped`. Identical means the same value in every column the pipeline reads
+    (the CRM's mapped columns), after trimming. Rows already seen are remembered as 128-bit
+    fingerprints, 16 bytes a row, so a file read in chunks drops the same rows as one read
+    whole. Use one instance per extract.
+    """
+
+    def __init__(self) -> None:
+        self._seen = np.empty(0, dtype=_FINGERPRINT)
+        self.dropped = 0
+
+    def first_copies(self, chunk: pd.DataFrame) -> pd.DataFrame:
+        """``chunk`` without the rows that repeat a row of this or an earlier chunk."""
+        if chunk.empty:
+            return chunk
+        prints = row_fingerprints(chunk)
+        unique, first = np.unique(prints, return_index=True)
+        repeat = np.ones(len(prints), dtype=bool)
+        repeat[first] = False
+        repeat |= np.isin(prints, self._seen)
+        self._seen = np.union1d(self._seen, unique)
+        self.dropped += int(repeat.sum())
+        return chunk.loc[~repeat]

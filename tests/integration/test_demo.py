@@ -22,7 +22,7 @@ from callconv.conversion_file import TEMPLATE_HEADER
 pytestmark = pytest.mark.integration
 
 PROJECT = Path(__file__).resolve().parents[2]
-TIME = r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}"
+TIME = r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}[+-]\d{2}:\d{2}"  # with its offset
 
 
 def test_demo_runs_the_day_uploads_and_writes_a_valid_template(tmp_path, airflow_db):

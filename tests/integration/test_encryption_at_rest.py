@@ -92,7 +92,7 @@ def test_every_stored_file_is_encrypted_and_no_number_is_in_plaintext_or_the_log
     assert lines[0] == ["Parameters:TimeZone=Europe/Oslo"]
     rows = {(row[0], row[3], row[4], row[5]) for row in lines[2:]}
     expected = {
-        (f"\t{e164}", conversion_time.astimezone(OSLO).strftime("%Y-%m-%d %H:%M:%S"), f"{value:f}", currency)
+        (f"\t{e164}", conversion_time.astimezone(OSLO).isoformat(sep=" "), f"{value:f}", currency)
         for e164, _, _, conversion_time, value, currency, _ in EXPECTED_CONVERSIONS
     }
     assert rows == expected

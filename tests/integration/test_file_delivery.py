@@ -196,9 +196,15 @@ def test_publishes_the_day_file_over_sftp_and_marks_its_rows_delivered(seeded, s
     lines = published.decode().split("\r\n")
     assert lines[0] == "Parameters:TimeZone=Europe/Oslo"
     assert lines[1] == ",".join(TEMPLATE_HEADER)
-    assert lines[2] == f"\t{caller(4)},2026-03-01 10:28:00,Phone sale,2026-03-01 11:00:00,99.9,NOK,Granted,Denied"
-    assert lines[3] == f"\t{caller(3)},2026-03-01 09:51:00,Support upsell,2026-03-01 12:51:00,,,Granted,Denied"
-    assert lines[4] == f"\t{caller(2)},2026-03-01 09:14:00,Phone sale,2026-03-01 17:00:00,1500.5,NOK,Granted,Denied"
+    assert lines[2] == (
+        f"\t{caller(4)},2026-03-01 10:28:00+01:00,Phone sale,2026-03-01 11:00:00+01:00,99.9,NOK,Granted,Denied"
+    )
+    assert lines[3] == (
+        f"\t{caller(3)},2026-03-01 09:51:00+01:00,Support upsell,2026-03-01 12:51:00+01:00,,,Granted,Denied"
+    )
+    assert lines[4] == (
+        f"\t{caller(2)},2026-03-01 09:14:00+01:00,Phone sale,2026-03-01 17:00:00+01:00,1500.5,NOK,Granted,Denied"
+    )
     assert lines[5:] == [""]  # three conversions, nothing else
 
     assert list_remote(sftp, remote_dir) == [FILE_NAME]  # the temporary file is gone

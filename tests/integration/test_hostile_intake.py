@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 
 import pytest
 import sqlalchemy as sa
@@ -33,7 +34,7 @@ FORMULA_ACTION_NAME = '=HYPERLINK("http://evil.example";"click")'
 HEADER = ["id", "phone", "sold_at", "outcome", "amount", "currency"]
 
 
-def make_settings(tmp_path, **crm_source):
+def make_settings(tmp_path, validation: dict | None = None, **crm_source):
     return parse_settings(
         {
             "export_uri": str(tmp_path / "export"),
@@ -52,7 +53,7 @@ def make_settings(tmp_path, **crm_source):
                 },
                 **crm_source,
             },
-            "validation": {"max_bad_row_share": 1.0},
+            "validation": {"max_bad_row_share": 1.0} if validation is None else validation,
             "match": {"min_duration_seconds": 0},
             "accounts": [
                 {
@@ -172,7 +173,7 @@ def test_a_file_read_in_small_chunks_gives_the_same_tables_as_read_whole(tmp_pat
     rows[6][2] = "whenever"  # time unparseable
     rows[8][0] = "S1"  # the CRM id of row 2, two chunks later: a duplicate
     rows.append(["", "91234567", "2026-11-27 11:00:00", "sale", "7", "NOK"])  # no id: keyed by content
-    rows.append(["", "91234567", "2026-11-27 11:00:00", "sale", "7", "NOK"])  # the same sale again
+    rows.append(["", "91234567", "2026-11-27 11:00:00", "sale", "7", "NOK"])  # the same row again: dropped
     payload = csv_bytes(rows)
 
     def tables(chunk_rows: int) -> tuple:
@@ -196,8 +197,9 @@ def test_a_file_read_in_small_chunks_gives_the_same_tables_as_read_whole(tmp_pat
     assert chunked == whole
     counts, sales, quarantined, imported = whole
     assert quarantined == [(4, "phone_too_short"), (7, "time_unparseable"), (9, "duplicate_crm_id")]
-    assert imported == [12]
+    assert imported == [11]  # the rows taken in: the identical copy is not one
     assert counts["read"] == 12 and counts["normalised"] == len(sales) == 8
+    assert counts["identical_duplicates"] == 1
     assert len(list((tmp_path / "docs" / ACCOUNT / DAY.isoformat() / "validations").rglob("*.html.enc"))) > 4
 
 
@@ -245,3 +247,53 @@ def test_a_rejected_file_stays_in_the_landing_area_and_nothing_is_stored(tmp_pat
     assert not (tmp_path / "archive").exists()
     with warehouse.connect() as connection:
         assert connection.scalar(sa.select(sa.func.count()).select_from(crm_imports)) == 0
+
+
+def test_identical_copies_of_rows_are_dropped_not_counted_as_bad_rows(tmp_path, warehouse, test_keyring):
+    """A CRM that exports rows twice: 30% of the file are copies, and the default 0.2 limit lets it in."""
+    distinct = [
+        [f"S{n}", f"9123{n:04d}", f"2026-11-27 {8 + n % 10:02d}:00:00", "sale", f"{n}.5", "NOK"] for n in range(13)
+    ]
+    rows = list(distinct)
+    rows.append(["S3", "91230003", "2026-11-27 11:00:00", "sale", "999", "NOK"])  # S3 again, other content
+    for position, copy_of in [(2, 0), (5, 4), (9, 4), (14, 12), (16, 1), (19, 3)]:
+        rows.insert(position, list(distinct[copy_of]))  # the same row again, some chunks later
+    assert len(rows) == 20
+    copies = [number for number, row in enumerate(rows, start=1) if rows.index(row) != number - 1]
+    assert len(copies) == 6  # 30% of the rows
+    payload = csv_bytes(rows)
+
+    def tables(chunk_rows: int) -> tuple:
+        with warehouse.begin() as connection:
+            for table in (crm_sales, quarantine, crm_imports):
+                connection.execute(table.delete())
+        drop(tmp_path, "deals.csv", payload)
+        settings = make_settings(tmp_path, validation={}, chunk_rows=chunk_rows)
+        assert settings.validation.max_bad_row_share == 0.2  # the default
+        outcome = take_in(settings, tmp_path, warehouse, test_keyring)
+        with warehouse.connect() as connection:
+            sales = connection.execute(
+                sa.select(crm_sales.c.crm_id, crm_sales.c.source_row, crm_sales.c.conversion_value).order_by(
+                    "source_row"
+                )
+            ).all()
+            quarantined = connection.execute(
+                sa.select(quarantine.c.source_row, quarantine.c.reason).order_by("source_row")
+            ).all()
+        return outcome.as_counts() | {"warnings": None}, sales, quarantined
+
+    whole = tables(chunk_rows=100_000)
+    assert tables(chunk_rows=3) == whole
+    counts, sales, quarantined = whole
+    assert counts["read"] == 20
+    assert counts["identical_duplicates"] == 6
+    assert counts["normalised"] == 13
+    assert counts["quarantined"] == {"duplicate_crm_id": 1}
+    # Each sale comes from the first copy of its row; the copies left no trace.
+    first_rows = {row[0]: rows.index(row) + 1 for row in distinct}
+    assert {crm_id: source_row for crm_id, source_row, _ in sales} == first_rows
+    assert not {source_row for _, source_row, _ in sales} & set(copies)
+    # The same id with other content is still quarantined, and the first row keeps the id.
+    changed_row = next(number for number, row in enumerate(rows, start=1) if row[4] == "999")
+    assert quarantined == [(changed_row, "duplicate_crm_id")]
+    assert dict((crm_id, value) for crm_id, _, value in sales)["S3"] == Decimal("3.5")

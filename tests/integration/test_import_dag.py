@@ -235,7 +235,10 @@ def test_one_day_gives_the_known_matches_quarantine_and_reasons(project, warehou
     lines = decrypt_bytes(exported.read_bytes(), test_keyring).decode("utf-8").splitlines()
     assert lines[0] == "Parameters:TimeZone=Europe/Oslo"
     assert lines[1].startswith("Caller's Phone Number,Call Start Time,Conversion Name,Conversion Time")
-    assert "\t+4791234567,2026-11-27 09:00:00,Phone sale,2026-11-27 10:00:00,1234.5,NOK,Unknown,Unknown" in lines
+    assert (
+        "\t+4791234567,2026-11-27 09:00:00+01:00,Phone sale,2026-11-27 10:00:00+01:00,1234.5,NOK,Unknown,Unknown"
+        in lines
+    )
     assert len(lines) == 2 + len(EXPECTED_CONVERSIONS)
 
 

@@ -14,13 +14,16 @@ import pytest
 from callconv.ads_client import (
     API_VERSION,
     SSL_ROOTS_ENV_VAR,
+    access_problem,
     client_from_settings,
     decode_partial_failure,
     error_code_name,
     get_upload_service,
     is_empty_result,
 )
+from callconv.config import parse_settings
 from callconv.sandbox import ActionSpec
+from callconv.sandbox.server import ACCESS_DENIALS
 
 CUSTOMER = "1234567890"
 NOW = datetime(2026, 3, 2, 1, 0, tzinfo=UTC)
@@ -237,12 +240,84 @@ def test_command_line_sandbox_serves_the_real_client(sandbox_cert):
                 break
         endpoint = next(line for line in lines if "serving on" in line).rsplit(" ", 1)[1]
         assert f"export {SSL_ROOTS_ENV_VAR}={sandbox_cert}" in lines
-        client = client_from_settings(
-            {"developer_token": "sandbox-dev-token", "access_token": "sandbox-token", "endpoint": endpoint}
-        )
+        # A new user's settings: no developer token, as with Google since 2026-09-09.
+        client = client_from_settings({"access_token": "sandbox-token", "endpoint": endpoint})
         response = upload(client, [conversion(client)])
         # The sandbox knows no calls here: Google's answer for an unknown call.
         assert decode_partial_failure(client, response)[0][0] == "CALL_NOT_FOUND"
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+# --------------------------------------------------------------- access since the developer-token sunset
+
+
+def test_requests_without_a_developer_token_are_served(make_sandbox):
+    """Google ignores the header now; a sandbox told a token only refuses a different one that is sent."""
+    from google.ads.googleads.errors import GoogleAdsException
+
+    customers = {CUSTOMER: [ActionSpec(id="111")]}
+    sandbox = make_sandbox(customers=customers, calls=[CALL], clock=lambda: NOW, developer_token="configured-token")
+    sandbox.start()
+    settings = {key: value for key, value in sandbox.client_settings().items() if key != "developer_token"}
+    without = client_from_settings(settings)
+    assert without.developer_token is None
+
+    response = upload(without, [conversion(without)])
+
+    assert decode_partial_failure(without, response) == {} and len(sandbox.accepted()) == 1
+    assert sandbox.requests[-1]["developer_token"] is None
+    wrong = client_from_settings({**settings, "developer_token": "another-token"})
+    with pytest.raises(GoogleAdsException) as raised:
+        upload(wrong, [conversion(wrong, at="2026-03-01 10:30:00+01:00")])
+    assert [error_code_name(e) for e in raised.value.failure.errors] == ["DEVELOPER_TOKEN_INVALID"]
+    assert sandbox.client_settings()["developer_token"] == "configured-token"
+
+
+ACCESS_HINTS = {
+    "CLOUD_PROJECT_NOT_APPROVED_FOR_PRODUCTION": "get Explorer access",
+    "CUSTOMER_NOT_ALLOWLISTED_FOR_THIS_FEATURE": "accounts[acme].delivery to 'file'",
+    "ACTION_NOT_PERMITTED": "an Admin or Standard user role",
+    "USER_PERMISSION_DENIED": "set accounts[acme].login_customer_id",
+}
+
+
+def test_access_hints_cover_every_denial_the_sandbox_can_inject():
+    assert set(ACCESS_HINTS) == set(ACCESS_DENIALS)
+
+
+@pytest.mark.parametrize("code", sorted(ACCESS_HINTS))
+def test_access_denials_reach_the_real_client_and_map_to_what_to_do(sandbox, client, code):
+    from google.ads.googleads.errors import GoogleAdsException
+
+    account = parse_settings(
+        {
+            "crm_source": {"columns": {"caller_phone": "Tel", "conversion_time": "Tid", "outcome": "Utfall"}},
+            "accounts": [
+                {
+                    "id": "acme",
+                    "customer_id": CUSTOMER,
+                    "timezone": "Europe/Oslo",
+                    "default_region": "NO",
+                    "default_currency": "NOK",
+                    "conversion_actions": {"sale": {"id": "111", "name": "Phone sale"}},
+                }
+            ],
+        }
+    ).accounts[0]
+    sandbox.deny_access(code, next_calls=1)
+
+    with pytest.raises(GoogleAdsException) as raised:
+        upload(client, [conversion(client)])
+
+    assert raised.value.error.code() == grpc.StatusCode.PERMISSION_DENIED
+    (error,) = raised.value.failure.errors
+    received = error_code_name(error)
+    assert received == code
+    message = access_problem(received, account)
+    assert message is not None and "\n" not in message
+    assert f"({code})" in message and "123-456-7890" in message and ACCESS_HINTS[code] in message
+    assert sandbox.accepted() == []
+    # Only the next call was denied.
+    assert len(upload(client, [conversion(client)]).results) == 1

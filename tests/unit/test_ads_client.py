@@ -9,10 +9,12 @@ import pytest
 
 from callconv import ads_client
 from callconv.ads_client import (
+    ACCESS_ERRORS,
     API_VERSION,
     PHONE_MASK,
     SSL_ROOTS_ENV_VAR,
     PhoneMaskingFilter,
+    access_problem,
     client_from_airflow_connection,
     client_from_settings,
     decode_partial_failure,
@@ -51,7 +53,6 @@ def test_client_from_settings_builds_a_real_client_with_a_static_token():
     ("settings", "message"),
     [
         ({"developer_token": "dev"}, "access_token"),
-        ({"access_token": "tok"}, "developer_token"),
         ({**SETTINGS, "refresh_token": "x"}, "unknown Google Ads settings key"),
         ({**SETTINGS, "login_customer_id": "12"}, "10 digits"),
         ({**SETTINGS, "ssl_roots_file": "/nonexistent/cert.pem"}, "does not exist"),
@@ -60,6 +61,15 @@ def test_client_from_settings_builds_a_real_client_with_a_static_token():
 def test_client_from_settings_rejects_bad_settings(settings, message):
     with pytest.raises(ValueError, match=message):
         client_from_settings(settings)
+
+
+def test_client_from_settings_needs_no_developer_token():
+    # Google sunset developer tokens on 2026-09-09; the header is optional and ignored.
+    client = client_from_settings({"access_token": "tok", "endpoint": "localhost:50051"})
+
+    assert client.developer_token is None
+    assert client.credentials.token == "tok"
+    assert client_from_settings({**SETTINGS, "developer_token": ""}).developer_token is None
 
 
 def test_ssl_roots_file_points_grpc_at_the_sandbox_certificate(tmp_path, monkeypatch):
@@ -146,6 +156,84 @@ def test_production_connection_goes_through_the_google_ads_hook(monkeypatch):
     )
     assert client.use_proto_plus is True
     assert client.version == API_VERSION
+
+
+def test_sandbox_connection_without_a_developer_token(monkeypatch):
+    _airflow_connection(monkeypatch, "ads_sandbox_no_token", {"sandbox": True, "access_token": "tok"})
+
+    client = client_from_airflow_connection("ads_sandbox_no_token")
+
+    assert client.developer_token is None and client.credentials.token == "tok"
+
+
+# --------------------------------------------------------------- access errors: what to do
+
+
+def _account(login_customer_id: str | None = None):
+    from callconv.config import parse_settings
+
+    account = {
+        "id": "acme",
+        "customer_id": "123-456-7890",
+        "timezone": "Europe/Oslo",
+        "default_region": "NO",
+        "default_currency": "NOK",
+        "conversion_actions": {"sale": {"id": "555000111", "name": "Phone sale"}},
+    }
+    if login_customer_id:
+        account["login_customer_id"] = login_customer_id
+    raw = {
+        "crm_source": {"columns": {"caller_phone": "Tel", "conversion_time": "Tid", "outcome": "Utfall"}},
+        "accounts": [account],
+    }
+    return parse_settings(raw).accounts[0]
+
+
+@pytest.mark.parametrize(
+    ("code", "what_to_do"),
+    [
+        ("CLOUD_PROJECT_NOT_APPROVED_FOR_PRODUCTION", ["Test access", "Explorer access", "Basic access"]),
+        ("CUSTOMER_NOT_ALLOWLISTED_FOR_THIS_FEATURE", ["accounts[acme].delivery to 'file'", "allowlist"]),
+        ("ACTION_NOT_PERMITTED", ["Admin or Standard user role", "more than Test access"]),
+        (
+            "USER_PERMISSION_DENIED",
+            ["accounts[acme].customer_id is the customer", "access to it", "set accounts[acme].login_customer_id"],
+        ),
+    ],
+)
+def test_access_problem_says_what_to_do_in_one_line(code, what_to_do):
+    message = access_problem(code, _account())
+
+    assert message.startswith(f"Google Ads refused access to customer 123-456-7890 for account 'acme' ({code}): ")
+    assert "\n" not in message
+    for words in what_to_do:
+        assert words in message
+    assert "developer token" not in message
+
+
+def test_access_problem_names_the_manager_account_when_one_is_set():
+    message = access_problem("USER_PERMISSION_DENIED", _account(login_customer_id="999-888-7777"))
+
+    assert "manager account 999-888-7777" in message
+    assert "accounts[acme].customer_id is the customer that received the calls" in message
+    assert "set accounts[acme].login_customer_id" not in message
+
+
+@pytest.mark.parametrize("code", ["CALL_NOT_FOUND", "OAUTH_TOKEN_INVALID", "INVALID_CUSTOMER_FOR_CALL", "UNKNOWN", ""])
+def test_access_problem_leaves_other_codes_alone(code):
+    assert access_problem(code, _account()) is None
+
+
+def test_access_errors_are_codes_of_the_api_version():
+    import importlib
+
+    base = f"google.ads.googleads.{API_VERSION}.errors.types"
+    enums = [
+        importlib.import_module(f"{base}.authorization_error").AuthorizationErrorEnum.AuthorizationError,
+        importlib.import_module(f"{base}.not_allowlisted_error").NotAllowlistedErrorEnum.NotAllowlistedError,
+    ]
+    names = {member.name for enum in enums for member in enum}
+    assert set(ACCESS_ERRORS) <= names
 
 
 def _response_with_errors(client, errors):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -96,7 +97,7 @@ def test_empty_day_is_parameters_and_header_only(shipped_account):
 def test_exact_bytes_of_one_row(shipped_account):
     payload = render(shipped_account, [row()])
     assert payload.decode("utf-8").splitlines()[2] == (
-        "\t+4791234567,2026-01-15 10:00:05,Phone sale,2026-01-15 11:30:00,1234.5,NOK,Granted,Denied"
+        "\t+4791234567,2026-01-15 10:00:05+01:00,Phone sale,2026-01-15 11:30:00+01:00,1234.5,NOK,Granted,Denied"
     )
 
 
@@ -104,7 +105,7 @@ def test_parameters_row_names_the_accounts_zone():
     account = make_account(timezone_name="America/New_York")
     rows = read_back(render(account, [row()]))
     assert rows[0] == ["Parameters:TimeZone=America/New_York"]
-    assert rows[2][1] == "2026-01-15 04:00:05"  # 09:00:05 UTC is 04:00:05 EST
+    assert rows[2][1] == "2026-01-15 04:00:05-05:00"  # 09:00:05 UTC is 04:00:05 EST
 
 
 # --- times --------------------------------------------------------------------------
@@ -112,8 +113,8 @@ def test_parameters_row_names_the_accounts_zone():
 
 def test_winter_times_are_oslo_local(shipped_account):
     cells = data_row(shipped_account)
-    assert cells["Call Start Time"] == "2026-01-15 10:00:05"  # UTC+01:00
-    assert cells["Conversion Time"] == "2026-01-15 11:30:00"
+    assert cells["Call Start Time"] == "2026-01-15 10:00:05+01:00"
+    assert cells["Conversion Time"] == "2026-01-15 11:30:00+01:00"
 
 
 def test_summer_times_are_oslo_local_at_plus_two(shipped_account):
@@ -122,8 +123,8 @@ def test_summer_times_are_oslo_local_at_plus_two(shipped_account):
         call_start=datetime(2026, 7, 1, 8, 59, 59, tzinfo=UTC),
         conversion_time=datetime(2026, 7, 1, 12, 0, 0, tzinfo=timezone(timedelta(hours=2))),
     )
-    assert cells["Call Start Time"] == "2026-07-01 10:59:59"  # UTC+02:00 in summer
-    assert cells["Conversion Time"] == "2026-07-01 12:00:00"  # already +02:00, written as is
+    assert cells["Call Start Time"] == "2026-07-01 10:59:59+02:00"  # summer time
+    assert cells["Conversion Time"] == "2026-07-01 12:00:00+02:00"  # already +02:00, written as is
 
 
 def test_naive_times_are_taken_as_utc(shipped_account):
@@ -132,21 +133,50 @@ def test_naive_times_are_taken_as_utc(shipped_account):
         call_start=datetime(2026, 7, 1, 9, 0, 0),
         conversion_time=datetime(2026, 12, 31, 23, 30, 0),
     )
-    assert cells["Call Start Time"] == "2026-07-01 11:00:00"
-    assert cells["Conversion Time"] == "2027-01-01 00:30:00"  # crosses the year in local time
+    assert cells["Call Start Time"] == "2026-07-01 11:00:00+02:00"
+    assert cells["Conversion Time"] == "2027-01-01 00:30:00+01:00"  # crosses the year in local time
 
 
-def test_times_across_the_autumn_change(shipped_account):
-    # 2026-10-25: 00:30 UTC is 02:30 CEST, 01:30 UTC is 02:30 CET: same wall time, an hour apart.
-    first = data_row(shipped_account, call_start=datetime(2026, 10, 25, 0, 30, tzinfo=UTC))
-    second = data_row(shipped_account, call_start=datetime(2026, 10, 25, 1, 30, tzinfo=UTC))
-    assert first["Call Start Time"] == "2026-10-25 02:30:00"
-    assert second["Call Start Time"] == "2026-10-25 02:30:00"
+def test_times_on_the_oslo_autumn_change_night_are_distinct_and_read_back_to_their_instants(shipped_account):
+    # 2026-10-25 in Oslo: clocks go back from 03:00 CEST to 02:00 CET, so 02:00-03:00 happens twice.
+    # Each pair is the same wall time an hour apart; without an offset the file could not tell them apart.
+    pairs = [
+        (datetime(2026, 10, 25, 0, 10, tzinfo=UTC), datetime(2026, 10, 25, 1, 10, tzinfo=UTC), "02:10:00"),
+        (datetime(2026, 10, 25, 0, 30, tzinfo=UTC), datetime(2026, 10, 25, 1, 30, tzinfo=UTC), "02:30:00"),
+    ]
+    rows = []
+    for summer, winter, _ in pairs:
+        rows.append(row(call_start=summer, conversion_time=summer + timedelta(minutes=5)))
+        rows.append(row(call_start=winter, conversion_time=winter + timedelta(minutes=5)))
+    back = read_back(render(shipped_account, rows))
+    assert back[0] == ["Parameters:TimeZone=Europe/Oslo"]
+    cells = [dict(zip(TEMPLATE_HEADER, line, strict=True)) for line in back[2:]]
+
+    for index, (summer, winter, wall) in enumerate(pairs):
+        first, second = cells[2 * index], cells[2 * index + 1]
+        assert first["Call Start Time"] == f"2026-10-25 {wall}+02:00"
+        assert second["Call Start Time"] == f"2026-10-25 {wall}+01:00"
+        assert first["Call Start Time"] != second["Call Start Time"]
+        # What the file says is the instant each row stands for: one hour apart, as in the warehouse.
+        for written, instant in ((first, summer), (second, winter)):
+            assert datetime.strptime(written["Call Start Time"], "%Y-%m-%d %H:%M:%S%z") == instant
+            converted = datetime.strptime(written["Conversion Time"], "%Y-%m-%d %H:%M:%S%z")
+            assert converted == instant + timedelta(minutes=5)
+            assert datetime.fromisoformat(written["Call Start Time"]).astimezone(UTC) == instant
+
+
+def test_every_time_carries_an_offset_in_googles_format(shipped_account):
+    pattern = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}[+-]\d{2}:\d{2}$")
+    instants = [datetime(2026, 3, 29, 0, 59, 59, tzinfo=UTC), datetime(2026, 3, 29, 1, 0, tzinfo=UTC)]
+    back = read_back(render(shipped_account, [row(call_start=moment) for moment in instants]))
+    starts = [line[1] for line in back[2:]]
+    assert starts == ["2026-03-29 01:59:59+01:00", "2026-03-29 03:00:00+02:00"]  # the spring gap
+    assert all(pattern.match(line[1]) and pattern.match(line[3]) for line in back[2:])
 
 
 def test_microseconds_are_not_written(shipped_account):
     cells = data_row(shipped_account, call_start=datetime(2026, 1, 15, 9, 0, 5, 999999, tzinfo=UTC))
-    assert cells["Call Start Time"] == "2026-01-15 10:00:05"
+    assert cells["Call Start Time"] == "2026-01-15 10:00:05+01:00"
 
 
 # --- names, values, consent --------------------------------------------------------------

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from callconv.config import DEFAULT_CONFIG_PATH, load_settings
-from callconv.intake import business_date_of, normalise_sales, sale_key
+from callconv.intake import _Extract, _sale_records, business_date_of, normalise_sales, sale_key
 
 WINDOW_END = datetime(2026, 3, 3, 0, 0, tzinfo=UTC)
 
@@ -236,6 +236,26 @@ def test_sale_key_same_instant_in_another_zone_is_the_same_sale():
     oslo = pd.Timestamp("2026-03-02 10:15:00", tz="Europe/Oslo")
     # The content key writes the time's own offset, so the frame must carry UTC (normalise_sales does).
     assert sale_key("acme", None, content(conversion_time=oslo.tz_convert("UTC"))) == sale_key("acme", None, content())
+
+
+def test_the_same_sale_twice_in_a_chunk_keeps_the_first_row(settings, account):
+    # No CRM id and the same sale once normalised: one sale, from the first row, as the
+    # validator keeps the first row of a repeated CRM id.
+    good = frame(
+        [
+            sale(crm_id=None, caller_phone="912 34 567"),
+            sale(crm_id=None, caller_phone="+47 91 23 45 67"),
+            sale(crm_id="S-9"),
+        ],
+        start=4,
+    )
+    sales, rejected = normalise_sales(good, account, settings, WINDOW_END)
+    assert rejected == {}
+    extract = _Extract("deals.csv", "c" * 64, 3, list(good.columns), lambda: [good])
+
+    records = _sale_records(sales, account, extract, date(2026, 3, 2))
+
+    assert [(record["source_row"], record["crm_id"]) for record in records] == [(4, None), (6, "S-9")]
 
 
 # --- business date ------------------------------------------------------------------------

@@ -440,3 +440,49 @@ def test_logs_hold_counts_but_no_row_values_and_nothing_is_printed(caplog, capsy
 def test_unknown_decimal_separator_is_a_programming_error():
     with pytest.raises(ValueError, match="decimal separator must be"):
         validate_extract(extract({2: {}}), OUTCOMES, ";", LENIENT)
+
+
+# --- identical copies of a row: dropped before validation, never a bad row ------------------
+
+
+def test_identical_copies_are_dropped_and_counted_the_first_copy_kept():
+    from callconv.validate_prepare import IdenticalRows
+
+    frame = extract(
+        {
+            2: {"crm_id": "A-1"},
+            3: {"crm_id": "A-1"},  # the same row again
+            4: {"crm_id": " A-1 ", "currency": "NOK "},  # the same once trimmed
+            5: {"crm_id": "A-1", "value": "200.00"},  # the same id, other content
+            6: {"crm_id": None},
+            7: {"crm_id": ""},  # blank is missing: the same as row 6
+            8: {"crm_id": "None"},  # a value, not a missing cell
+        }
+    )
+    identical = IdenticalRows()
+
+    kept = identical.first_copies(frame)
+
+    assert kept.index.tolist() == [2, 5, 6, 8]
+    assert identical.dropped == 3
+    # What is left for validation: the other content under the same id is still a duplicate id.
+    report = validate_extract(kept, OUTCOMES, ".", LENIENT)
+    assert report.row_reasons == {5: ["duplicate_crm_id"]}
+
+
+def test_identical_copies_are_found_across_chunks_as_in_a_whole_file():
+    from callconv.validate_prepare import IdenticalRows
+
+    rows = {number: {"crm_id": f"C{number % 7}", "caller_phone": f"+4791{number % 7:06d}"} for number in range(2, 22)}
+    frame = extract(rows)
+    whole = IdenticalRows()
+    kept_whole = whole.first_copies(frame).index.tolist()
+
+    chunked = IdenticalRows()
+    kept_chunked = []
+    for start in range(0, len(frame), 3):
+        kept_chunked += chunked.first_copies(frame.iloc[start : start + 3]).index.tolist()
+
+    assert kept_whole == kept_chunked == list(range(2, 9))
+    assert whole.dropped == chunked.dropped == 13
+    assert IdenticalRows().first_copies(frame.iloc[:0]).empty

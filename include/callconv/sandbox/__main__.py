@@ -45,7 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--account", action="append", default=[], help="account ids whose calls to load")
     parser.add_argument("--now", help="fixed sandbox time, ISO 8601 with offset (default: real time)")
     parser.add_argument("--too-recent-hours", type=float, default=12.0)
-    parser.add_argument("--developer-token", default="sandbox-dev-token")
+    parser.add_argument(
+        "--developer-token",
+        help="optional, as at Google since 2026-09-09: when given, a request that sends another one is refused",
+    )
     parser.add_argument("--access-token", default="sandbox-token")
     return parser
 

@@ -12,7 +12,7 @@ What it knows, and checks like Google does:
 * conversion actions per customer (:class:`ActionSpec`: type, status, lookback);
 * its own notion of "now", a ``clock`` callable that tests move forward.
 
-Request-level errors (wrong token, unknown customer, ``partial_failure`` not
+Request-level errors (wrong access token, unknown customer, ``partial_failure`` not
 set, more than 2,000 rows) come back as RPC errors with a ``GoogleAdsFailure``
 in the trailing metadata, which the client raises as ``GoogleAdsException``.
 Row errors come back in ``partial_failure_error`` with an empty result for the
@@ -20,7 +20,12 @@ row. Some row messages echo the caller id on purpose, so the pipeline's
 masking of phone numbers is exercised.
 
 Faults can be injected at runtime: transient failures, quota exhaustion,
-delay, and "die after accept" (the batch is recorded, then the RPC fails).
+delay, "die after accept" (the batch is recorded, then the RPC fails), and
+Google's answers about API access (:meth:`SandboxServer.deny_access`).
+
+Like Google since the developer-token sunset (2026-09-09), it needs no
+``developer-token`` header. A sandbox given a ``developer_token`` still refuses
+a request that sends a different one, as a check that the header is passed on.
 
 TLS: the server serves on 127.0.0.1 only with a self-signed certificate
 (SAN ``localhost`` and ``127.0.0.1``) written to ``cert_dir``. Clients trust it
@@ -61,6 +66,29 @@ _DATE_TIME = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}[+-]\d{2}:\d{2}$")
 _ACTION_RESOURCE = re.compile(r"^customers/(\d+)/conversionActions/(\d+)$")
 
 Clock = Callable[[], datetime]
+
+# Google's answers about API access that deny_access() can inject: code -> (error category, message).
+ACCESS_DENIALS: dict[str, tuple[str, str]] = {
+    "CLOUD_PROJECT_NOT_APPROVED_FOR_PRODUCTION": (
+        "authorization_error",
+        "The Google Cloud project is only approved for use with test accounts. To access non-test "
+        "accounts, apply for Explorer, Basic or Standard access.",
+    ),
+    "CUSTOMER_NOT_ALLOWLISTED_FOR_THIS_FEATURE": (
+        "not_allowlisted_error",
+        "Customer is not allowlisted for accessing this feature.",
+    ),
+    "ACTION_NOT_PERMITTED": (
+        "authorization_error",
+        "The user does not have permission to perform this action (for example, ADD, UPDATE, REMOVE) "
+        "on the resource or call a method.",
+    ),
+    "USER_PERMISSION_DENIED": (
+        "authorization_error",
+        "User doesn't have permission to access customer. Note: If you're accessing a client customer, "
+        "the manager's customer id must be set in the 'login-customer-id' header.",
+    ),
+}
 
 
 def _utc(value: datetime) -> datetime:
@@ -226,6 +254,7 @@ def _types(version: str) -> SimpleNamespace:
         Authorization=module("errors.types.authorization_error").AuthorizationErrorEnum,
         PartialFailure=module("errors.types.partial_failure_error").PartialFailureErrorEnum,
         Date=module("errors.types.date_error").DateErrorEnum,
+        NotAllowlisted=module("errors.types.not_allowlisted_error").NotAllowlistedErrorEnum,
         service_name=f"{base}.services.ConversionUploadService",
         failure_key=f"{base}.errors.googleadsfailure-bin",
         failure_type_url=f"type.googleapis.com/{base}.errors.GoogleAdsFailure",
@@ -251,8 +280,10 @@ class SandboxServer:
     ``customers`` maps a customer id (10 digits) to its conversion actions.
     ``other_customers`` are reachable customers that did not receive the calls
     (uploading to them gives ``INVALID_CUSTOMER_FOR_CALL``); any other customer
-    id gives ``USER_PERMISSION_DENIED``. ``access_token`` / ``developer_token``,
-    when set, must match what the client sends.
+    id gives ``USER_PERMISSION_DENIED``. ``access_token``, when set, must match
+    what the client sends; ``developer_token``, when set, must match the
+    ``developer-token`` header if the client sends one (Google ignores it, and
+    a request without it is accepted).
     """
 
     def __init__(
@@ -335,6 +366,19 @@ class SandboxServer:
             self._quota_after_accepted: int | None = None
             self._delay = 0.0
             self._die_after_accept = 0
+            self._access_denial: str | None = None
+            self._access_denials_left: int | None = None
+
+    def deny_access(self, code: str, next_calls: int | None = None) -> None:
+        """Google's answer about API access for the next ``next_calls`` calls (every call when None).
+
+        ``code`` is one of :data:`ACCESS_DENIALS`, e.g. ``CLOUD_PROJECT_NOT_APPROVED_FOR_PRODUCTION``
+        (a Test-level Cloud project calling a production account). Nothing is recorded.
+        """
+        if code not in ACCESS_DENIALS:
+            raise ValueError(f"unknown access denial {code!r}; one of {', '.join(ACCESS_DENIALS)}")
+        with self._lock:
+            self._access_denial, self._access_denials_left = code, next_calls
 
     def fail_next(self, count: int, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
         """The next ``count`` calls fail with ``code`` (no GoogleAdsFailure), recording nothing."""
@@ -384,15 +428,19 @@ class SandboxServer:
             raise RuntimeError("the sandbox is not started")
         return f"localhost:{self.port}"
 
-    def client_settings(self, developer_token: str = "sandbox-dev-token", **extra) -> dict:
-        """Settings for ``callconv.ads_client.client_from_settings`` that reach this sandbox."""
-        return {
-            "developer_token": self.developer_token or developer_token,
+    def client_settings(self, developer_token: str | None = None, **extra) -> dict:
+        """Settings for ``callconv.ads_client.client_from_settings`` that reach this sandbox.
+
+        They hold a developer token only when the sandbox checks one or ``developer_token`` is given.
+        """
+        settings = {
             "access_token": self.access_token or "sandbox-token",
             "endpoint": self.endpoint,
             "ssl_roots_file": str(self.cert_path),
-            **extra,
         }
+        if self.developer_token or developer_token:
+            settings["developer_token"] = self.developer_token or developer_token
+        return {**settings, **extra}
 
     def start(self) -> SandboxServer:
         if self._server is not None:
@@ -446,6 +494,7 @@ class SandboxServer:
             "authorization_error": t.Authorization.AuthorizationError,
             "partial_failure_error": t.PartialFailure.PartialFailureError,
             "date_error": t.Date.DateError,
+            "not_allowlisted_error": t.NotAllowlisted.NotAllowlistedError,
         }[category]
         elements = []
         for name, index in path:
@@ -529,7 +578,8 @@ class SandboxServer:
                     "Request is missing required authentication credential.",
                     [self._error("authentication_error", "OAUTH_TOKEN_INVALID", "OAuth token is invalid.")],
                 )
-            if self.developer_token and metadata.get("developer-token") != self.developer_token:
+            sent_token = metadata.get("developer-token")
+            if self.developer_token and sent_token is not None and sent_token != self.developer_token:
                 raise _Abort(
                     grpc.StatusCode.UNAUTHENTICATED,
                     "The developer token is not valid.",
@@ -538,6 +588,18 @@ class SandboxServer:
                             "authentication_error", "DEVELOPER_TOKEN_INVALID", "The developer token is not valid."
                         )
                     ],
+                )
+            if self._access_denial is not None:
+                denial = self._access_denial
+                if self._access_denials_left is not None:
+                    self._access_denials_left -= 1
+                    if self._access_denials_left <= 0:
+                        self._access_denial = self._access_denials_left = None
+                category, message = ACCESS_DENIALS[denial]
+                raise _Abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "The caller does not have permission",
+                    [self._error(category, denial, message, ("customer_id", None))],
                 )
             customer_id = request.customer_id.replace("-", "")
             actions = self._customers.get(customer_id)
