@@ -44,8 +44,9 @@ action, and a second import of that key is a duplicate, not a new conversion.
 From its first publication a row's payload is frozen (``sent_at``; matching
 never rewrites it, :mod:`callconv.match`), so every file carries it byte for
 byte the same. The price is a bigger file, holding up to ``lookback_days`` of
-conversions, and duplicates in Google's upload report. ``sent_payload`` stays
-null for rows delivered by file: it holds API request bytes only.
+conversions, and repeats that Google's upload report may list as duplicates.
+``sent_payload`` stays null for rows delivered by file: it holds API request
+bytes only.
 
 **Frozen before published.** A row's payload may reach Google as soon as the
 file is written remotely (a rename may succeed although its answer is lost), so
