@@ -16,8 +16,10 @@ account-local day, `[data_interval_start, data_interval_end)`:
 5. **upload_conversions**: send due conversions through `ConversionUploadService.UploadCallConversions`,
    exactly once (the upload ledger), parking too-recent calls and retrying them in later runs.
    `dry_run` sends with `validate_only` and records nothing as uploaded.
-   **publish_conversion_file** does the same for accounts with `delivery: file`: the day's file
-   is replaced atomically on the SFTP server that Google Ads' scheduled upload reads.
+   **publish_conversion_file** does the same for accounts with `delivery: file`: the account's
+   file on the SFTP server that Google Ads' scheduled upload reads is replaced atomically with
+   every conversion not yet confirmed within the lookback (`file_delivery.lookback_days`); a
+   published conversion counts as delivered once its call leaves the lookback.
 6. **check_anomalies**: compare the run with the account's history (match rate, missing data,
    parked rows) and alert. Any task failure alerts too, without personal data.
 
@@ -119,7 +121,7 @@ def build_import_dag(account_id: str, timezone: str, settings: Settings | None =
 
         @task(retries=3, retry_delay=timedelta(minutes=10))
         def publish_conversion_file(**context) -> dict:
-            """For accounts with delivery 'file': the day's file over SFTP, replaced atomically."""
+            """For accounts with delivery 'file': the cumulative file over SFTP, replaced atomically."""
             from callconv.steps import publish_conversion_file as run
 
             return run(account_id, context)

@@ -138,10 +138,18 @@ class Upload(_Strict):
 
 
 class FileDelivery(_Strict):
-    """Where Google Ads' scheduled uploads fetch the file, for accounts with delivery 'file'."""
+    """Where Google Ads' scheduled uploads fetch the file, for accounts with delivery 'file'.
+
+    ``lookback_days``: Google's lookback for the account's call conversion actions (their
+    click-through conversion window, at most 90 days). The file carries every conversion not
+    yet confirmed whose call started within that many days before the run's data-interval end;
+    a published conversion counts as delivered once its call falls out of it
+    (see callconv.file_delivery).
+    """
 
     conn_id: str = "call_conversions_sftp"
     remote_dir: str = "."
+    lookback_days: int = Field(60, ge=1, le=90)
 
 
 class Alerts(_Strict):

@@ -163,6 +163,9 @@ upload_ledger = sa.Table(
     sa.Column("request_id", sa.String(64)),
     sa.Column("lease_until", UTC_TIME),
     sa.Column("sends", sa.Integer, nullable=False, server_default="0"),
+    # Delivery by file: the data-interval end of the latest publication that carried the row
+    # (sent_at is the first). See callconv.file_delivery for when such a row counts as delivered.
+    sa.Column("last_published_at", UTC_TIME),
     sa.Index("ix_upload_ledger_state", "account_id", "state"),
 )
 

@@ -167,7 +167,7 @@ def upload_conversions(account_id: str, context, dry_run: bool = False, day: str
 
 
 def publish_conversion_file(account_id: str, context, day: str | None = None) -> dict:
-    """Publish the day's file where Google Ads' scheduled upload fetches it (delivery 'file')."""
+    """Publish the account's cumulative file where Google Ads' scheduled upload fetches it (delivery 'file')."""
     from callconv.file_delivery import publish_day_file, sftp_publisher
     from callconv.intake import business_date_of
     from callconv.upload import ledger_counts
@@ -185,6 +185,7 @@ def publish_conversion_file(account_id: str, context, day: str | None = None) ->
             sftp_publisher(target.conn_id, target.remote_dir),
             scope.window.end,
             scope.window.run_id,
+            lookback_days=target.lookback_days,
         )
         counts["ledger"] = ledger_counts(scope.engine, account_id)
     return _record(scope, "file_delivery", counts)

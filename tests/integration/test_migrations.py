@@ -79,3 +79,50 @@ def test_postgres_gets_the_storage_matching_relies_on(empty_pg_schema):
     assert definition.endswith(
         "(account_id, caller_e164, call_start) INCLUDE (source_call_id, duration_seconds, via_google_forwarding)"
     )
+
+
+def test_0006_gives_rows_delivered_by_file_their_publication(empty_pg_schema):
+    """Rows the old code marked delivered by file were published at their delivered_at; others get none."""
+    from datetime import UTC, date, datetime
+
+    migrate(empty_pg_schema, "0005")
+    published = datetime(2026, 11, 2, 23, 0, tzinfo=UTC)
+    common = {
+        "account_id": "a",
+        "business_date": date(2026, 11, 2),
+        "call_start": datetime(2026, 11, 2, 8, 0, tzinfo=UTC),
+        "conversion_action_id": "1",
+        "conversion_time": datetime(2026, 11, 2, 9, 0, tzinfo=UTC),
+        "run_id": "r",
+    }
+    engine = sa.create_engine(empty_pg_schema)
+    ledger = sa.table(
+        "upload_ledger",
+        *(sa.column(name) for name in ("conversion_key", "state", "delivered_by", "delivered_at", *common)),
+    )
+    with engine.begin() as connection:
+        connection.execute(
+            ledger.insert(),
+            [
+                {
+                    "conversion_key": "by-file",
+                    "state": "delivered",
+                    "delivered_by": "file",
+                    "delivered_at": published,
+                    **common,
+                },
+                {
+                    "conversion_key": "by-api",
+                    "state": "uploaded",
+                    "delivered_by": "api",
+                    "delivered_at": published,
+                    **common,
+                },
+                {"conversion_key": "waiting", "state": "pending", "delivered_by": None, "delivered_at": None, **common},
+            ],
+        )
+    migrate(empty_pg_schema)
+    with engine.connect() as connection:
+        rows = dict(connection.execute(sa.text("select conversion_key, last_published_at from upload_ledger")).all())
+    engine.dispose()
+    assert rows == {"by-file": published, "by-api": None, "waiting": None}

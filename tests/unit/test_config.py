@@ -348,3 +348,24 @@ def test_warehouse_retention_equal_to_the_match_window_is_accepted(tmp_path, shi
     changed.setdefault("match", {})["window_days"] = 30
     settings = load_settings(write_config(tmp_path, changed))
     assert settings.retention.days("warehouse") == 30
+
+
+def test_file_delivery_lookback_defaults_to_60_days_and_an_account_may_override_it(shipped_raw):
+    changed = copy.deepcopy(shipped_raw)
+    changed["file_delivery"] = {"conn_id": "sftp_main", "remote_dir": "/in"}
+    second = {**copy.deepcopy(first_account(changed)), "id": "short_lookback", "delivery": "file"}
+    second["file_delivery"] = {"conn_id": "sftp_other", "remote_dir": "/other", "lookback_days": 30}
+    changed["accounts"].append(second)
+    settings = parse_settings(changed)
+
+    assert settings.file_delivery_for(settings.account(ACCOUNT)).lookback_days == 60
+    override = settings.file_delivery_for(settings.account("short_lookback"))
+    assert (override.conn_id, override.lookback_days) == ("sftp_other", 30)
+
+
+@pytest.mark.parametrize(("days", "complaint"), [(0, "greater than or equal to 1"), (91, "less than or equal to 90")])
+def test_file_delivery_lookback_beyond_googles_range_is_refused(tmp_path, shipped_raw, days, complaint):
+    _, message = broken_message(
+        tmp_path, shipped_raw, lambda raw: raw.__setitem__("file_delivery", {"lookback_days": days})
+    )
+    assert message.endswith(f"file_delivery.lookback_days: Input should be {complaint}")
