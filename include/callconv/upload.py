@@ -71,6 +71,7 @@ import grpc
 import sqlalchemy as sa
 
 from callconv.ads_client import (
+    access_problem,
     decode_partial_failure,
     error_category,
     error_code_name,
@@ -407,8 +408,9 @@ def _action_problem(account, code: str, action_ids: set[str]) -> str:
 
 def _auth_problem(account, code: str) -> str:
     return (
-        f"Google Ads rejected the credentials for account '{account.id}' ({code}): check the developer "
-        "token and the OAuth credentials (or service account) of the Google Ads Airflow connection"
+        f"Google Ads rejected the credentials for account '{account.id}' ({code}): check the OAuth "
+        "credentials (or service account) of the Google Ads Airflow connection; since 2026-09-09 no "
+        "developer token is needed"
     )
 
 
@@ -420,6 +422,9 @@ def _request_level_error(exc: BaseException, account) -> UploadError | None:
     suffix = f" (Google Ads request id {request_id})" if request_id else ""
     for error in errors:
         name, category = error_code_name(error), error_category(error)
+        access = access_problem(name, account)
+        if access:
+            return UploadConfigError(access + suffix, name)
         if name in CUSTOMER_CONFIG_ERRORS:
             return UploadConfigError(_customer_problem(account, name) + suffix, name)
         if name in ACTION_CONFIG_ERRORS:

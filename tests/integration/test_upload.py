@@ -476,7 +476,7 @@ def test_rejected_credentials_raise_a_config_error(warehouse, sandbox):
         {"developer_token": DEV_TOKEN, "access_token": "expired", "endpoint": sandbox.endpoint}
     )
 
-    with pytest.raises(UploadConfigError, match="developer token and the OAuth credentials") as raised:
+    with pytest.raises(UploadConfigError, match="check the OAuth credentials") as raised:
         run(warehouse, wrong)
 
     assert raised.value.code == "OAUTH_TOKEN_INVALID"
@@ -548,3 +548,27 @@ def test_upload_through_an_airflow_sandbox_connection(warehouse, sandbox, monkey
 
     assert outcome.accepted == 2
     assert len(sandbox.accepted()) == 2
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "CLOUD_PROJECT_NOT_APPROVED_FOR_PRODUCTION",
+        "CUSTOMER_NOT_ALLOWLISTED_FOR_THIS_FEATURE",
+        "ACTION_NOT_PERMITTED",
+        "USER_PERMISSION_DENIED",
+    ],
+)
+def test_access_denials_fail_the_upload_with_what_to_do(warehouse, sandbox, client, code):
+    from callconv.ads_client import access_problem
+
+    seed(warehouse, sandbox, [ledger_row(0)])
+    sandbox.deny_access(code)
+
+    with pytest.raises(UploadConfigError) as raised:
+        run(warehouse, client)
+
+    assert raised.value.code == code
+    assert str(raised.value).startswith(access_problem(code, make_account()))
+    assert {r["state"] for r in ledger(warehouse).values()} == {"pending"}  # claim given back, nothing lost
+    assert sandbox.accepted() == []
