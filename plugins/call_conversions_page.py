@@ -320,6 +320,7 @@ def _tiles(days) -> str:
         ("uploaded", _number(sum(d.uploaded for d in days))),
         ("parked", _number(sum(d.parked_total for d in days))),
         ("failed", _number(sum(d.failed_total for d in days))),
+        ("conflicts", _number(sum(d.conflicts_total for d in days))),
     ]
     body = "".join(f'<div class="tile"><b>{value}</b><span>{_e(label)}</span></div>' for label, value in tiles)
     return f'<div class="tiles">{body}</div>'
@@ -331,7 +332,7 @@ def _days_table(days, dag_id: str, root: str) -> str:
     head = (
         "<tr><th>Day</th><th class=text>Runs</th><th>Read</th><th>Quarantined</th><th>Matched</th>"
         "<th>Unmatched</th><th>Match rate</th><th>Uploaded</th><th>Already existed</th><th>Parked</th>"
-        "<th>Failed</th></tr>"
+        "<th>Failed</th><th>Conflicts</th></tr>"
     )
     rows = []
     for day in days:
@@ -350,6 +351,7 @@ def _days_table(days, dag_id: str, root: str) -> str:
             f'<td data-col="already_existed">{_number(day.already_existed) if uploaded else "–"}</td>'
             f'<td data-col="parked">{_number(day.parked_total) if uploaded else "–"}{_reasons(day.parked)}</td>'
             f'<td data-col="failed">{_number(day.failed_total) if uploaded else "–"}{_reasons(day.failed)}</td>'
+            f'<td data-col="conflicts">{_number(day.conflicts_total)}{_reasons(day.conflicts)}</td>'
             "</tr>"
         )
     return f'<table class="days"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'

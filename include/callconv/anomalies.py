@@ -10,6 +10,9 @@ Three rules, each judged for one account and one business day:
   ``no_data_days`` (7) calendar days before it did.
 * ``parked_pile_up``: more than ``parked_max`` (500) conversions of the account wait
   in the upload ledger in state ``parked``.
+* ``delivery_conflicts``: the day has changes that arrived after a conversion was sent
+  to Google (``changed_after_send``, ``late_sale_on_delivered_call``). They were
+  recorded, not applied, and only a person can decide what they mean: any one alerts.
 
 History comes from ``run_summary`` (one row per run, account and business day). A day
 can have several runs (reruns, backfills, the rerun DAG); the latest row of each
@@ -41,6 +44,7 @@ from callconv.schema import run_summary, upload_ledger
 MATCH_RATE_DROP = "match_rate_drop"
 NO_DATA = "no_data"
 PARKED_PILE_UP = "parked_pile_up"
+DELIVERY_CONFLICTS = "delivery_conflicts"
 
 
 @dataclass(frozen=True)
@@ -229,6 +233,24 @@ def parked_rule(parked: int, thresholds: Thresholds) -> Anomaly | None:
     )
 
 
+def conflicts_rule(current: Mapping | None) -> Anomaly | None:
+    """Any change recorded after a send, by reason: the day's total, as the match counted it."""
+    match = (current or {}).get("match") if isinstance(current, Mapping) else None
+    counts = match.get("conflicts") if isinstance(match, Mapping) else None
+    if not counts:
+        return None
+    total = sum(int(n) for n in counts.values())
+    reasons = ", ".join(f"{reason}={n}" for reason, n in sorted(counts.items()))
+    return Anomaly(
+        code=DELIVERY_CONFLICTS,
+        message=(
+            f"{total} changes arrived after their conversion was sent to Google and were not applied ({reasons}); "
+            "see delivery_conflicts"
+        ),
+        values={"conflicts": total, **{str(reason): int(n) for reason, n in counts.items()}},
+    )
+
+
 def evaluate(
     account_id: str,
     business_date: date,
@@ -244,6 +266,7 @@ def evaluate(
         match_rate_rule(current, history, thresholds),
         no_data_rule(current, history, business_date, thresholds),
         parked_rule(parked, thresholds),
+        conflicts_rule(current),
     ]
     return [
         Anomaly(a.code, a.message, a.values, account_id=account_id, business_date=business_date)

@@ -62,6 +62,7 @@ class DaySummary:
     matched: int | None = None
     unmatched: dict[str, int] = field(default_factory=dict)
     conversions: int | None = None
+    conflicts: dict[str, int] = field(default_factory=dict)  # changes recorded after a send, by reason
     uploaded: int = 0
     already_existed: int = 0
     parked: dict[str, int] = field(default_factory=dict)
@@ -84,6 +85,10 @@ class DaySummary:
         if not self.sales or self.matched is None:
             return None
         return self.matched / self.sales
+
+    @property
+    def conflicts_total(self) -> int:
+        return sum(self.conflicts.values())
 
     @property
     def parked_total(self) -> int:
@@ -209,6 +214,7 @@ def _set_match(day: DaySummary, match: dict) -> None:
     day.matched = _int(match.get("matched"))
     day.unmatched = _add_counter({}, match.get("unmatched"))
     day.conversions = _int(match.get("conversions"))
+    day.conflicts = _add_counter({}, match.get("conflicts"))
 
 
 def _add_upload(day: DaySummary, upload) -> None:

@@ -9,6 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from callconv.anomalies import (
+    DELIVERY_CONFLICTS,
     MATCH_RATE_DROP,
     NO_DATA,
     PARKED_PILE_UP,
@@ -378,3 +379,25 @@ def test_a_run_covering_several_days_is_read_for_the_day_checked(engine):
     seed(engine, rows)
     assert codes(check_run(engine, ACCOUNT, "manual__rerun", DAY)) == [MATCH_RATE_DROP]
     assert check_run(engine, ACCOUNT, "manual__rerun", DAY - timedelta(days=1)) == []
+
+
+# ------------------------------------------------------------------ conflicts recorded after a send
+
+
+def test_a_change_recorded_after_a_send_alerts_with_its_reasons():
+    current = {
+        "intake": intake(10),
+        "match": {
+            **matched(10, 9),
+            "conflicts": {"late_sale_on_delivered_call": 2, "changed_after_send": 1},
+        },
+    }
+    found = evaluate(ACCOUNT, DAY, current, {}, parked=0)
+    assert codes(found) == [DELIVERY_CONFLICTS]
+    assert found[0].values == {"conflicts": 3, "late_sale_on_delivered_call": 2, "changed_after_send": 1}
+    assert "changed_after_send=1, late_sale_on_delivered_call=2" in found[0].message
+
+
+def test_a_day_without_conflicts_does_not_alert_on_them():
+    current = {"intake": intake(10), "match": {**matched(10, 9), "conflicts": {}}}
+    assert DELIVERY_CONFLICTS not in codes(evaluate(ACCOUNT, DAY, current, {}, parked=0))

@@ -351,3 +351,15 @@ def test_chart_of_an_empty_period_says_so(page_module):
 @pytest.mark.parametrize(("most", "top"), [(0, 4), (3, 4), (5, 8), (42, 48), (94, 100), (101, 120), (1234, 1600)])
 def test_count_axis_has_four_whole_steps(page_module, most, top):
     assert page_module._nice_ceiling(most) == top
+
+
+def test_a_days_conflicts_come_from_its_latest_match_and_reach_the_page(page_module):
+    day = q.DaySummary("shop_a", D1)
+    q._set_match(day, {**match(8, 8, {}), "conflicts": {"late_sale_on_delivered_call": 2}})
+    assert (day.conflicts, day.conflicts_total) == ({"late_sale_on_delivered_call": 2}, 2)
+    q._set_match(day, match(8, 8, {}))  # an older summary without conflicts counts none
+    assert day.conflicts_total == 0
+
+    q._set_match(day, {**match(8, 8, {}), "conflicts": {"changed_after_send": 1}})
+    html = page_module._days_table([day], "call_conversions_import__shop_a", "/")
+    assert '<td data-col="conflicts">1' in html and "changed_after_send" in html
