@@ -71,6 +71,7 @@ log = logging.getLogger(__name__)
 # Ledger states whose payload may have reached Google, whatever sent_at says.
 SENT_STATES = ("sending", "uploaded", "delivered")
 LATE_SALE = "late_sale_on_delivered_call"
+CALL_CHANGED = "call_changed_after_send"
 # Per sort or hash in the match transaction (PostgreSQL): a day of 10^6 sales
 # aggregates in memory instead of spilling to disk.
 POSTGRES_WORK_MEM = "256MB"
@@ -346,6 +347,7 @@ def match_day(
         )
         _match_sales(connection, account_id, business_date, rules)
         late = _late_sales(connection, account_id, business_date, rules, run_id)
+        _changed_calls(connection, account_id, business_date, run_id)
         _write_outcome(connection, account_id)
         # The groups the new matches joined (frozen sales' groups are delivered: nothing to rebuild).
         connection.execute(
@@ -499,6 +501,50 @@ def _day_conflicts(connection, account_id: str, business_date: date) -> dict[str
         .group_by(delivery_conflicts.c.reason)
     ).all()
     return dict(sorted(rows))
+
+
+def _changed_calls(connection, account_id: str, business_date: date, run_id: str) -> None:
+    """Sent sales whose call-log row now names another caller or start under the same id.
+
+    The telephony system may rewrite a call it already reported. What was sent stays as
+    it was; the change is recorded with ``call_changed_after_send``, decided afresh by
+    every match of the day.
+    """
+    sale, call = crm_sales, call_logs
+    connection.execute(
+        delivery_conflicts.delete().where(
+            delivery_conflicts.c.account_id == account_id,
+            delivery_conflicts.c.business_date == business_date,
+            delivery_conflicts.c.reason == CALL_CHANGED,
+        )
+    )
+    changed = (
+        sa.select(
+            sa.literal(account_id),
+            sale.c.sale_key,
+            sa.literal(CALL_CHANGED),
+            sa.literal(business_date, sa.Date),
+            sale.c.conversion_key,
+            sa.literal("its call-log row changed caller or start after the conversion was sent"),
+            sa.literal(run_id),
+        )
+        .join(call, sa.and_(call.c.account_id == sale.c.account_id, call.c.source_call_id == sale.c.matched_call_id))
+        .where(
+            _day_sales(account_id, business_date),
+            sale.c.conversion_key.is_not(None),
+            conversion_sent(sale.c.conversion_key),
+            sale.c.caller_e164.is_not(None),  # redacted by retention: nothing left to compare
+            sa.or_(
+                call.c.call_start != sale.c.matched_call_start,
+                call.c.caller_e164.is_distinct_from(sale.c.caller_e164),
+            ),
+        )
+    )
+    connection.execute(
+        delivery_conflicts.insert().from_select(
+            ["account_id", "sale_key", "reason", "business_date", "conversion_key", "detail", "run_id"], changed
+        )
+    )
 
 
 def _write_outcome(connection, account_id: str) -> None:

@@ -234,3 +234,33 @@ def test_a_later_sale_on_a_delivered_call_is_never_dropped_silently(project, tmp
         assert accepted == [(oslo("2026-11-27 12:00:00"), 100.0), (oslo("2026-11-28 10:00:00"), 200.0)]
         assert ledger == ["uploaded", "uploaded"]
     assert len(sent_rows(sandbox)) == len(accepted)
+
+
+def test_a_call_rewritten_under_the_same_id_is_a_reason_not_a_crash(project, tmp_path, warehouse, sandbox):
+    drop_extract(tmp_path, "2026-11-27", "deals.csv", [["S1", "91234567", "2026-11-27 12:00:00", "sale", "100", "NOK"]])
+    run_day("2026-11-27")
+
+    # The telephony system rewrites call c1: another caller, another start, the same id.
+    other_caller, new_start = "+4798765432", oslo("2026-11-28 08:00:00")
+    with warehouse.begin() as connection:
+        connection.execute(
+            call_logs.update()
+            .where(call_logs.c.source_call_id == "c1")
+            .values(caller_number="98765432", caller_e164=None, caller_parse_status=None, call_start=new_start)
+        )
+    sandbox.add_calls([(other_caller, new_start)])
+    # That caller buys the next day: a conversion on the same call id.
+    drop_extract(tmp_path, "2026-11-28", "deals.csv", [["S3", "98765432", "2026-11-28 10:00:00", "sale", "70", "NOK"]])
+    run_day("2026-11-28")
+    run_day("2026-11-27")  # the first day again: its sent sale now points at a changed call
+
+    with warehouse.connect() as connection:
+        by_call = connection.execute(
+            sa.select(crm_sales.c.crm_id, crm_sales.c.matched_call_id).order_by(crm_sales.c.crm_id)
+        ).all()
+    assert by_call == [("S1", "c1"), ("S3", "c1")]
+    assert sorted((c.caller_id, c.conversion_value) for c in sandbox.accepted()) == [
+        (CALLER, 100.0),
+        (other_caller, 70.0),
+    ]
+    assert conflicts(warehouse) == {"S1": "call_changed_after_send"}
