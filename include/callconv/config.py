@@ -135,6 +135,9 @@ class Upload(_Strict):
     # How long a claim on ledger rows holds before another run may take over and resend
     # them (identical bytes): longer than one request with all its retries can take.
     lease_minutes: float = Field(60, gt=0)
+    # A run also retries parked rows due by its window end plus this wait, so a rerun of a
+    # day or a backfill's last day does not leave what it parked for a later day's run.
+    parked_wait_hours: float = Field(12, ge=0)
 
 
 class FileDelivery(_Strict):

@@ -161,6 +161,7 @@ def upload_conversions(account_id: str, context, dry_run: bool = False, day: str
             batch_size=scope.settings.upload.batch_size,
             max_concurrent_batches=scope.settings.upload.max_concurrent_batches,
             lease=timedelta(minutes=scope.settings.upload.lease_minutes),
+            parked_wait=timedelta(hours=scope.settings.upload.parked_wait_hours),
         )
         counts = {**outcome.as_dict(), "ledger": ledger_counts(scope.engine, account_id)}
     return _record(scope, "upload" if not dry_run else "upload_dry_run", counts)

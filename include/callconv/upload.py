@@ -581,7 +581,7 @@ def _write(engine, changes: list[dict], request_id: str) -> None:
                 connection.execute(statement.where(ledger.c.conversion_key.in_(keys[start : start + WRITE_CHUNK])))
 
 
-def _claim(engine, client, account, rows: Sequence, *, window_end, run_id, request_id, now, lease) -> list:
+def _claim(engine, client, account, rows: Sequence, *, due_by, run_id, request_id, now, lease) -> list:
     """Claim the rows of a batch that are still due, in one transaction that commits before the send.
 
     Returns the claimed rows, as stored once claimed, in the batch's order. A row
@@ -593,7 +593,7 @@ def _claim(engine, client, account, rows: Sequence, *, window_end, run_id, reque
     keys = [row.conversion_key for row in rows]
     candidates = (
         sa.select(ledger.c.conversion_key)
-        .where(ledger.c.conversion_key.in_(keys), _due(account.id, window_end, now))
+        .where(ledger.c.conversion_key.in_(keys), _due(account.id, due_by, now))
         .with_for_update(skip_locked=True)
     )
     with engine.begin() as connection:
@@ -736,7 +736,7 @@ class _Batch:
 
 
 def _run_batch(
-    batch: _Batch, *, engine, client, service, account, window_end, run_id, dry_run, send, clock, lease
+    batch: _Batch, *, engine, client, service, account, window_end, due_by, run_id, dry_run, send, clock, lease
 ) -> _BatchResult:
     """Claim one batch's rows, send them, and settle the answer. Runs in a worker thread.
 
@@ -754,7 +754,7 @@ def _run_batch(
             client,
             account,
             batch.rows,
-            window_end=window_end,
+            due_by=due_by,
             run_id=run_id,
             request_id=request_id,
             now=clock(),
@@ -878,6 +878,7 @@ def upload_pending(
     max_concurrent_batches: int = 1,
     clock: Callable[[], datetime] = wall_clock,
     lease: timedelta = DEFAULT_LEASE,
+    parked_wait: timedelta = timedelta(0),
 ) -> UploadOutcome:
     """Upload ``account``'s due ledger rows through ``client``; see the module doc.
 
@@ -887,7 +888,10 @@ def upload_pending(
     ``max_concurrent_batches`` bounds the batches in flight at once (1: one
     after the other); each in-flight batch holds at most ``batch_size`` rows.
     ``clock`` and ``lease`` time the claims: a row claimed by a run that died
-    is taken over once its lease has run out by ``clock``.
+    is taken over once its lease has run out by ``clock``. ``parked_wait`` lets
+    this run also take parked rows due by ``window_end + parked_wait``, so a
+    rerun of a day, or the last day of a backfill, retries what the day parked
+    (still judged by the run's window, never the wall clock).
     """
     if window_end.tzinfo is None:
         raise ValueError("window_end must be timezone-aware")
@@ -916,6 +920,7 @@ def upload_pending(
             service=service,
             account=account,
             window_end=window_end,
+            due_by=window_end + parked_wait,
             run_id=run_id,
             dry_run=dry_run,
             send=send,
@@ -925,7 +930,8 @@ def upload_pending(
 
     # Claims lapsed before this run started are taken over (never in a dry run: it claims nothing).
     lapsed_before = None if dry_run else clock()
-    planner = BatchPlanner(due_rows_paged(engine, account.id, window_end, batch_size, lapsed_before), batch_size)
+    due_by = window_end + parked_wait
+    planner = BatchPlanner(due_rows_paged(engine, account.id, due_by, batch_size, lapsed_before), batch_size)
     state = _Run(outcome)
     log.info(
         "account %s run %s%s: uploading due conversions in batches of up to %d, %d batch(es) in flight at most",

@@ -87,3 +87,14 @@ def test_no_heavy_imports_at_top_level(dag_file):
             names = [node.module]
         for name in names:
             assert name.split(".")[0] not in heavy, f"{dag_file.name} imports {name} at parse time"
+
+
+def test_the_rerun_delivers_one_mapped_day_at_a_time(dag_bag):
+    """A rerun maps one task group per (account, day); each delivery sends every due row of its
+    account, so two of them at once would race. They take turns; claims cover the rest."""
+    dag = dag_bag.dags["call_conversions_rerun"]
+    delivery = [
+        task for task in dag.tasks if task.task_id.split(".")[-1] in ("upload_conversions", "publish_conversion_file")
+    ]
+    assert delivery
+    assert {task.max_active_tis_per_dagrun for task in delivery} == {1}

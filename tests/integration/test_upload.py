@@ -232,6 +232,21 @@ def test_too_recent_call_is_parked_then_uploaded_in_a_later_run(warehouse, sandb
     assert len(sandbox.accepted()) == 2
 
 
+def test_a_rerun_of_the_same_window_retries_what_it_parked_within_the_wait(warehouse, sandbox, client, clock):
+    """The last day of a backfill has no later run: with parked_wait its rerun takes the parked rows."""
+    late = ledger_row(1, call_start=DAY_END - timedelta(hours=3))
+    seed(warehouse, sandbox, [late])
+    assert run(warehouse, client).parked == {"TOO_RECENT_CALL": 1}
+
+    # Not yet due by this window alone, nor by a wait shorter than the park.
+    assert run(warehouse, client, parked_wait=timedelta(hours=11)).selected == 0
+    clock.now += timedelta(days=1)  # Google's clock moved on; the run's window did not
+    rerun = run(warehouse, client, parked_wait=timedelta(hours=12))
+
+    assert (rerun.selected, rerun.accepted) == (1, 1)
+    assert ledger(warehouse)[late["conversion_key"]]["delivered_at"] == DAY_END  # the rerun's own window
+
+
 def test_permanent_errors_are_recorded_while_the_others_succeed(warehouse, sandbox, client, caplog):
     caplog.set_level(logging.DEBUG)
     # The library's own logger at DEBUG dumps every request: it must come out masked.
