@@ -41,12 +41,18 @@ def _callers(rng: random.Random, count: int) -> list[str]:
     return callers
 
 
-def make_call_logs(account: Account, business_date: date, rng: random.Random, callers: list[str]) -> list[dict]:
-    """About 40 calls a day over the match window, a fifth of them not forwarded."""
+def make_call_logs(account: Account, business_date: date, seed_value: int, callers: list[str]) -> list[dict]:
+    """About 40 calls a day over the match window, a fifth of them not forwarded.
+
+    Each day's calls come from a generator seeded by that day alone, so a call id
+    always names the same call, whichever demo day asked for it: seeding another
+    day adds calls, it never gives an existing call id another caller.
+    """
     tz = account.tz
     rows = []
     for day_offset in range(30, -1, -1):
         day = business_date - timedelta(days=day_offset)
+        rng = random.Random(f"{seed_value}-calls-{day.isoformat()}")
         for index in range(40):
             local = datetime.combine(day, time(8)) + timedelta(seconds=rng.randrange(0, 10 * 3600))
             rows.append(
@@ -93,7 +99,7 @@ def make_crm_extract(settings: Settings, account: Account, business_date: date, 
         amount = f"{rng.randrange(500, 25000)},{rng.randrange(100):02d}"
         writer.writerow(
             [
-                f"S-{case}",
+                f"S-{business_date:%Y%m%d}-{case}",  # a deal id of its own day: another day never reuses it
                 rng.choice(WRITTEN_FORMS)(_digits(call["caller_number"])),
                 start_local.strftime("%Y-%m-%d %H:%M:%S") if rng.random() < 0.5 else "",
                 sold_at.strftime("%Y-%m-%d %H:%M:%S"),
@@ -103,11 +109,12 @@ def make_crm_extract(settings: Settings, account: Account, business_date: date, 
             ]
         )
     noon = f"{business_date} 12:00:00"
-    writer.writerow([f"S-{case + 1}", "12", "", noon, "sale", "100,00", "NOK"])  # too short a number
-    writer.writerow([f"S-{case + 2}", "+47 400 00 000", "", "yesterday", "sale", "", ""])  # unreadable time
-    writer.writerow([f"S-{case + 3}", "+47 400 00 001", "", noon, "refund", "", ""])  # unknown outcome
-    writer.writerow([f"S-{case + 4}", "+47 912 00 000", "", noon, "sale", "-50,00", "NOK"])  # negative value
-    writer.writerow([f"S-{case + 5}", "+47 915 55 555", "", noon, "sale", "990,00", "NOK"])  # no such caller
+    bad = f"S-{business_date:%Y%m%d}"
+    writer.writerow([f"{bad}-{case + 1}", "12", "", noon, "sale", "100,00", "NOK"])  # too short a number
+    writer.writerow([f"{bad}-{case + 2}", "+47 400 00 000", "", "yesterday", "sale", "", ""])  # unreadable time
+    writer.writerow([f"{bad}-{case + 3}", "+47 400 00 001", "", noon, "refund", "", ""])  # unknown outcome
+    writer.writerow([f"{bad}-{case + 4}", "+47 912 00 000", "", noon, "sale", "-50,00", "NOK"])  # negative value
+    writer.writerow([f"{bad}-{case + 5}", "+47 915 55 555", "", noon, "sale", "990,00", "NOK"])  # no such caller
     return out.getvalue().encode("utf-8-sig")
 
 
@@ -117,14 +124,27 @@ def _digits(written: str) -> str:
 
 
 def seed(engine: sa.Engine, settings: Settings, landing_root, business_date: date, seed_value: int = 7) -> dict:
-    """Replace the demo account's call logs and drop the day's CRM extract (idempotent)."""
+    """Add the demo account's call logs for the day's window and drop the day's CRM extract.
+
+    Idempotent, and safe for any day in any order: calls already there are kept as they
+    are (normalised or not), only missing ones are added.
+    """
     account = settings.accounts[0]
-    rng = random.Random(seed_value)
-    callers = _callers(rng, 120)
-    calls = make_call_logs(account, business_date, rng, callers)
+    callers = _callers(random.Random(seed_value), 120)
+    calls = make_call_logs(account, business_date, seed_value, callers)
+    rng = random.Random(f"{seed_value}-crm-{business_date.isoformat()}")
     with engine.begin() as connection:
-        connection.execute(call_logs.delete().where(call_logs.c.account_id == account.id))
-        connection.execute(call_logs.insert(), calls)
+        known = set(
+            connection.scalars(
+                sa.select(call_logs.c.source_call_id).where(
+                    call_logs.c.account_id == account.id,
+                    call_logs.c.source_call_id.in_([call["source_call_id"] for call in calls]),
+                )
+            )
+        )
+        missing = [call for call in calls if call["source_call_id"] not in known]
+        if missing:
+            connection.execute(call_logs.insert(), missing)
     folder = landing_root / account.id / business_date.isoformat()
     folder.mkdir(parents=True, exist_ok=True)
     extract = folder / f"crm_sales_{business_date:%Y%m%d}.csv"
@@ -230,15 +250,35 @@ def summary(engine: sa.Engine, account: Account, business_date: date) -> str:
         f"  upload ledger:      {dict(sorted(ledger))}",
     ]
     counts = last_run[0] if last_run else {}
+    lines.extend(_this_run(counts))
     if "conversion_file" in counts:
         lines.append(f"  conversion file:    {counts['conversion_file']['path']}")
-    upload = counts.get("upload") or {}
+    return "\n".join(lines)
+
+
+def _this_run(counts: dict) -> list[str]:
+    """What the latest run of the day did, next to the day's totals above."""
+    intake, match, upload = counts.get("intake") or {}, counts.get("match") or {}, counts.get("upload") or {}
+    if not counts:
+        return ["  this run:           no run summary (the run failed before its first step finished)"]
+    lines = [
+        f"  this run read:      {intake.get('read', 0)} CRM rows ({intake.get('files_already_imported', 0)} "
+        f"file(s) already imported), normalised {intake.get('normalised', 0)}",
+    ]
+    if match:
+        lines.append(
+            f"  this run matched:   {match.get('matched', 0)} of {match.get('sales', 0)} sales into "
+            f"{match.get('conversions', 0)} conversions ({match.get('new_pending', 0)} new to send); "
+            "several sales on one call and action merge into one conversion"
+        )
+        if match.get("conflicts"):
+            lines.append(f"  conflicts:          {match['conflicts']} (recorded, never sent: see delivery_conflicts)")
     if "accepted" in upload:
         lines.append(
-            f"  upload:             sent {upload['sent']}, accepted {upload['accepted']}, "
+            f"  this run uploaded:  sent {upload['sent']}, accepted {upload['accepted']}, "
             f"already existed {upload['already_existed']}, parked {upload['parked']}, failed {upload['failed']}"
         )
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:

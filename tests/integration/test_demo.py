@@ -25,12 +25,16 @@ PROJECT = Path(__file__).resolve().parents[2]
 TIME = r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}[+-]\d{2}:\d{2}"  # with its offset
 
 
-def test_demo_runs_the_day_uploads_and_writes_a_valid_template(tmp_path, airflow_db):
+def demo_config(tmp_path) -> dict:
     config = yaml.safe_load((PROJECT / "config" / "call_conversions.yaml").read_text())
     for key in ("export_uri", "data_docs_uri", "archive_uri", "quarantine_uri"):
         config[key] = str(tmp_path / key)
     config["crm_source"]["landing_uri"] = str(tmp_path / "landing")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    return config
+
+
+def run_demo(tmp_path, day: str) -> subprocess.CompletedProcess:
     warehouse_url = f"sqlite:///{tmp_path / 'warehouse.db'}"
     env = {
         **os.environ,
@@ -47,7 +51,7 @@ def test_demo_runs_the_day_uploads_and_writes_a_valid_template(tmp_path, airflow
             "callconv.demo",
             "run",
             "--date",
-            "2026-11-27",
+            day,
             "--warehouse-url",
             warehouse_url,
             "--log",
@@ -62,9 +66,14 @@ def test_demo_runs_the_day_uploads_and_writes_a_valid_template(tmp_path, airflow
     assert result.returncode == 0, (
         result.stdout[-3000:] + result.stderr[-3000:] + (tmp_path / "run.log").read_text()[-3000:]
     )
-    summary = result.stdout
+    return result
+
+
+def test_demo_runs_the_day_uploads_and_writes_a_valid_template(tmp_path, airflow_db):
+    config = demo_config(tmp_path)
+    summary = run_demo(tmp_path, "2026-11-27").stdout
     assert "Account nordic_plumbing, day 2026-11-27 (Europe/Oslo)" in summary
-    accepted = int(re.search(r"upload:\s+sent (\d+), accepted (\d+)", summary).group(2))
+    accepted = int(re.search(r"this run uploaded:\s+sent (\d+), accepted (\d+)", summary).group(2))
     assert accepted > 50
     assert f"sandbox holds:      {accepted} accepted conversions" in summary
     assert "encryption is disabled in the config" in (tmp_path / "run.log").read_text()
@@ -83,3 +92,19 @@ def test_demo_runs_the_day_uploads_and_writes_a_valid_template(tmp_path, airflow
         assert name in names
         assert re.fullmatch(r"\d+(\.\d+)?", value) and currency == "NOK"
         assert (user_data, personalization) == ("Granted", "Denied")
+
+
+def test_the_demo_runs_on_another_day_after_the_first(tmp_path, airflow_db):
+    """Each demo day adds its own calls and deals: a call id never changes caller and a deal id
+    never repeats, so a second day runs through (it used to crash on a unique key)."""
+    demo_config(tmp_path)
+    first = run_demo(tmp_path, "2026-11-27").stdout
+    second = run_demo(tmp_path, "2026-11-26").stdout
+
+    assert "Account nordic_plumbing, day 2026-11-26 (Europe/Oslo)" in second
+    matched = re.search(r"this run matched:\s+(\d+) of (\d+) sales into (\d+) conversions", second)
+    assert matched and int(matched.group(1)) > 20
+    assert int(matched.group(3)) <= int(matched.group(1))  # merges explain matched > uploaded
+    accepted = int(re.search(r"this run uploaded:\s+sent (\d+), accepted (\d+)", second).group(2))
+    assert 0 < accepted <= int(matched.group(3))
+    assert "this run uploaded:" in first
