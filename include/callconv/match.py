@@ -337,6 +337,10 @@ def match_day(
         # A conversion can gather sales of several days: one match per account at a time.
         serialise(connection, "match", account_id)
         _prepare(connection)
+        # A temporary table can outlive a rolled-back transaction on its pooled connection
+        # (SQLite): a retry must not meet "table already exists".
+        for leftover in (TOUCHED, OUTCOME):
+            leftover.drop(connection, checkfirst=True)
         touched = TOUCHED
         touched.create(connection)
         _forget_earlier_matches(connection, touched, account_id, business_date, rematch)

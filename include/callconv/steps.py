@@ -9,12 +9,37 @@ parse time, and each returns only a small dict of counts for XCom.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from datetime import timedelta
 
 from callconv.runtime import log_group, storage_root, task_scope
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def fail_at_once(*kinds: type[BaseException]) -> Iterator[None]:
+    """Errors of these kinds fail the task without retries: the same data gives the same error.
+
+    The message is the error's first line, which with ``hide_parameters`` names no value.
+    """
+    try:
+        yield
+    except kinds as error:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        raise AirflowFailException(
+            f"{type(error).__name__}: {first_line} (not retried: a retry would meet the same data)"
+        ) from error
+
+
+def _permanent_database_errors() -> tuple[type[BaseException], ...]:
+    from sqlalchemy import exc
+
+    return (exc.IntegrityError, exc.DataError)
 
 
 def _record(scope, stage: str, counts: dict) -> dict:
@@ -110,7 +135,7 @@ def match_sales(account_id: str, context, day: str | None = None, rematch: bool 
     from callconv.match import match_day
 
     scope = task_scope(account_id, context, day)
-    with log_group(f"match {account_id}"):
+    with log_group(f"match {account_id}"), fail_at_once(*_permanent_database_errors()):
         outcome = match_day(
             scope.engine,
             account_id,
@@ -149,7 +174,12 @@ def upload_conversions(account_id: str, context, dry_run: bool = False, day: str
     if scope.account.delivery != "api":
         log.info("upload: account %s delivers by file; nothing to send through the API", account_id)
         return _record(scope, "upload", {"skipped": "delivery is file"})
-    with log_group(f"upload {account_id}{' (dry run)' if dry_run else ''}"):
+    from callconv.upload import UploadConfigError
+
+    with (
+        log_group(f"upload {account_id}{' (dry run)' if dry_run else ''}"),
+        fail_at_once(UploadConfigError, *_permanent_database_errors()),
+    ):
         client = client_from_airflow_connection(scope.settings.google_ads_conn_id)
         outcome = upload_pending(
             scope.engine,

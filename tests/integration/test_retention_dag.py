@@ -83,8 +83,8 @@ def aged_data(tmp_path, warehouse, airflow_db, write_settings, warehouse_conn, m
             )
             match_rows.append({**common, "source_call_id": key, "sale_count": 1})
             # A sent row keeps the bytes sent to Google, the number inside them.
-            sent = {"sent_payload": phone(age, suffix).encode()} if state == "uploaded" else {}
-            ledger.append({**common, "state": state, "attempts": 1, **sent})
+            sent = phone(age, suffix).encode() if state == "uploaded" else None
+            ledger.append({**common, "state": state, "attempts": 1, "sent_payload": sent})
         quarantined.append(
             {
                 "account_id": ACCOUNT,
