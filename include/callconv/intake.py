@@ -50,7 +50,7 @@ from callconv.match import as_utc, conversion_sent
 from callconv.schema import crm_imports, crm_sales, delivery_conflicts, quarantine
 from callconv.storage import open_for_read, plain_name, remove, store_as, stored_name
 from callconv.validate import ExtractRejected, ExtractValidator
-from callconv.validate_prepare import CANONICAL_COLUMNS, IdenticalRows
+from callconv.validate_prepare import CANONICAL_COLUMNS, CRM_ID_MAX_LENGTH, IdenticalRows
 
 log = logging.getLogger(__name__)
 
@@ -513,12 +513,17 @@ def _quarantine_records(frame, reasons, account, extract, business_date, run_id)
                 "business_date": business_date,
                 "reason": found[0],
                 "detail": ",".join(found)[:256],
-                "crm_id": crm_id if isinstance(crm_id, str) else None,
+                # the raw record keeps a CRM id the column cannot (too long, a NUL)
+                "crm_id": crm_id if isinstance(crm_id, str) and _fits_crm_id(crm_id) else None,
                 "raw_record": json.loads(raw.to_json()),
                 "run_id": run_id,
             }
         )
     return records
+
+
+def _fits_crm_id(crm_id: str) -> bool:
+    return len(crm_id) <= CRM_ID_MAX_LENGTH and "\x00" not in crm_id
 
 
 def _count_first_reasons(reasons: dict[int, list[str]]) -> dict[str, int]:
