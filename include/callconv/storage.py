@@ -51,6 +51,34 @@ class EncryptionKeyMissing(StorageError):
     """Encryption is required by the config, but no keyring is set."""
 
 
+class OutsideAccountFolder(StorageError):
+    """A path of one account's resolves, through a symlink, outside that account's folder."""
+
+
+def check_in_account(path, root, account_id: str, what: str) -> None:
+    """Refuse a local ``path`` under ``{root}/{account_id}`` that resolves outside that folder.
+
+    Each account's files must resolve inside its own folder. The account folder must be the
+    real folder of that name under the (resolved) root, not a symlink; below it a symlink
+    (a day folder, a file) that leads out of the account's folder is refused, one that stays
+    inside is followed. The path need not exist yet (a folder about to be written). Object
+    storage has no symlinks and is not checked. The error is one line and names no file content.
+    """
+    if isinstance(root, str):
+        root = Path(root)
+    if isinstance(path, str):
+        path = Path(path)
+    if not isinstance(path, Path) or not isinstance(root, Path):
+        return
+    own = root.resolve() / account_id
+    account_folder = root / account_id
+    if account_folder.is_symlink() or account_folder.resolve() != own or not path.resolve().is_relative_to(own):
+        raise OutsideAccountFolder(
+            f"refusing {what} {path.name!r}: it resolves to a place outside {account_folder}, the folder of "
+            f"account {account_id!r} (a symlink?); only the account's own files are read, stored or removed"
+        )
+
+
 def keyring_for(settings) -> Keyring | None:
     """The keyring to store files with: from the Airflow connection, else the environment variable.
 
@@ -195,7 +223,9 @@ class _IterableReader(io.RawIOBase):
 __all__ = [
     "ENCRYPTED_SUFFIX",
     "EncryptionKeyMissing",
+    "OutsideAccountFolder",
     "StorageError",
+    "check_in_account",
     "keyring_for",
     "open_for_read",
     "plain_name",
