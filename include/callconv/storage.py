@@ -10,7 +10,8 @@ Where files go, each under ``{root}/{account}/{YYYY-MM-DD}/``:
 
 Files are written with the keyring's primary key (see :mod:`callconv.crypto`) and atomically:
 a temporary sibling renamed over the target. Reading is a stream that decrypts one chunk at a
-time, and a file that is not encrypted (a CRM export dropped in plaintext) is read as it is.
+time, and a file that is not encrypted (a CRM export dropped in plaintext) is read as it is,
+unless it is named ``.enc``: that name promises encryption, so such a file is refused.
 Without a keyring (only when the config says ``encryption.required: false``) files are stored
 in plaintext under their plain names.
 
@@ -165,8 +166,10 @@ def store_as(folder, name: str, data: bytes | BinaryIO | Iterable[bytes], keyrin
 def open_for_read(path, keyring: Keyring | None) -> BinaryIO:
     """The file's plaintext as a binary stream: decrypted chunk by chunk if it is encrypted.
 
-    A file that is not encrypted is opened as it is. An encrypted one without a keyring, or
-    with a keyring lacking its key, is a clear error (:class:`callconv.crypto.DecryptionError`).
+    A file that is not encrypted is opened as it is, unless its name ends in ``.enc``: such a
+    file (plaintext, or cut short before its header) is refused, never read as plaintext.
+    An encrypted one without a keyring, or with a keyring lacking its key, is a clear error
+    (:class:`callconv.crypto.DecryptionError`).
     """
     if isinstance(path, str):
         path = Path(path)
@@ -177,6 +180,11 @@ def open_for_read(path, keyring: Keyring | None) -> BinaryIO:
                 f"(Airflow connection of encryption.keys_conn_id, or {DEFAULT_KEYS_ENV_VAR})"
             )
         return open_decrypted(path, keyring)
+    if path.name.endswith(ENCRYPTED_SUFFIX):
+        raise StorageError(
+            f"{path.name} is named as encrypted but is not an encrypted file (plaintext, or cut short); "
+            "a .enc file is never read as plaintext"
+        )
     return path.open("rb")
 
 
