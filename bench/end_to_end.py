@@ -205,7 +205,7 @@ def prepare_schema(size: int, call_logs_mode: str) -> tuple[str, dict]:
 
     timings = {}
     started = time.perf_counter()
-    admin = sa.create_engine(config.pg_url())
+    admin = sa.create_engine(config.pg_url(), hide_parameters=True)
     with admin.begin() as connection:
         connection.execute(sa.text(f'drop schema if exists "{SCHEMA}" cascade'))
         connection.execute(sa.text(f'create schema "{SCHEMA}"'))
@@ -218,7 +218,7 @@ def prepare_schema(size: int, call_logs_mode: str) -> tuple[str, dict]:
     timings["migrate"] = round(time.perf_counter() - started, 2)
 
     started = time.perf_counter()
-    engine = sa.create_engine(url)
+    engine = sa.create_engine(url, hide_parameters=True)
     raw = engine.raw_connection()
     try:
         connection = raw.driver_connection
@@ -593,7 +593,7 @@ def warehouse_facts(url: str, run_id: str) -> dict:
     import sqlalchemy as sa
 
     day = config.BUSINESS_DATE
-    engine = sa.create_engine(url)
+    engine = sa.create_engine(url, hide_parameters=True)
     params = {"a": config.ACCOUNT_ID, "d": day}
     with engine.connect() as connection:
         summary = connection.scalar(
@@ -786,7 +786,7 @@ def _airflow_version() -> str:
 def _postgres_version() -> str:
     import sqlalchemy as sa
 
-    engine = sa.create_engine(config.pg_url())
+    engine = sa.create_engine(config.pg_url(), hide_parameters=True)
     with engine.connect() as connection:
         version = connection.scalar(sa.text("show server_version"))
     engine.dispose()
@@ -796,7 +796,7 @@ def _postgres_version() -> str:
 def _drop_schema() -> None:
     import sqlalchemy as sa
 
-    engine = sa.create_engine(config.pg_url())
+    engine = sa.create_engine(config.pg_url(), hide_parameters=True)
     with engine.begin() as connection:
         connection.execute(sa.text(f'drop schema if exists "{SCHEMA}" cascade'))
     engine.dispose()

@@ -766,7 +766,7 @@ def ensure_schema(schema: str) -> str:
 
     from callconv.warehouse import migrate
 
-    admin = sa.create_engine(config.pg_url())
+    admin = sa.create_engine(config.pg_url(), hide_parameters=True)
     with admin.begin() as connection:
         connection.execute(sa.text(f'create schema if not exists "{schema}"'))
         connection.execute(sa.text(f'create table if not exists "{schema}".bench_meta (fingerprint text)'))
@@ -780,7 +780,7 @@ def ensure_schema(schema: str) -> str:
 def loaded_fingerprint(schema: str) -> str | None:
     import sqlalchemy as sa
 
-    engine = sa.create_engine(config.pg_url())
+    engine = sa.create_engine(config.pg_url(), hide_parameters=True)
     try:
         with engine.connect() as connection:
             exists = connection.scalar(
@@ -810,7 +810,7 @@ def load_call_logs(size: int) -> dict:
     marker = f"{fingerprint(size)}:{read_meta(size)['crm_checksum'][:16]}"
     if loaded_fingerprint(schema) == marker:
         return {"schema": schema, "loaded": False, "seconds": round(timer.perf_counter() - started, 1)}
-    engine = sa.create_engine(url)
+    engine = sa.create_engine(url, hide_parameters=True)
     with engine.begin() as connection:
         connection.execute(sa.text("truncate call_logs, crm_sales, matches, upload_ledger, quarantine, crm_imports"))
         connection.execute(sa.text("delete from bench_meta"))

@@ -147,7 +147,7 @@ def cancel_queries(pid: int) -> None:
     """Cancel what a killed stage process left running in PostgreSQL (its application_name names it)."""
     import sqlalchemy as sa
 
-    engine = sa.create_engine(config.pg_url())
+    engine = sa.create_engine(config.pg_url(), hide_parameters=True)
     with engine.connect() as connection:
         connection.execute(
             sa.text("select pg_cancel_backend(pid) from pg_stat_activity where application_name = :name"),
@@ -162,7 +162,7 @@ def cancel_queries(pid: int) -> None:
 def _engine(schema: str):
     import sqlalchemy as sa
 
-    return sa.create_engine(config.schema_url(schema))
+    return sa.create_engine(config.schema_url(schema), hide_parameters=True)
 
 
 def _copy(engine, table: str, columns, path: Path | None = None, text: str | None = None) -> None:
@@ -375,7 +375,7 @@ def machine() -> dict:
         info["memory_gib"] = round(int(total) / 2**20, 1)
     except (OSError, AttributeError):
         info["memory_gib"] = None
-    engine = sa.create_engine(config.pg_url())
+    engine = sa.create_engine(config.pg_url(), hide_parameters=True)
     with engine.connect() as connection:
         info["postgresql"] = connection.scalar(sa.text("select version()")).split(" on ")[0]
         info["pg_settings"] = {
@@ -582,7 +582,7 @@ def main(argv: list[str] | None = None) -> None:
 def drop_schemas() -> None:
     import sqlalchemy as sa
 
-    engine = sa.create_engine(config.pg_url())
+    engine = sa.create_engine(config.pg_url(), hide_parameters=True)
     with engine.begin() as connection:
         names = connection.scalars(
             sa.text("select schema_name from information_schema.schemata where schema_name like 'bench\\_%'")

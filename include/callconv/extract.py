@@ -7,8 +7,8 @@ is read as text only (no cell is ever evaluated), its CRM column names mapped to
 ours, and identified by the SHA-256 of its plaintext bytes (decrypted, still
 gzipped), so a file dropped again is recognised, encrypted or not.
 
-Hostile input: a file name, or a symlink, that leads out of its day folder is
-refused. A file is never held whole in memory: :class:`CrmFileReader` first scans
+Hostile input: a file name, or a symlink, that leads out of its day folder, or out of
+its account's folder, is refused. A file is never held whole in memory: :class:`CrmFileReader` first scans
 it (checksum, row count, header, and guards against lines or fields that run on
 for megabytes, such as an unterminated quote) and then hands it on in chunks of
 ``crm_source.chunk_rows`` rows. A file larger than ``crm_source.max_file_mb`` once
@@ -39,7 +39,7 @@ import sqlalchemy as sa
 from callconv.config import CrmSource
 from callconv.crypto import DecryptionError, Keyring
 from callconv.schema import crm_imports
-from callconv.storage import StorageError, open_for_read, plain_name
+from callconv.storage import OutsideAccountFolder, StorageError, check_in_account, open_for_read, plain_name
 
 log = logging.getLogger(__name__)
 
@@ -82,23 +82,33 @@ def is_crm_file_name(name: str) -> bool:
 def landing_files(landing_root, account_id: str, business_date: date) -> list:
     """The day's extract files, sorted by name; other files are ignored.
 
-    A name that could lead elsewhere, or a local symlink (the day folder itself or a file
-    in it) that resolves outside the folder, is refused with an :class:`ExtractError`.
+    A name that could lead elsewhere, a local symlink (the account folder, the day folder)
+    that resolves outside the account's own folder, or a file that resolves outside its day
+    folder, is refused with a one-line :class:`ExtractError` before any file is read: the
+    day folder ``landing/other/D -> ../acme/D`` never hands account "other" acme's files.
     """
     folder = day_folder(landing_root, account_id, business_date)
+    _check_in_account(folder, landing_root, account_id, "day folder")
     if not folder.exists():
         return []
-    _check_inside(folder, landing_root, "day folder")
     files = []
     for path in folder.iterdir():
         if not is_crm_file_name(path.name):
             continue
         if "/" in path.name or "\\" in path.name or path.name.startswith(".."):
             raise ExtractError(f"refusing landing file name outside its folder: {path.name!r}")
+        _check_in_account(path, landing_root, account_id, "landing file")
         _check_inside(path, folder, "landing file")
         if path.is_file():
             files.append(path)
     return sorted(files, key=lambda p: p.name)
+
+
+def _check_in_account(path, landing_root, account_id: str, what: str) -> None:
+    try:
+        check_in_account(path, landing_root, account_id, what)
+    except OutsideAccountFolder as error:
+        raise ExtractError(str(error)) from None
 
 
 def _check_inside(path, folder, what: str) -> None:

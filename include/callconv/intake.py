@@ -48,9 +48,9 @@ from callconv.crypto import Keyring
 from callconv.extract import CrmFileReader, frame_from_query, imported_checksums, landing_files
 from callconv.match import as_utc, conversion_sent
 from callconv.schema import crm_imports, crm_sales, delivery_conflicts, quarantine
-from callconv.storage import open_for_read, plain_name, remove, store_as, stored_name
+from callconv.storage import check_in_account, open_for_read, plain_name, remove, store_as, stored_name
 from callconv.validate import ExtractRejected, ExtractValidator
-from callconv.validate_prepare import CANONICAL_COLUMNS, IdenticalRows
+from callconv.validate_prepare import CANONICAL_COLUMNS, CRM_ID_MAX_LENGTH, IdenticalRows
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,14 @@ def take_in_day(
     plaintext. Without ``archive_root`` landing files stay where they are.
     """
     business_date = business_date_of(account, window_start)
+    # Before anything is read: the day's folders the intake writes lie in the account's own.
+    for root, what in (
+        (archive_root, "archive folder"),
+        (quarantine_root, "quarantine folder"),
+        (data_docs_root, "Data Docs folder"),
+    ):
+        if root is not None:
+            check_in_account(root / account.id / business_date.isoformat(), root, account.id, what)
     outcome = IntakeOutcome()
     docs_dir = data_docs_root / account.id / business_date.isoformat() if data_docs_root is not None else None
     day = _Day(engine, settings, account, business_date, window_end, run_id, docs_dir, keyring)
@@ -178,7 +186,9 @@ def take_in_day(
                 extract = _Extract(str(path), scan.checksum, scan.rows, scan.columns, chunks)
                 _take_in_first_copies(day, extract, outcome)
             if in_landing and archive_root is not None:
-                _archive(path, scan.checksum, archive_root, account, business_date, keyring, replace=not seen)
+                _archive(
+                    path, scan.checksum, landing_root, archive_root, account, business_date, keyring, replace=not seen
+                )
                 outcome.archived += 1
     if quarantine_root is not None:
         outcome.quarantine_export_rows = export_quarantine(engine, account, business_date, quarantine_root, keyring)
@@ -321,13 +331,18 @@ def _take_in(day: _Day, extract: _Extract, outcome: IntakeOutcome) -> None:
         outcome.quarantined[reason] = outcome.quarantined.get(reason, 0) + count
 
 
-def _archive(path, checksum: str, archive_root, account: Account, business_date: date, keyring, *, replace: bool):
+def _archive(
+    path, checksum: str, landing_root, archive_root, account: Account, business_date: date, keyring, *, replace: bool
+):
     """Keep the landing file's (encrypted) copy in the archive, then remove the landing file.
 
     The copy is checked against the checksum the file was taken in with. A file that was
     imported before (``replace=False``) does not replace an archived copy of the same name.
+    Both places are checked again to lie in the account's own folders, right before use.
     """
     folder = archive_root / account.id / business_date.isoformat()
+    check_in_account(folder, archive_root, account.id, "archive folder")
+    check_in_account(path, landing_root, account.id, "landing file")
     target = folder / stored_name(plain_name(path.name), keyring)
     if replace or not target.exists():
         with open_for_read(path, keyring) as plaintext:
@@ -379,6 +394,7 @@ def export_quarantine(engine: sa.Engine, account: Account, business_date: date, 
     if not count:
         return 0
     folder = quarantine_root / account.id / business_date.isoformat()
+    check_in_account(folder, quarantine_root, account.id, "quarantine folder")
     target = store_as(folder, quarantine_export_name(account.id, business_date), _quarantine_csv(engine, day), keyring)
     log.info("intake: %d quarantined rows of the day exported to %s", count, target.name)
     return count
@@ -513,12 +529,17 @@ def _quarantine_records(frame, reasons, account, extract, business_date, run_id)
                 "business_date": business_date,
                 "reason": found[0],
                 "detail": ",".join(found)[:256],
-                "crm_id": crm_id if isinstance(crm_id, str) else None,
+                # the raw record keeps a CRM id the column cannot (too long, a NUL)
+                "crm_id": crm_id if isinstance(crm_id, str) and _fits_crm_id(crm_id) else None,
                 "raw_record": json.loads(raw.to_json()),
                 "run_id": run_id,
             }
         )
     return records
+
+
+def _fits_crm_id(crm_id: str) -> bool:
+    return len(crm_id) <= CRM_ID_MAX_LENGTH and "\x00" not in crm_id
 
 
 def _count_first_reasons(reasons: dict[int, list[str]]) -> dict[str, int]:

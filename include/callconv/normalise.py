@@ -186,6 +186,12 @@ def normalise_phones(raw: pd.Series, default_region: str) -> pd.DataFrame:
 
 # --- times --------------------------------------------------------------------
 
+# No sale or call lies outside these. A time near year 1 or 9999 overflows Python's dates
+# once moved to UTC or to a negative-offset zone (a PostgreSQL session's, say): such a
+# cell is quarantined as ``time_out_of_range``, never an error that fails the file.
+EARLIEST_TIME = datetime(1900, 1, 1, tzinfo=UTC)
+LATEST_TIME = datetime(2200, 1, 1, tzinfo=UTC)
+
 # Year first only: "03/04/2026" is ambiguous and "today" depends on the clock.
 _YEAR_FIRST = re.compile(r"\d{4}[-/.]\d{1,2}[-/.]\d{1,2}(?!\d)")
 _LETTER = re.compile(r"[^\W\d_]")
@@ -208,7 +214,13 @@ def _parse_time(text: str, tz: ZoneInfo) -> Result:
             return pd.NaT, "time_unparseable"
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=tz, fold=0)  # fold=0 gives the DST rule in the docstring
-    return pd.Timestamp(moment.astimezone(UTC)), None
+    try:
+        utc = moment.astimezone(UTC)
+    except (OverflowError, ValueError):  # 9999-12-31 23:00-05:00 is in year 10000
+        return pd.NaT, "time_out_of_range"
+    if not EARLIEST_TIME <= utc < LATEST_TIME:
+        return pd.NaT, "time_out_of_range"
+    return pd.Timestamp(utc), None
 
 
 def parse_local_times(raw: pd.Series, tz: ZoneInfo) -> pd.DataFrame:

@@ -28,6 +28,7 @@ import sqlalchemy as sa
 
 from callconv.config import Account, Retention
 from callconv.schema import crm_sales, matches, quarantine, retention_audit, upload_ledger
+from callconv.storage import check_in_account
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +76,26 @@ def purge_stored_files(roots, account: Account, data_class: str, last_day: date)
 
 
 def purge_day_folders(root, account: Account, data_class: str, last_day: date) -> Purge:
-    """Delete ``{root}/{account}/{YYYY-MM-DD}/`` folders up to and including ``last_day``."""
+    """Delete ``{root}/{account}/{YYYY-MM-DD}/`` folders up to and including ``last_day``.
+
+    A symlink that leads out of the account's folder (the account folder itself, a day
+    folder) is refused before anything is deleted: another account's files are never removed.
+    """
     folder = root / account.id
+    check_in_account(folder, root, account.id, "account folder")
     removed = 0
     if folder.exists():
+        due = []
         for day_folder in sorted(folder.iterdir(), key=lambda p: p.name):
             try:
                 day = date.fromisoformat(day_folder.name)
             except ValueError:
                 continue
-            if day > last_day or not day_folder.is_dir():
+            if day <= last_day:
+                check_in_account(day_folder, root, account.id, "day folder")
+                due.append(day_folder)
+        for day_folder in due:
+            if not day_folder.is_dir():
                 continue
             removed += sum(1 for p in day_folder.rglob("*") if p.is_file())
             _remove_tree(day_folder)

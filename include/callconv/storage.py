@@ -10,7 +10,8 @@ Where files go, each under ``{root}/{account}/{YYYY-MM-DD}/``:
 
 Files are written with the keyring's primary key (see :mod:`callconv.crypto`) and atomically:
 a temporary sibling renamed over the target. Reading is a stream that decrypts one chunk at a
-time, and a file that is not encrypted (a CRM export dropped in plaintext) is read as it is.
+time, and a file that is not encrypted (a CRM export dropped in plaintext) is read as it is,
+unless it is named ``.enc``: that name promises encryption, so such a file is refused.
 Without a keyring (only when the config says ``encryption.required: false``) files are stored
 in plaintext under their plain names.
 
@@ -49,6 +50,34 @@ class StorageError(RuntimeError):
 
 class EncryptionKeyMissing(StorageError):
     """Encryption is required by the config, but no keyring is set."""
+
+
+class OutsideAccountFolder(StorageError):
+    """A path of one account's resolves, through a symlink, outside that account's folder."""
+
+
+def check_in_account(path, root, account_id: str, what: str) -> None:
+    """Refuse a local ``path`` under ``{root}/{account_id}`` that resolves outside that folder.
+
+    Each account's files must resolve inside its own folder. The account folder must be the
+    real folder of that name under the (resolved) root, not a symlink; below it a symlink
+    (a day folder, a file) that leads out of the account's folder is refused, one that stays
+    inside is followed. The path need not exist yet (a folder about to be written). Object
+    storage has no symlinks and is not checked. The error is one line and names no file content.
+    """
+    if isinstance(root, str):
+        root = Path(root)
+    if isinstance(path, str):
+        path = Path(path)
+    if not isinstance(path, Path) or not isinstance(root, Path):
+        return
+    own = root.resolve() / account_id
+    account_folder = root / account_id
+    if account_folder.is_symlink() or account_folder.resolve() != own or not path.resolve().is_relative_to(own):
+        raise OutsideAccountFolder(
+            f"refusing {what} {path.name!r}: it resolves to a place outside {account_folder}, the folder of "
+            f"account {account_id!r} (a symlink?); only the account's own files are read, stored or removed"
+        )
 
 
 def keyring_for(settings) -> Keyring | None:
@@ -137,8 +166,10 @@ def store_as(folder, name: str, data: bytes | BinaryIO | Iterable[bytes], keyrin
 def open_for_read(path, keyring: Keyring | None) -> BinaryIO:
     """The file's plaintext as a binary stream: decrypted chunk by chunk if it is encrypted.
 
-    A file that is not encrypted is opened as it is. An encrypted one without a keyring, or
-    with a keyring lacking its key, is a clear error (:class:`callconv.crypto.DecryptionError`).
+    A file that is not encrypted is opened as it is, unless its name ends in ``.enc``: such a
+    file (plaintext, or cut short before its header) is refused, never read as plaintext.
+    An encrypted one without a keyring, or with a keyring lacking its key, is a clear error
+    (:class:`callconv.crypto.DecryptionError`).
     """
     if isinstance(path, str):
         path = Path(path)
@@ -149,6 +180,11 @@ def open_for_read(path, keyring: Keyring | None) -> BinaryIO:
                 f"(Airflow connection of encryption.keys_conn_id, or {DEFAULT_KEYS_ENV_VAR})"
             )
         return open_decrypted(path, keyring)
+    if path.name.endswith(ENCRYPTED_SUFFIX):
+        raise StorageError(
+            f"{path.name} is named as encrypted but is not an encrypted file (plaintext, or cut short); "
+            "a .enc file is never read as plaintext"
+        )
     return path.open("rb")
 
 
@@ -195,7 +231,9 @@ class _IterableReader(io.RawIOBase):
 __all__ = [
     "ENCRYPTED_SUFFIX",
     "EncryptionKeyMissing",
+    "OutsideAccountFolder",
     "StorageError",
+    "check_in_account",
     "keyring_for",
     "open_for_read",
     "plain_name",

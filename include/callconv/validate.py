@@ -43,6 +43,7 @@ import pandas as pd
 from callconv.currencies import ISO_4217
 from callconv.validate_prepare import (
     CANONICAL_COLUMNS,
+    CRM_ID_MAX_LENGTH,
     OPTIONAL_COLUMNS,
     PHONE_PRESENT,
     REQUIRED_COLUMNS,
@@ -60,20 +61,26 @@ log = logging.getLogger(__name__)
 PHONE_MISSING = "phone_missing"
 TIME_MISSING = "time_missing"
 TIME_UNPARSEABLE = "time_unparseable"
+TIME_OUT_OF_RANGE = "time_out_of_range"
 VALUE_UNPARSEABLE = "value_unparseable"
 VALUE_NEGATIVE = "value_negative"
 CURRENCY_UNKNOWN = "currency_unknown"
 OUTCOME_UNKNOWN = "outcome_unknown"
 DUPLICATE_CRM_ID = "duplicate_crm_id"
+CRM_ID_TOO_LONG = "crm_id_too_long"
+NUL_BYTE = "nul_byte"
 REASON_CODES = (
     PHONE_MISSING,
     TIME_MISSING,
     TIME_UNPARSEABLE,
+    TIME_OUT_OF_RANGE,
     VALUE_UNPARSEABLE,
     VALUE_NEGATIVE,
     CURRENCY_UNKNOWN,
     OUTCOME_UNKNOWN,
     DUPLICATE_CRM_ID,
+    CRM_ID_TOO_LONG,
+    NUL_BYTE,
 )
 _REASON_ORDER = {reason: position for position, reason in enumerate(REASON_CODES)}
 
@@ -365,6 +372,17 @@ def _row_expectations(present: list[str], known_outcomes: set[str], decimal: str
                 "the conversion time must read as a date and time, year first; unreadable ones are listed",
             ),
         ),
+        gxe.ExpectColumnValuesToBeNull(
+            column="conversion_time_out_of_range",
+            **tagged(
+                TIME_OUT_OF_RANGE,
+                "the conversion time must lie between the years 1900 and 2199; others are listed",
+            ),
+        ),
+        gxe.ExpectColumnValuesToBeNull(
+            column="nul_byte",
+            **tagged(NUL_BYTE, "no cell may hold a NUL character; the columns that do are listed"),
+        ),
         gxe.ExpectColumnValuesToBeInSet(
             column="outcome",
             value_set=sorted(known_outcomes),
@@ -402,6 +420,15 @@ def _row_expectations(present: list[str], known_outcomes: set[str], decimal: str
                     DUPLICATE_CRM_ID,
                     "a CRM id must not repeat one on an earlier row with other content (the first row keeps "
                     "it; the intake drops an identical copy before validation)",
+                ),
+            )
+        )
+        expectations.append(
+            gxe.ExpectColumnValuesToBeNull(
+                column="crm_id_too_long",
+                **tagged(
+                    CRM_ID_TOO_LONG,
+                    f"a CRM id must be at most {CRM_ID_MAX_LENGTH} characters; the lengths of longer ones are listed",
                 ),
             )
         )

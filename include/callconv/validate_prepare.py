@@ -6,7 +6,13 @@ the raw value where a row fails a check GX has no expectation for, else null:
 
 * ``conversion_time_unparseable``: a time that cannot be read;
 * ``value_unparseable`` / ``value_negative``: a value that is not an amount, or is below zero;
-* ``crm_id_repeat``: a CRM id that an earlier row (in file order) already had.
+* ``crm_id_repeat``: a CRM id that an earlier row (in file order) already had;
+* ``conversion_time_out_of_range``: a time outside the years any sale lies in (year 1, 9999);
+* ``crm_id_too_long``: the length of a CRM id longer than the warehouse column holds;
+* ``nul_byte``: the names of the row's cells that hold a NUL character (never their values).
+
+The last three hold what the warehouse or Python's dates would refuse: such a row is one quarantined row,
+not a database error that fails the whole file.
 
 Before any of this, :class:`IdenticalRows` takes out rows that repeat an earlier
 row exactly: a CRM that exports the same row twice made one sale, not a bad
@@ -26,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from callconv import normalise
+from callconv.schema import crm_sales
 
 REQUIRED_COLUMNS = ("caller_phone", "conversion_time", "outcome")
 OPTIONAL_COLUMNS = ("value", "currency", "crm_id", "call_start")
@@ -33,6 +40,7 @@ CANONICAL_COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
 
 PHONE_PRESENT = "present"
 PHONE_MISSING = "missing"
+CRM_ID_MAX_LENGTH = crm_sales.c.crm_id.type.length
 
 # A row's fingerprint: two 64-bit hashes of its cells under different keys, 16 bytes a row.
 _FINGERPRINT = np.dtype((np.void, 16))
@@ -76,6 +84,7 @@ def prepare_row_frame(frame: pd.DataFrame, decimal: str) -> pd.DataFrame:
         "caller_phone": pd.Series(PHONE_MISSING, index=frame.index, dtype=object).where(phone.isna(), PHONE_PRESENT),
         "conversion_time": time,
         "conversion_time_unparseable": _where_reason(time, time_reasons, "time_unparseable"),
+        "conversion_time_out_of_range": _where_reason(time, time_reasons, "time_out_of_range"),
         "outcome": clean_text(frame["outcome"]),
     }
     if "value" in frame.columns:
@@ -92,6 +101,13 @@ def prepare_row_frame(frame: pd.DataFrame, decimal: str) -> pd.DataFrame:
         crm_id = clean_text(frame["crm_id"])
         repeat = crm_id.notna() & crm_id.duplicated(keep="first")
         columns["crm_id_repeat"] = crm_id.where(repeat, None)
+        # measured as stored: the CRM id is kept as read, not trimmed
+        lengths = frame["crm_id"].astype(object).str.len()
+        too_long = lengths[lengths > CRM_ID_MAX_LENGTH]
+        lengths_shown = pd.Series(None, index=frame.index, dtype=object)
+        lengths_shown.loc[too_long.index] = [f"{int(length)} characters" for length in too_long]
+        columns["crm_id_too_long"] = lengths_shown
+    columns["nul_byte"] = nul_byte_columns(frame)
     return pd.DataFrame(columns, index=frame.index)
 
 
@@ -136,3 +152,19 @@ class IdenticalRows:
         self._seen = np.union1d(self._seen, unique)
         self.dropped += int(repeat.sum())
         return chunk.loc[~repeat]
+
+
+def nul_byte_columns(frame: pd.DataFrame) -> pd.Series:
+    """Per row, the names of its canonical cells holding a NUL character, else None.
+
+    No text column in the warehouse can hold one (PostgreSQL refuses it in any string).
+    """
+    found = pd.Series(None, index=frame.index, dtype=object)
+    for column in CANONICAL_COLUMNS:
+        if column not in frame.columns:
+            continue
+        hit = frame[column].astype(object).str.contains("\x00", regex=False).eq(True)
+        if hit.any():
+            rows = hit[hit].index
+            found.loc[rows] = [f"{before},{column}" if before else column for before in found.loc[rows]]
+    return found

@@ -17,7 +17,9 @@ MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
 
 def create_engine(url: str) -> sa.Engine:
-    engine = sa.create_engine(url, pool_pre_ping=True)
+    """The warehouse engine. ``hide_parameters``: a database error never prints the bound
+    values (phone numbers among them) into a task log, only the statement."""
+    engine = sa.create_engine(url, pool_pre_ping=True, hide_parameters=True)
     if engine.dialect.name == "sqlite":
         # The embedded demo warehouse: one writer, enforced foreign keys, WAL for readers.
         @sa.event.listens_for(engine, "connect")

@@ -245,6 +245,24 @@ def test_parse_local_times_unparseable(raw: str) -> None:
     assert out["reason"].tolist() == ["time_unparseable"]
 
 
+def test_times_that_overflow_or_lie_outside_any_sale_are_out_of_range_never_an_error() -> None:
+    raw = pd.Series(
+        [
+            "0001-01-01 00:30:00",  # year 0 in UTC, Oslo's offset being +00:43 then
+            "9999-12-31 23:30:00-05:00",  # year 10000 in UTC
+            "1899-12-31 23:00:00+00:00",
+            "2200-01-01 00:00:00Z",
+            "1900-01-01 00:00:00Z",
+            "2199-12-31 23:59:59Z",
+        ]
+    )
+
+    out = parse_local_times(raw, OSLO)
+
+    assert out["reason"].tolist() == ["time_out_of_range"] * 4 + [None, None]
+    assert out["utc"].isna().tolist() == [True] * 4 + [False, False]
+
+
 def test_parse_local_times_parses_each_distinct_value_once(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
     real = normalise._parse_time

@@ -102,6 +102,20 @@ def test_an_encrypted_file_without_a_keyring_is_a_clear_error(tmp_path, old_keyr
         open_for_read(path, None)
 
 
+@pytest.mark.parametrize("content", [ROW, b"", MAGIC[:3]], ids=["plaintext", "empty", "cut_in_the_header"])
+@pytest.mark.parametrize("with_keyring", [True, False])
+def test_a_file_named_enc_that_is_not_encrypted_is_never_read_as_plaintext(
+    tmp_path, old_keyring, content, with_keyring
+):
+    path = tmp_path / "conversions.csv.enc"
+    path.write_bytes(content)
+    with pytest.raises(StorageError) as caught:
+        open_for_read(path, old_keyring if with_keyring else None)
+    message = str(caught.value)
+    assert message.startswith("conversions.csv.enc is named as encrypted but is not an encrypted file")
+    assert "\n" not in message and PHONE.decode() not in message
+
+
 def test_store_tree_encrypts_every_file_under_its_relative_name(tmp_path, old_keyring):
     site = tmp_path / "site"
     (site / "validations" / "run").mkdir(parents=True)

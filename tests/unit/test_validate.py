@@ -176,6 +176,34 @@ def test_each_reason_is_reported_on_its_source_rows():
     assert set(report.reason_counts) <= set(REASON_CODES)
 
 
+def test_cells_the_warehouse_cannot_hold_are_row_reasons_and_the_docs_show_no_number(tmp_path):
+    frame = extract(
+        {
+            2: {},
+            3: {"crm_id": "C" * 129},  # the column holds 128
+            4: {"crm_id": "C" * 128},
+            5: {"caller_phone": "+47 912\x0034 567"},
+            6: {"crm_id": "S-\x00", "currency": "NO\x00K"},
+            7: {"conversion_time": "0001-01-01 00:30:00"},
+            8: {"conversion_time": "9999-12-31 23:30:00-05:00"},
+        }
+    )
+    docs = tmp_path / "docs"
+
+    report = validate_extract(frame, OUTCOMES, ".", LENIENT, data_docs_dir=docs, run_name="acme_day")
+
+    assert report.row_reasons == {
+        3: ["crm_id_too_long"],
+        5: ["nul_byte"],
+        6: ["currency_unknown", "nul_byte"],
+        7: ["time_out_of_range"],
+        8: ["time_out_of_range"],
+    }
+    text = "\n".join(path.read_text(encoding="utf-8") for path in docs.rglob("*") if path.suffix in {".html", ".json"})
+    assert "129 characters" in text and "C" * 129 not in text
+    assert "+47 912" not in text and "34 567" not in text  # a NUL is reported by column name, never by value
+
+
 def test_blank_optional_values_pass_and_values_are_trimmed():
     frame = extract(
         {

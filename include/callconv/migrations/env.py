@@ -13,6 +13,7 @@ def run_migrations() -> None:
         config.get_section(config.config_ini_section, {}),
         prefix="sqlalchemy.",
         poolclass=pool.NullPool,
+        hide_parameters=True,  # a failed data migration never logs the rows' values
     )
     with connectable.connect() as connection:
         context.configure(

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
 
         from callconv.schema import call_logs
 
-        engine = sa.create_engine(args.calls_from_warehouse)
+        engine = sa.create_engine(args.calls_from_warehouse, hide_parameters=True)
         accounts = args.account or ([a.id for a in settings.accounts] if settings else [])
         if not accounts:
             with engine.connect() as connection:
