@@ -57,6 +57,8 @@ if kind == "import":
     from dags.call_conversion_import import build_import_dag
 
     dag = build_import_dag(account, "Europe/Oslo")
+    for task in dag.tasks:
+        task.retries = 0
     run = dag.test(logical_date=datetime(2026, 11, 28, tzinfo=ZoneInfo("Europe/Oslo")))
 else:
     from dags.call_conversions_rerun import build_rerun_dag
