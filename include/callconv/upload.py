@@ -611,7 +611,10 @@ def _claim(engine, client, account, rows: Sequence, *, due_by, run_id, request_i
         )
         claimed = {
             row.conversion_key: row
-            for row in connection.execute(sa.select(ledger).where(ledger.c.request_id == request_id))
+            for row in connection.execute(
+                # By key first: the primary key finds the batch; request_id is not indexed.
+                sa.select(ledger).where(ledger.c.conversion_key.in_(keys), ledger.c.request_id == request_id)
+            )
         }
         fresh = [
             {"b_key": key, "b_payload": _conversion_bytes(client, account, row)}
@@ -619,12 +622,7 @@ def _claim(engine, client, account, rows: Sequence, *, due_by, run_id, request_i
             if row.sent_payload is None
         ]
         if fresh:
-            connection.execute(
-                sa.update(ledger)
-                .where(ledger.c.conversion_key == sa.bindparam("b_key"))
-                .values(sent_payload=sa.bindparam("b_payload")),
-                fresh,
-            )
+            _store_payloads(connection, fresh)
             claimed.update(
                 {
                     row.conversion_key: row
@@ -636,13 +634,38 @@ def _claim(engine, client, account, rows: Sequence, *, due_by, run_id, request_i
     return [claimed[key] for key in keys if key in claimed]
 
 
-def _release(engine, request_id: str) -> None:
+def _store_payloads(connection, payloads: list[dict]) -> None:
+    """Write each row's first-sent bytes (``b_key``, ``b_payload``).
+
+    On PostgreSQL one ``UPDATE ... FROM (VALUES ...)`` per chunk: psycopg2 runs an
+    executemany as a round trip per row. SQLite's executemany stays in process.
+    """
+    ledger = upload_ledger
+    if connection.dialect.name != "postgresql":
+        connection.execute(
+            sa.update(ledger)
+            .where(ledger.c.conversion_key == sa.bindparam("b_key"))
+            .values(sent_payload=sa.bindparam("b_payload")),
+            payloads,
+        )
+        return
+    for start in range(0, len(payloads), WRITE_CHUNK):
+        part = payloads[start : start + WRITE_CHUNK]
+        values = sa.values(sa.column("b_key", sa.String), sa.column("b_payload", sa.LargeBinary), name="frozen").data(
+            [(item["b_key"], item["b_payload"]) for item in part]
+        )
+        connection.execute(
+            sa.update(ledger).where(ledger.c.conversion_key == values.c.b_key).values(sent_payload=values.c.b_payload)
+        )
+
+
+def _release(engine, account_id: str, request_id: str) -> None:
     """Give back a claim whose request failed: the rows are due again, their payload still frozen."""
     ledger = upload_ledger
     with engine.begin() as connection:
         connection.execute(
             sa.update(ledger)
-            .where(ledger.c.state == "sending", ledger.c.request_id == request_id)
+            .where(ledger.c.account_id == account_id, ledger.c.state == "sending", ledger.c.request_id == request_id)
             .values(state="pending", claimed_by=None, lease_until=None)
         )
 
@@ -776,7 +799,7 @@ def _run_batch(
                 _write(engine, parked, request_id)
             return _BatchResult(delta, quota=True)
         if request_id is not None:
-            _release(engine, request_id)
+            _release(engine, account.id, request_id)
         raise
     del request
     delta.sent, delta.batches = len(rows), 1
