@@ -44,13 +44,16 @@ test: $(STAMP)
 
 # standalone starts the scheduler, api-server, dag-processor and triggerer as `airflow ...` by
 # name, so the venv's bin directory must be on PATH. AIRFLOW__API__PORT=8090 make airflow moves
-# the UI; the task runner then reaches the execution API on that port too.
+# the UI; the task runner then reaches the execution API on that port too. Conversion and sale
+# keys are HMACs under the pseudonym keyring: unless its connection is set, one kept in var/.
 airflow: export AIRFLOW__API__PORT ?= 8080
 airflow: export AIRFLOW__CORE__EXECUTION_API_SERVER_URL ?= http://localhost:$(AIRFLOW__API__PORT)/execution/
 airflow: $(STAMP)
 	@mkdir -p var $(AIRFLOW_HOME)
-	$(BIN)/python -m callconv.warehouse migrate
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/airflow standalone
+	export AIRFLOW_CONN_CALL_CONVERSIONS_PSEUDONYM="$${AIRFLOW_CONN_CALL_CONVERSIONS_PSEUDONYM:-$$($(BIN)/python \
+		-m callconv.pseudonyms local-connection --file var/pseudonym-keyring.json)}" \
+		&& $(BIN)/python -m callconv.warehouse migrate \
+		&& PATH="$(abspath $(BIN)):$$PATH" $(BIN)/airflow standalone
 
 clean:
 	rm -rf var $(AIRFLOW_HOME)

@@ -7,6 +7,9 @@ CRM column names, delimiter and decimal comma as the project's example config.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import os
 import sys
 from datetime import UTC, date, datetime, time, timedelta
@@ -22,6 +25,26 @@ if str(PROJECT_ROOT / "include") not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT / "include"))
 
 DEFAULT_PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+
+# The pseudonym keyring of the bench's synthetic data (no real number is ever keyed with it):
+# fixed, so repeated runs make the same keys and their checksums compare.
+PSEUDONYM_CONN_ID = "call_conversions_pseudonym"
+PSEUDONYM_KEYRING = json.dumps(
+    {
+        "primary": "bench",
+        "keys": {"bench": base64.urlsafe_b64encode(hashlib.sha256(b"bench: synthetic data only").digest()).decode()},
+    }
+)
+PSEUDONYM_CONNECTION = json.dumps({"conn_type": "generic", "password": PSEUDONYM_KEYRING})
+# Migrating a bench schema that holds rows re-keys them (migration 0007): it reads this connection.
+os.environ.setdefault(f"AIRFLOW_CONN_{PSEUDONYM_CONN_ID.upper()}", PSEUDONYM_CONNECTION)
+
+
+def pseudonym_keys():
+    from callconv.pseudonyms import PseudonymKeys
+
+    return PseudonymKeys.from_text(PSEUDONYM_KEYRING)
+
 
 ACCOUNT_ID = "bench_se"
 HOME_REGION = "SE"

@@ -361,6 +361,7 @@ def airflow_environment(work: Path, airflow_home: Path, url: str, sandbox: dict,
         CONFIG_ENV_VAR: str(files["config"]),
         DEFAULT_KEYS_ENV_VAR: files["keyring_path"].read_text(),
         SSL_ROOTS_ENV_VAR: sandbox["ssl_roots_file"],
+        f"AIRFLOW_CONN_{config.PSEUDONYM_CONN_ID.upper()}": config.PSEUDONYM_CONNECTION,
         f"AIRFLOW_CONN_{WAREHOUSE_CONN_ID.upper()}": json.dumps(
             {"conn_type": "generic", "extra": {"sqlalchemy_url": url}}
         ),

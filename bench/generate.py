@@ -567,7 +567,7 @@ def generate(size: int) -> dict:
             writer.writerow(
                 [
                     config.ACCOUNT_ID,
-                    sale_key(config.ACCOUNT_ID, crm_id[i], {}),
+                    sale_key(config.ACCOUNT_ID, crm_id[i], {}, config.pseudonym_keys().primary),
                     crm_id[i],
                     checksum,
                     i + 1,

@@ -370,7 +370,14 @@ def stage_match(size: int, **_) -> dict:
     engine = _engine(size)
     totals = _statement_log(engine)
     with Timer() as timer:
-        outcome = match_day(engine, account.id, config.BUSINESS_DATE, settings.match_rules(account), RUN_ID)
+        outcome = match_day(
+            engine,
+            account.id,
+            config.BUSINESS_DATE,
+            settings.match_rules(account),
+            RUN_ID,
+            keys=config.pseudonym_keys(),
+        )
     engine.dispose()
     return _result(outcome.sales, timer, outcome=outcome.as_counts(), statements=_statements(totals))
 

@@ -19,10 +19,33 @@ os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(PROJECT_ROOT / "dags"))
 
 DEFAULT_WAREHOUSE_TEST_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+PSEUDONYM_CONN_ENV_VAR = "AIRFLOW_CONN_CALL_CONVERSIONS_PSEUDONYM"
 
 
 def warehouse_test_url() -> str:
     return os.environ.get("WAREHOUSE_TEST_URL") or DEFAULT_WAREHOUSE_TEST_URL
+
+
+@pytest.fixture(scope="session")
+def session_pseudonym_keys():
+    """A random pseudonym keyring for the session: what keys a test's conversions and sales."""
+    from callconv.pseudonyms import PseudonymKeys
+
+    return PseudonymKeys.generate("test-2026-12")
+
+
+@pytest.fixture()
+def pseudonym_keys(session_pseudonym_keys):
+    return session_pseudonym_keys
+
+
+@pytest.fixture(autouse=True)
+def _pseudonym_connection(session_pseudonym_keys, monkeypatch) -> None:
+    """Every test (and every Airflow process it starts) finds the keyring where a DAG looks for it."""
+    import json
+
+    connection = {"conn_type": "generic", "password": session_pseudonym_keys.to_text()}
+    monkeypatch.setenv(PSEUDONYM_CONN_ENV_VAR, json.dumps(connection))
 
 
 @pytest.fixture(scope="session")

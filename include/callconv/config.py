@@ -271,7 +271,10 @@ class Settings(_Strict):
     warehouse_conn_id: str = "call_conversions_warehouse"
     google_ads_conn_id: str = "google_ads_default"
     # Secrets, each from an Airflow connection's password (or AIRFLOW_CONN_* env var).
+    # The retention key: replaces a redacted caller's number with its HMAC (caller_hmac).
     hmac_conn_id: str = "call_conversions_hmac"
+    # The pseudonym keyring: conversion and sale keys are HMACs under it (callconv.pseudonyms).
+    pseudonym_conn_id: str = "call_conversions_pseudonym"
     export_uri: str = "var/export"
     data_docs_uri: str = "var/data_docs"
     # Encrypted copies of the CRM files taken in: {archive_uri}/{account}/{YYYY-MM-DD}/{name}.enc

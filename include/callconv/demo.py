@@ -181,9 +181,14 @@ def run(settings: Settings, warehouse_url: str, business_date: date, log_path) -
 
     from callconv.ads_client import SSL_ROOTS_ENV_VAR
     from callconv.config import PROJECT_ROOT
+    from callconv.pseudonyms import local_connection
     from callconv.runtime import storage_root
     from callconv.warehouse import create_engine, migrate
 
+    # The demo's pseudonym keyring, kept in var/ beside its data unless a connection is set.
+    pseudonym_env = f"AIRFLOW_CONN_{settings.pseudonym_conn_id.upper()}"
+    if not os.environ.get(pseudonym_env):
+        os.environ[pseudonym_env] = local_connection(PROJECT_ROOT / "var" / "demo-pseudonym-keyring.json")
     migrate(warehouse_url)
     engine = create_engine(warehouse_url)
     account = settings.accounts[0]

@@ -47,6 +47,7 @@ from callconv.conversion_file import safe_text
 from callconv.crypto import Keyring
 from callconv.extract import CrmFileReader, frame_from_query, imported_checksums, landing_files
 from callconv.match import as_utc, conversion_sent
+from callconv.pseudonyms import PseudonymKey, PseudonymKeys, require_current, sale_text
 from callconv.schema import crm_imports, crm_sales, delivery_conflicts, quarantine
 from callconv.storage import check_in_account, open_for_read, plain_name, remove, store_as, stored_name
 from callconv.validate import ExtractRejected, ExtractValidator
@@ -107,6 +108,7 @@ class _Day:
     run_id: str
     docs_dir: object
     keyring: Keyring | None
+    keys: PseudonymKeys
 
 
 def business_date_of(account: Account, window_start: datetime) -> date:
@@ -129,6 +131,7 @@ def take_in_day(
     archive_root=None,
     quarantine_root=None,
     keyring: Keyring | None = None,
+    keys: PseudonymKeys,
 ) -> IntakeOutcome:
     """Take in the day's extracts: files from the landing area, or one CRM query's result.
 
@@ -136,7 +139,8 @@ def take_in_day(
     DAG passes one built on the CRM's Airflow connection (common-sql). Every file
     stored (archive copies, the quarantine export, Data Docs) is encrypted with
     ``keyring``; without one (allowed only by ``encryption.required: false``) in
-    plaintext. Without ``archive_root`` landing files stay where they are.
+    plaintext. Without ``archive_root`` landing files stay where they are. A sale
+    without CRM id is keyed by an HMAC of its content under ``keys.primary``.
     """
     business_date = business_date_of(account, window_start)
     # Before anything is read: the day's folders the intake writes lie in the account's own.
@@ -149,7 +153,7 @@ def take_in_day(
             check_in_account(root / account.id / business_date.isoformat(), root, account.id, what)
     outcome = IntakeOutcome()
     docs_dir = data_docs_root / account.id / business_date.isoformat() if data_docs_root is not None else None
-    day = _Day(engine, settings, account, business_date, window_end, run_id, docs_dir, keyring)
+    day = _Day(engine, settings, account, business_date, window_end, run_id, docs_dir, keyring, keys)
     if settings.crm_source.kind == "sql":
         if query_crm is None:
             raise ValueError("crm_source.kind is 'sql' but no CRM query runner was given")
@@ -274,6 +278,7 @@ def _take_in(day: _Day, extract: _Extract, outcome: IntakeOutcome) -> None:
         validator.check_table(extract.columns, extract.row_count)
         rows_read = 0
         with day.engine.begin() as connection:
+            require_current(connection, account.id, day.keys)
             for chunk in extract.chunks():
                 part = f"rows_{chunk.index[0]}-{chunk.index[-1]}" if several_chunks and len(chunk) else None
                 reasons = validator.check_rows(chunk, part=part)
@@ -285,7 +290,7 @@ def _take_in(day: _Day, extract: _Extract, outcome: IntakeOutcome) -> None:
                 bad_rows += len(reasons)
                 for reason, count in _count_first_reasons(reasons).items():
                     first_reasons[reason] = first_reasons.get(reason, 0) + count
-                sale_rows = _sale_records(sales, account, extract, business_date)
+                sale_rows = _sale_records(sales, account, extract, business_date, day.keys.primary)
                 changed = _store_sales(connection, account.id, sale_rows, day.run_id)
                 if changed:
                     outcome.conflicts[CHANGED_AFTER_SEND] = outcome.conflicts.get(CHANGED_AFTER_SEND, 0) + changed
@@ -468,25 +473,18 @@ def normalise_sales(
     return clean[reason.isna()], rejected.to_dict()
 
 
-def sale_key(account_id: str, crm_id: str | None, row: dict) -> str:
-    """The CRM id when there is one; otherwise the sale's own content."""
+def sale_key(account_id: str, crm_id: str | None, row: dict, key: PseudonymKey) -> str:
+    """A hash of the CRM id when there is one; otherwise an HMAC of the sale's own content,
+    which holds the caller's number (:func:`callconv.pseudonyms.sale_text`)."""
     if crm_id:
-        identity = f"{account_id}|crm|{crm_id.strip()}"
-    else:
-        identity = "|".join(
-            str(part)
-            for part in (
-                account_id,
-                row["caller_e164"],
-                row["conversion_time"].isoformat(),
-                row["outcome"],
-                row["conversion_value"],
-            )
-        )
-    return hashlib.sha256(identity.encode()).hexdigest()
+        return hashlib.sha256(f"{account_id}|crm|{crm_id.strip()}".encode()).hexdigest()
+    text = sale_text(account_id, row["caller_e164"], row["conversion_time"], row["outcome"], row["conversion_value"])
+    return key.hexdigest(text)
 
 
-def _sale_records(sales: pd.DataFrame, account: Account, extract: _Extract, business_date: date) -> list[dict]:
+def _sale_records(
+    sales: pd.DataFrame, account: Account, extract: _Extract, business_date: date, key: PseudonymKey
+) -> list[dict]:
     records = []
     for source_row, sale in zip(sales.index, sales.to_dict("records"), strict=True):
         crm_id = sale["crm_id"] if isinstance(sale["crm_id"], str) and sale["crm_id"].strip() else None
@@ -494,7 +492,8 @@ def _sale_records(sales: pd.DataFrame, account: Account, extract: _Extract, busi
         records.append(
             {
                 "account_id": account.id,
-                "sale_key": sale_key(account.id, crm_id, sale),
+                "sale_key": sale_key(account.id, crm_id, sale, key),
+                "sale_key_id": None if crm_id else key.key_id,
                 "crm_id": crm_id,
                 "import_checksum": extract.checksum,
                 "source_row": int(source_row),
@@ -551,7 +550,7 @@ def _count_first_reasons(reasons: dict[int, list[str]]) -> dict[str, int]:
 
 CHANGED_AFTER_SEND = "changed_after_send"
 # What matching wrote on a sale: it belongs to the sale's key, not to the row an extract brought.
-MATCH_STATE = ("matched_call_id", "matched_call_start", "conversion_key", "unmatched_reason")
+MATCH_STATE = ("matched_call_id", "matched_call_start", "conversion_key", "conversion_key_id", "unmatched_reason")
 # What a sale contributes to the conversion sent to Google.
 SALE_PAYLOAD = (
     "caller_e164",

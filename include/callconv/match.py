@@ -34,17 +34,17 @@ How it runs: one aggregate pass over the day's sales joined to their callers'
 calls in reach of the day gives, per sale, the best call start and the counts
 that explain a miss; in caller order, the chosen call id is then one index probe
 per matched sale; each sale is written once, in the order it was stored, its
-conversion key hashed in SQL. Matches and ledger rows are rebuilt only for the
+conversion key an HMAC computed in SQL under the pseudonym key
+(:mod:`callconv.pseudonyms`), its key id beside it. Matches and ledger rows are rebuilt only for the
 (call, action) groups the day touched, before or after.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.ext.compiler import compiles
@@ -52,6 +52,14 @@ from sqlalchemy.sql.expression import ClauseElement, Executable
 
 from callconv import sqlhash
 from callconv.config import MatchRules
+from callconv.pseudonyms import (
+    PseudonymKey,
+    PseudonymKeys,
+    as_utc,
+    conversion_text,
+    conversion_text_sql,
+    require_current,
+)
 from callconv.schema import (
     CONVERSION_PAYLOAD,
     UTC_TIME,
@@ -61,9 +69,8 @@ from callconv.schema import (
     matches,
     upload_ledger,
 )
-from callconv.sqlhash import sha256_hex
 from callconv.sqlorder import byte_order
-from callconv.sqltime import shift_seconds, utc_second_text
+from callconv.sqltime import shift_seconds
 from callconv.warehouse import Analyze, serialise
 
 log = logging.getLogger(__name__)
@@ -105,17 +112,9 @@ class MatchOutcome:
         }
 
 
-def conversion_key(account_id: str, caller_e164: str, call_start: datetime, action_id: str) -> str:
-    """Stable identity of one conversion: one call (as Google sees it) and one action."""
-    start = as_utc(call_start).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return hashlib.sha256(f"{account_id}|{caller_e164}|{start}|{action_id}".encode()).hexdigest()
-
-
-def as_utc(moment: datetime) -> datetime:
-    """SQLite hands back naive UTC datetimes; everything else keeps its zone."""
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
+def conversion_key(key: PseudonymKey, account_id: str, caller_e164: str, call_start: datetime, action_id: str) -> str:
+    """Stable identity of one conversion: one call (as Google sees it) and one action, keyed."""
+    return key.hexdigest(conversion_text(account_id, caller_e164, call_start, action_id))
 
 
 def _day_sales(account_id: str, business_date: date):
@@ -287,25 +286,14 @@ def _chosen_call_id(outcome, account_id: str, rules: MatchRules):
     )
 
 
-def conversion_key_sql(account_id: str, caller, call_start, action_id):
-    """conversion_key computed by the warehouse: the same text, the same hash."""
-    text = sa.literal(f"{account_id}|") + caller + "|" + utc_second_text(call_start) + "|" + action_id
-    return sha256_hex(text)
+def conversion_key_sql(key: PseudonymKey, account_id: str, caller, call_start, action_id):
+    """conversion_key computed by the warehouse: the same text, the same HMAC."""
+    return key.sql(conversion_text_sql(account_id, caller, call_start, action_id))
 
 
-def separate_key_sql(account_id: str, caller, call_start, action_id, sale_key):
+def separate_key_sql(key: PseudonymKey, account_id: str, caller, call_start, action_id, sale_key):
     """The key of a late sale's own conversion (policy ``new_conversion``): its call, action and sale."""
-    text = (
-        sa.literal(f"{account_id}|")
-        + caller
-        + "|"
-        + utc_second_text(call_start)
-        + "|"
-        + action_id
-        + "|sale|"
-        + sale_key
-    )
-    return sha256_hex(text)
+    return key.sql(conversion_text_sql(account_id, caller, call_start, action_id) + "|sale|" + sale_key)
 
 
 def _analyze(connection, table: sa.Table) -> None:
@@ -325,17 +313,29 @@ def _prepare(connection) -> None:
 
 
 def match_day(
-    engine: sa.Engine, account_id: str, business_date: date, rules: MatchRules, run_id: str, rematch: bool = True
+    engine: sa.Engine,
+    account_id: str,
+    business_date: date,
+    rules: MatchRules,
+    run_id: str,
+    rematch: bool = True,
+    *,
+    keys: PseudonymKeys,
 ) -> MatchOutcome:
     """Match one account-day in one transaction; rerunning it gives the same tables.
 
     With ``rematch`` (the default) every sale of the day not yet delivered is matched
     afresh, so late call logs or changed rules take effect. Without it, only sales
     never matched are looked at, and earlier matches stand.
+
+    Conversion keys are HMACs under ``keys.primary``, which must be the key the
+    account's rows are under (:func:`callconv.pseudonyms.require_current`).
     """
+    key = keys.primary
     with engine.begin() as connection:
         # A conversion can gather sales of several days: one match per account at a time.
         serialise(connection, "match", account_id)
+        require_current(connection, account_id, keys)
         _prepare(connection)
         # A temporary table can outlive a rolled-back transaction on its pooled connection
         # (SQLite): a retry must not meet "table already exists".
@@ -349,10 +349,10 @@ def match_day(
             .select_from(crm_sales)
             .where(_day_sales(account_id, business_date), crm_sales.c.matched_call_id.is_not(None))
         )
-        _match_sales(connection, account_id, business_date, rules)
-        late = _late_sales(connection, account_id, business_date, rules, run_id)
+        _match_sales(connection, account_id, business_date, rules, key)
+        late = _late_sales(connection, account_id, business_date, rules, run_id, key)
         _changed_calls(connection, account_id, business_date, run_id)
-        _write_outcome(connection, account_id)
+        _write_outcome(connection, account_id, key)
         # The groups the new matches joined (frozen sales' groups are delivered: nothing to rebuild).
         connection.execute(
             touched.insert().from_select(
@@ -364,7 +364,7 @@ def match_day(
         )
         OUTCOME.drop(connection)
         _analyze(connection, touched)
-        conversions = _rebuild_conversions(connection, touched, account_id, rules, run_id)
+        conversions = _rebuild_conversions(connection, touched, account_id, rules, run_id, key)
         new_pending = _queue_for_delivery(connection, touched, account_id, run_id)
         outcome = _day_counts(connection, account_id, business_date, conversions, frozen, new_pending)
         outcome = dataclasses.replace(outcome, conflicts=_day_conflicts(connection, account_id, business_date))
@@ -417,7 +417,13 @@ def _forget_earlier_matches(connection, touched: sa.Table, account_id: str, busi
     connection.execute(
         sale.update()
         .where(day, forget)
-        .values(matched_call_id=None, matched_call_start=None, conversion_key=None, unmatched_reason=None)
+        .values(
+            matched_call_id=None,
+            matched_call_start=None,
+            conversion_key=None,
+            conversion_key_id=None,
+            unmatched_reason=None,
+        )
     )
 
 
@@ -434,14 +440,14 @@ def _remember_groups(connection, touched: sa.Table, sales) -> None:
     )
 
 
-def _match_sales(connection, account_id: str, business_date: date, rules: MatchRules) -> None:
+def _match_sales(connection, account_id: str, business_date: date, rules: MatchRules, key: PseudonymKey) -> None:
     """Choose each unmatched sale's call (or reason) into tmp_sale_outcome.
 
     CREATE TABLE AS, unlike INSERT, may run its query in parallel on PostgreSQL.
     """
     span = _conversion_span(connection, account_id, business_date)
     chosen = _ordered_evidence(account_id, business_date, rules, span)
-    key = conversion_key_sql(account_id, chosen.c.caller_e164, chosen.c.call_start, chosen.c.action_id)
+    conversion = conversion_key_sql(key, account_id, chosen.c.caller_e164, chosen.c.call_start, chosen.c.action_id)
     connection.execute(
         CreateTemporaryTableAs(
             OUTCOME.name,
@@ -451,7 +457,7 @@ def _match_sales(connection, account_id: str, business_date: date, rules: MatchR
                 chosen.c.action_id,
                 chosen.c.call_start,
                 _chosen_call_id(chosen, account_id, rules).label("call_id"),
-                sa.case((chosen.c.call_start.is_not(None), key)).label("conversion_key"),
+                sa.case((chosen.c.call_start.is_not(None), conversion)).label("conversion_key"),
                 _unmatched_reason(chosen, account_id).label("reason"),
                 chosen.c.source_row,
                 sa.cast(sa.null(), sa.String(48)).label("conflict"),
@@ -462,7 +468,9 @@ def _match_sales(connection, account_id: str, business_date: date, rules: MatchR
     _analyze(connection, OUTCOME)
 
 
-def _late_sales(connection, account_id: str, business_date: date, rules: MatchRules, run_id: str) -> int:
+def _late_sales(
+    connection, account_id: str, business_date: date, rules: MatchRules, run_id: str, key: PseudonymKey
+) -> int:
     """Sales matched now onto a conversion already sent: never merged into it (see the module doc).
 
     Under ``conflict`` they lose their conversion key; under ``new_conversion`` they get a
@@ -471,7 +479,7 @@ def _late_sales(connection, account_id: str, business_date: date, rules: MatchRu
     late = sa.and_(OUTCOME.c.conversion_key.is_not(None), conversion_sent(OUTCOME.c.conversion_key))
     if rules.late_sale == "new_conversion":
         new_key = separate_key_sql(
-            account_id, OUTCOME.c.caller_e164, OUTCOME.c.call_start, OUTCOME.c.action_id, OUTCOME.c.sale_key
+            key, account_id, OUTCOME.c.caller_e164, OUTCOME.c.call_start, OUTCOME.c.action_id, OUTCOME.c.sale_key
         )
     else:
         new_key = sa.null()
@@ -551,7 +559,7 @@ def _changed_calls(connection, account_id: str, business_date: date, run_id: str
     )
 
 
-def _write_outcome(connection, account_id: str) -> None:
+def _write_outcome(connection, account_id: str, key: PseudonymKey) -> None:
     """Write each sale's outcome once."""
     sale = crm_sales
     # In extract order, the order intake stored the sales: each table page is then
@@ -564,6 +572,7 @@ def _write_outcome(connection, account_id: str) -> None:
             matched_call_id=outcome.c.call_id,
             matched_call_start=outcome.c.call_start,
             conversion_key=outcome.c.conversion_key,
+            conversion_key_id=sa.case((outcome.c.conversion_key.is_not(None), sa.literal(key.key_id))),
             unmatched_reason=outcome.c.reason,
         )
     )
@@ -626,7 +635,9 @@ def _groups(touched: sa.Table):
     return sa.select(touched.c.call_id, touched.c.action_id, touched.c.caller_e164).distinct().subquery("touched")
 
 
-def _rebuild_conversions(connection, touched: sa.Table, account_id: str, rules: MatchRules, run_id: str) -> int:
+def _rebuild_conversions(
+    connection, touched: sa.Table, account_id: str, rules: MatchRules, run_id: str, key: PseudonymKey
+) -> int:
     """Merge the sales on each touched (call, action) into one conversion row; skip delivered ones."""
     sale = crm_sales
     groups = _groups(touched)
@@ -672,6 +683,7 @@ def _rebuild_conversions(connection, touched: sa.Table, account_id: str, rules: 
     rows = (
         sa.select(
             members.c.conversion_key,
+            sa.literal(key.key_id),
             sa.literal(account_id),
             members.c.first_day,
             members.c.matched_call_id,
@@ -699,6 +711,7 @@ def _rebuild_conversions(connection, touched: sa.Table, account_id: str, rules: 
         matches.insert().from_select(
             [
                 "conversion_key",
+                "conversion_key_id",
                 "account_id",
                 "business_date",
                 "source_call_id",
@@ -762,6 +775,7 @@ def _queue_for_delivery(connection, touched: sa.Table, account_id: str, run_id: 
     new_rows = (
         sa.select(
             todays.c.conversion_key,
+            todays.c.conversion_key_id,
             todays.c.account_id,
             todays.c.business_date,
             sa.literal("pending").label("state"),
@@ -774,7 +788,16 @@ def _queue_for_delivery(connection, touched: sa.Table, account_id: str, run_id: 
     )
     inserted = connection.execute(
         upload_ledger.insert().from_select(
-            ["conversion_key", "account_id", "business_date", "state", *CONVERSION_PAYLOAD, "attempts", "run_id"],
+            [
+                "conversion_key",
+                "conversion_key_id",
+                "account_id",
+                "business_date",
+                "state",
+                *CONVERSION_PAYLOAD,
+                "attempts",
+                "run_id",
+            ],
             new_rows,
         )
     ).rowcount

@@ -15,13 +15,14 @@ UTC_TIME = sa.DateTime(timezone=True)
 MONEY = sa.Numeric(18, 4)
 
 # The input contract: filled by the telephony or call-tracking system.
-# The pipeline only ever writes caller_e164 and caller_parse_status.
+# The pipeline writes caller_e164 and caller_parse_status; retention, past the window,
+# empties caller_number and caller_e164 (status 'redacted') or deletes the row.
 call_logs = sa.Table(
     "call_logs",
     metadata,
     sa.Column("account_id", sa.String(64), primary_key=True),
     sa.Column("source_call_id", sa.String(128), primary_key=True),
-    sa.Column("caller_number", sa.String(64), nullable=False),
+    sa.Column("caller_number", sa.String(64)),
     sa.Column("caller_e164", sa.String(20)),
     sa.Column("caller_parse_status", sa.String(32)),
     sa.Column("call_start", UTC_TIME, nullable=False),
@@ -52,13 +53,15 @@ crm_imports = sa.Table(
     sa.Column("imported_at", UTC_TIME, nullable=False),
 )
 
-# Normalised sales, one per CRM record; the sale_key is the CRM id when it
-# has one, else a hash of the row, so a re-import upserts in place.
+# Normalised sales, one per CRM record; the sale_key is a hash of the CRM id when
+# it has one, else an HMAC of the row's content (callconv.pseudonyms), so a
+# re-import upserts in place. A *_key_id names the pseudonym key an HMAC is under.
 crm_sales = sa.Table(
     "crm_sales",
     metadata,
     sa.Column("account_id", sa.String(64), primary_key=True),
     sa.Column("sale_key", sa.String(64), primary_key=True),
+    sa.Column("sale_key_id", sa.String(32)),  # null: keyed by the CRM id, no number in it
     sa.Column("crm_id", sa.String(128)),
     sa.Column("import_checksum", sa.String(64), nullable=False),
     sa.Column("source_row", sa.Integer, nullable=False),
@@ -74,6 +77,7 @@ crm_sales = sa.Table(
     sa.Column("matched_call_id", sa.String(128)),
     sa.Column("matched_call_start", UTC_TIME),
     sa.Column("conversion_key", sa.String(64)),
+    sa.Column("conversion_key_id", sa.String(32)),
     sa.Column("unmatched_reason", sa.String(32)),
     sa.Index("ix_crm_sales_day", "account_id", "business_date"),
     # Nothing matching writes is indexed, so its one UPDATE per sale can stay on the
@@ -103,6 +107,7 @@ matches = sa.Table(
     "matches",
     metadata,
     sa.Column("conversion_key", sa.String(64), primary_key=True),
+    sa.Column("conversion_key_id", sa.String(32)),
     sa.Column("account_id", sa.String(64), nullable=False),
     sa.Column("business_date", sa.Date, nullable=False),
     sa.Column("source_call_id", sa.String(128), nullable=False),
@@ -138,6 +143,7 @@ upload_ledger = sa.Table(
     "upload_ledger",
     metadata,
     sa.Column("conversion_key", sa.String(64), primary_key=True),
+    sa.Column("conversion_key_id", sa.String(32)),
     sa.Column("account_id", sa.String(64), nullable=False),
     sa.Column("business_date", sa.Date, nullable=False),
     sa.Column("state", sa.String(16), nullable=False),
@@ -208,6 +214,15 @@ retention_audit = sa.Table(
     sa.Column("affected", sa.Integer, nullable=False),
     sa.Column("forced", sa.Integer, nullable=False, server_default="0"),
     sa.Column("recorded_at", UTC_TIME, nullable=False),
+)
+
+# Per account, the pseudonym key its rows are keyed under (callconv.pseudonyms): intake and
+# matching refuse another, so a rotation is a re-key of the account, never a mixture.
+pseudonym_key_state = sa.Table(
+    "pseudonym_key_state",
+    metadata,
+    sa.Column("account_id", sa.String(64), primary_key=True),
+    sa.Column("key_id", sa.String(32), nullable=False),
 )
 
 LEDGER_STATES = ("pending", "sending", "uploaded", "parked", "failed", "delivered")

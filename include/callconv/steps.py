@@ -87,6 +87,7 @@ def take_in_crm_extracts(account_id: str, context, reimport: bool = False, day: 
             archive_root=storage_root(settings.archive_uri, settings),
             quarantine_root=storage_root(settings.quarantine_uri, settings),
             keyring=keyring,
+            keys=pseudonym_keys(settings),
         )
     return _record(scope, "intake", outcome.as_counts())
 
@@ -143,6 +144,7 @@ def match_sales(account_id: str, context, day: str | None = None, rematch: bool 
             scope.settings.match_rules(scope.account),
             scope.window.run_id,
             rematch=rematch,
+            keys=pseudonym_keys(scope.settings),
         )
     return _record(scope, "match", outcome.as_counts())
 
@@ -220,6 +222,13 @@ def publish_conversion_file(account_id: str, context, day: str | None = None) ->
         )
         counts["ledger"] = ledger_counts(scope.engine, account_id)
     return _record(scope, "file_delivery", counts)
+
+
+def pseudonym_keys(settings):
+    """The pseudonym keyring from the connection ``pseudonym_conn_id`` (its keys masked in logs)."""
+    from callconv.pseudonyms import keys_from_airflow
+
+    return keys_from_airflow(settings.pseudonym_conn_id)
 
 
 def hmac_key(conn_id: str) -> bytes:

@@ -22,6 +22,7 @@ from callconv.crypto import MAGIC, decrypt_bytes, write_encrypted
 from callconv.extract import ExtractError
 from callconv.intake import take_in_day
 from callconv.match import match_day
+from callconv.pseudonyms import DEFAULT_CONN_ID, keys_from_airflow
 from callconv.schema import call_logs, crm_imports, crm_sales, quarantine
 
 pytestmark = pytest.mark.integration
@@ -98,6 +99,7 @@ def take_in(settings, tmp_path, warehouse, keyring, **kwargs):
         archive_root=tmp_path / "archive",
         quarantine_root=tmp_path / "quarantine",
         keyring=keyring,
+        keys=keys_from_airflow(DEFAULT_CONN_ID),
         **kwargs,
     )
 
@@ -157,7 +159,7 @@ def test_formula_cells_stay_text_and_every_spreadsheet_file_neutralises_them(tmp
 
     # The conversion file: the formula-like action name is neutralised, the phone is tab-prefixed text.
     normalise_call_logs(warehouse, ACCOUNT, "NO", *WINDOW, timedelta(days=60))
-    match_day(warehouse, ACCOUNT, DAY, settings.match, "run-1")
+    match_day(warehouse, ACCOUNT, DAY, settings.match, "run-1", keys=keys_from_airflow(DEFAULT_CONN_ID))
     written = write_conversion_file(warehouse, settings.account(ACCOUNT), DAY, tmp_path / "export", test_keyring)
     assert written.rows == 1 and written.path.endswith(".csv.enc")
     lines = list(csv.reader(io.StringIO(decrypt_bytes(open(written.path, "rb").read(), test_keyring).decode())))

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from callconv.config import parse_settings
 from callconv.extract import ExtractError
 from callconv.intake import take_in_day
+from callconv.pseudonyms import DEFAULT_CONN_ID, keys_from_airflow
 from callconv.retention import purge_day_folders
 from callconv.schema import crm_imports, crm_sales, quarantine
 from callconv.storage import OutsideAccountFolder
@@ -74,6 +75,7 @@ def take_in(tmp_path, warehouse, keyring, account_id: str, **kwargs):
         archive_root=tmp_path / "archive",
         quarantine_root=tmp_path / "quarantine",
         keyring=keyring,
+        keys=keys_from_airflow(DEFAULT_CONN_ID),
         **kwargs,
     )
 

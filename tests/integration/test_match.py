@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from callconv.config import MatchRules
 from callconv.match import _prepare, conversion_key, match_day
+from callconv.pseudonyms import DEFAULT_CONN_ID, keys_from_airflow
 from callconv.schema import call_logs, crm_sales, matches, metadata, upload_ledger
 from callconv.warehouse import create_engine, migrate
 
@@ -88,7 +89,9 @@ def add_sale(
 
 
 def run(engine, day: date = DAY, rules: MatchRules = RULES, rematch: bool = True):
-    return match_day(engine, ACCOUNT, day, rules, run_id="run-1", rematch=rematch)
+    return match_day(
+        engine, ACCOUNT, day, rules, run_id="run-1", rematch=rematch, keys=keys_from_airflow(DEFAULT_CONN_ID)
+    )
 
 
 def sale_row(engine, sale_key: str):
@@ -131,7 +134,9 @@ def test_last_call_in_the_window_wins_and_later_or_older_calls_do_not(engine):
     assert (outcome.sales, outcome.matched, outcome.conversions, outcome.new_pending) == (1, 1, 1, 1)
     assert sale.matched_call_id == "latest"
     assert utc(sale.matched_call_start) == SALE_TIME - timedelta(hours=2)
-    assert sale.conversion_key == conversion_key(ACCOUNT, CALLER, SALE_TIME - timedelta(hours=2), ACTION)
+    key = keys_from_airflow(DEFAULT_CONN_ID).primary
+    assert sale.conversion_key == conversion_key(key, ACCOUNT, CALLER, SALE_TIME - timedelta(hours=2), ACTION)
+    assert sale.conversion_key_id == key.key_id
     assert sale.unmatched_reason is None
 
 

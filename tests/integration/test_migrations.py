@@ -121,7 +121,7 @@ def test_0006_gives_rows_delivered_by_file_their_publication(empty_pg_schema):
                 {"conversion_key": "waiting", "state": "pending", "delivered_by": None, "delivered_at": None, **common},
             ],
         )
-    migrate(empty_pg_schema)
+    migrate(empty_pg_schema, "0006")
     with engine.connect() as connection:
         rows = dict(connection.execute(sa.text("select conversion_key, last_published_at from upload_ledger")).all())
     engine.dispose()

@@ -29,6 +29,7 @@ import sqlalchemy as sa
 from callconv import normalise
 from callconv.config import parse_settings
 from callconv.intake import sale_key, take_in_day
+from callconv.pseudonyms import DEFAULT_CONN_ID, keys_from_airflow
 from callconv.schema import crm_imports, crm_sales, quarantine
 from callconv.validate import ExtractValidator
 from callconv.warehouse import create_engine
@@ -121,6 +122,7 @@ def take_in(tmp_path, engine, keyring):
         archive_root=tmp_path / "archive",
         quarantine_root=tmp_path / "quarantine",
         keyring=keyring,
+        keys=keys_from_airflow(DEFAULT_CONN_ID),
     )
 
 
@@ -240,7 +242,7 @@ def test_a_unique_clash_with_a_concurrent_writer_names_no_number(
     holder.execute(
         crm_sales.insert().values(
             account_id=ACCOUNT,
-            sale_key=sale_key(ACCOUNT, "S-0", {}),
+            sale_key=sale_key(ACCOUNT, "S-0", {}, keys_from_airflow(DEFAULT_CONN_ID).primary),
             crm_id="S-0",
             import_checksum="0" * 64,
             source_row=1,

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from callconv.config import parse_settings
 from callconv.extract import ExtractError
 from callconv.intake import take_in_day
+from callconv.pseudonyms import DEFAULT_CONN_ID, keys_from_airflow
 from callconv.schema import crm_imports, crm_sales
 
 pytestmark = pytest.mark.integration
@@ -66,6 +67,7 @@ def take_in(tmp_path, warehouse, keyring, **kwargs):
         archive_root=tmp_path / "archive",
         quarantine_root=tmp_path / "quarantine",
         keyring=keyring,
+        keys=keys_from_airflow(DEFAULT_CONN_ID),
         **kwargs,
     )
 

@@ -240,6 +240,7 @@ MEMORY_PROBE = textwrap.dedent(
     from callconv.crypto import Keyring
     from callconv.extract import CrmFileReader, ExtractError
     from callconv.intake import take_in_day
+    from callconv.pseudonyms import PseudonymKeys
 
     root, rows = Path(sys.argv[1]), int(sys.argv[2])
     keyring = Keyring.from_text(sys.argv[3])
@@ -260,7 +261,7 @@ MEMORY_PROBE = textwrap.dedent(
         try:
             take_in_day(sa.create_engine("sqlite://"), config, config.account("acme"),
                         datetime(2026, 11, 27, tzinfo=UTC), datetime(2026, 11, 28, tzinfo=UTC), "run",
-                        landing_root=landing, keyring=keyring)
+                        landing_root=landing, keyring=keyring, keys=PseudonymKeys.generate("unit"))
         except ExtractError as error:
             return str(error)
         return None

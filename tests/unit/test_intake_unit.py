@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import math
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -12,6 +13,10 @@ import pytest
 
 from callconv.config import DEFAULT_CONFIG_PATH, load_settings
 from callconv.intake import _Extract, _sale_records, business_date_of, normalise_sales, sale_key
+from callconv.pseudonyms import PseudonymKey
+
+KEY = PseudonymKey("unit-1", bytes(range(32)))
+OTHER_KEY = PseudonymKey("unit-2", bytes(range(1, 33)))
 
 WINDOW_END = datetime(2026, 3, 3, 0, 0, tzinfo=UTC)
 
@@ -202,40 +207,47 @@ def content(**overrides) -> dict:
 
 
 def test_sale_key_with_crm_id_ignores_the_content():
-    key = sale_key("acme", "S-1", content())
-    assert key == sale_key("acme", "S-1", content(caller_e164="+4722123456", outcome="upsell"))
-    assert key == sale_key("acme", "S-1", content(conversion_time=utc(2026, 1, 1), conversion_value=None))
-    assert key == sale_key("acme", " S-1 ", content())  # whitespace around the id is not identity
-    assert key == hashlib.sha256(b"acme|crm|S-1").hexdigest()
+    key = sale_key("acme", "S-1", content(), KEY)
+    assert key == sale_key("acme", "S-1", content(caller_e164="+4722123456", outcome="upsell"), KEY)
+    assert key == sale_key("acme", "S-1", content(conversion_time=utc(2026, 1, 1), conversion_value=None), KEY)
+    assert key == sale_key("acme", " S-1 ", content(), KEY)  # whitespace around the id is not identity
+    # No number in it: a hash of the CRM id, the same under any pseudonym key.
+    assert key == hashlib.sha256(b"acme|crm|S-1").hexdigest() == sale_key("acme", "S-1", content(), OTHER_KEY)
 
 
 def test_sale_key_with_crm_id_differs_by_id_and_account():
-    key = sale_key("acme", "S-1", content())
-    assert sale_key("acme", "S-2", content()) != key
-    assert sale_key("other", "S-1", content()) != key
+    key = sale_key("acme", "S-1", content(), KEY)
+    assert sale_key("acme", "S-2", content(), KEY) != key
+    assert sale_key("other", "S-1", content(), KEY) != key
 
 
 @pytest.mark.parametrize("crm_id", [None, ""])
-def test_sale_key_without_crm_id_depends_on_content(crm_id):
-    key = sale_key("acme", crm_id, content())
-    assert key == sale_key("acme", crm_id, content())
-    assert key == hashlib.sha256(b"acme|+4791234567|2026-03-02T09:15:00+00:00|sale|1234.5000").hexdigest()
-    assert sale_key("acme", crm_id, content(caller_e164="+4722123456")) != key
-    assert sale_key("acme", crm_id, content(conversion_time=utc(2026, 3, 2, 9, 16))) != key
-    assert sale_key("acme", crm_id, content(outcome="upsell")) != key
-    assert sale_key("acme", crm_id, content(conversion_value=Decimal("1234.6000"))) != key
-    assert sale_key("acme", crm_id, content(conversion_value=None)) != key
-    assert sale_key("other", crm_id, content()) != key
+def test_sale_key_without_crm_id_is_an_hmac_of_the_content(crm_id):
+    key = sale_key("acme", crm_id, content(), KEY)
+    assert key == sale_key("acme", crm_id, content(), KEY)
+    text = b"acme|+4791234567|2026-03-02T09:15:00+00:00|sale|1234.5000"
+    assert key == hmac.new(KEY.secret, text, hashlib.sha256).hexdigest()
+    # The content holds the caller's number: without the key, its plain hash is not the key.
+    assert key != hashlib.sha256(text).hexdigest()
+    assert sale_key("acme", crm_id, content(), OTHER_KEY) != key
+    assert sale_key("acme", crm_id, content(caller_e164="+4722123456"), KEY) != key
+    assert sale_key("acme", crm_id, content(conversion_time=utc(2026, 3, 2, 9, 16)), KEY) != key
+    assert sale_key("acme", crm_id, content(outcome="upsell"), KEY) != key
+    assert sale_key("acme", crm_id, content(conversion_value=Decimal("1234.6000")), KEY) != key
+    assert sale_key("acme", crm_id, content(conversion_value=None), KEY) != key
+    assert sale_key("other", crm_id, content(), KEY) != key
 
 
 def test_sale_key_with_and_without_crm_id_differ():
-    assert sale_key("acme", "S-1", content()) != sale_key("acme", None, content())
+    assert sale_key("acme", "S-1", content(), KEY) != sale_key("acme", None, content(), KEY)
 
 
 def test_sale_key_same_instant_in_another_zone_is_the_same_sale():
     oslo = pd.Timestamp("2026-03-02 10:15:00", tz="Europe/Oslo")
-    # The content key writes the time's own offset, so the frame must carry UTC (normalise_sales does).
-    assert sale_key("acme", None, content(conversion_time=oslo.tz_convert("UTC"))) == sale_key("acme", None, content())
+    assert sale_key("acme", None, content(conversion_time=oslo), KEY) == sale_key("acme", None, content(), KEY)
+    assert sale_key("acme", None, content(conversion_time=oslo.tz_convert("UTC")), KEY) == sale_key(
+        "acme", None, content(), KEY
+    )
 
 
 def test_the_same_sale_twice_in_a_chunk_keeps_the_first_row(settings, account):
@@ -253,9 +265,10 @@ def test_the_same_sale_twice_in_a_chunk_keeps_the_first_row(settings, account):
     assert rejected == {}
     extract = _Extract("deals.csv", "c" * 64, 3, list(good.columns), lambda: [good])
 
-    records = _sale_records(sales, account, extract, date(2026, 3, 2))
+    records = _sale_records(sales, account, extract, date(2026, 3, 2), KEY)
 
     assert [(record["source_row"], record["crm_id"]) for record in records] == [(4, None), (6, "S-9")]
+    assert [record["sale_key_id"] for record in records] == [KEY.key_id, None]
 
 
 # --- business date ------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 from datetime import UTC, date, datetime, timedelta, timezone
 
@@ -23,10 +24,13 @@ from callconv.match import (
     conversion_key,
     conversion_key_sql,
 )
+from callconv.pseudonyms import PseudonymKey
 from callconv.schema import crm_sales
 from callconv.sqltime import shift_seconds
 
 DAY = date(2026, 3, 2)
+KEY = PseudonymKey("unit-1", bytes(range(32)))
+OTHER_KEY = PseudonymKey("unit-2", bytes(range(1, 33)))
 DIALECTS = {
     "postgresql": postgresql.dialect(),
     "sqlite": sqlite.dialect(),
@@ -222,14 +226,17 @@ def test_chosen_call_is_the_lowest_id_at_the_chosen_second(dialect_name):
 @pytest.mark.parametrize(
     ("dialect_name", "marks"),
     [
-        ("postgresql", ("encode(sha256(convert_to(", "to_char(timezone('UTC',")),
-        ("sqlite", ("callconv_sha256_hex(", "strftime('%Y-%m-%dT%H:%M:%SZ',")),
-        ("bigquery", ("TO_HEX(SHA256(", "FORMAT_TIMESTAMP('%Y-%m-%dT%H:%M:%SZ',")),
+        ("postgresql", ("encode(sha256(%(param_2)s || sha256(%(param_1)s || convert_to(", "to_char(timezone('UTC',")),
+        ("sqlite", ("callconv_hmac_sha256_hex(?, ?, ", "strftime('%Y-%m-%dT%H:%M:%SZ',")),
+        (
+            "bigquery",
+            ("TO_HEX(SHA256(CONCAT(", "SHA256(CONCAT(", "CAST(", "AS BYTES)", "FORMAT_TIMESTAMP('%Y-%m-%dT%H:%M:%SZ',"),
+        ),
     ],
 )
 def test_conversion_key_sql_per_dialect(dialect_name, marks):
     key = conversion_key_sql(
-        "acme", crm_sales.c.caller_e164, crm_sales.c.matched_call_start, crm_sales.c.conversion_action_id
+        KEY, "acme", crm_sales.c.caller_e164, crm_sales.c.matched_call_start, crm_sales.c.conversion_action_id
     )
     sql = sql_of(key, dialect_name)
     assert all(mark in sql for mark in marks), sql
@@ -241,42 +248,46 @@ START = datetime(2026, 3, 2, 9, 0, 0, tzinfo=UTC)
 
 
 def test_conversion_key_is_stable_and_pinned():
-    key = conversion_key("acme", "+4791234567", START, "555000111")
-    assert key == conversion_key("acme", "+4791234567", START, "555000111")
-    # The key is stored in the ledger: its recipe must not drift.
-    assert key == hashlib.sha256(b"acme|+4791234567|2026-03-02T09:00:00Z|555000111").hexdigest()
+    key = conversion_key(KEY, "acme", "+4791234567", START, "555000111")
+    assert key == conversion_key(KEY, "acme", "+4791234567", START, "555000111")
+    # The key is stored in the ledger: its recipe must not drift. It is keyed: the plain
+    # SHA-256 of the same text (number, call start and action, all stored beside it) is not it.
+    text = b"acme|+4791234567|2026-03-02T09:00:00Z|555000111"
+    assert key == hmac.new(KEY.secret, text, hashlib.sha256).hexdigest()
+    assert key != hashlib.sha256(text).hexdigest()
+    assert conversion_key(OTHER_KEY, "acme", "+4791234567", START, "555000111") != key
     assert re.fullmatch(r"[0-9a-f]{64}", key)
 
 
 def test_conversion_key_differs_by_action_account_caller_and_second():
-    base = conversion_key("acme", "+4791234567", START, "555000111")
-    assert conversion_key("acme", "+4791234567", START, "555000222") != base
-    assert conversion_key("other", "+4791234567", START, "555000111") != base
-    assert conversion_key("acme", "+4791234568", START, "555000111") != base
-    assert conversion_key("acme", "+4791234567", START + timedelta(seconds=1), "555000111") != base
+    base = conversion_key(KEY, "acme", "+4791234567", START, "555000111")
+    assert conversion_key(KEY, "acme", "+4791234567", START, "555000222") != base
+    assert conversion_key(KEY, "other", "+4791234567", START, "555000111") != base
+    assert conversion_key(KEY, "acme", "+4791234568", START, "555000111") != base
+    assert conversion_key(KEY, "acme", "+4791234567", START + timedelta(seconds=1), "555000111") != base
 
 
 def test_conversion_key_ignores_sub_second_parts():
-    base = conversion_key("acme", "+4791234567", START, "555000111")
-    assert conversion_key("acme", "+4791234567", START.replace(microsecond=999_999), "555000111") == base
+    base = conversion_key(KEY, "acme", "+4791234567", START, "555000111")
+    assert conversion_key(KEY, "acme", "+4791234567", START.replace(microsecond=999_999), "555000111") == base
 
 
 def test_conversion_key_naive_time_is_utc():
     naive = datetime(2026, 3, 2, 9, 0, 0)
-    assert conversion_key("acme", "+4791234567", naive, "555000111") == conversion_key(
-        "acme", "+4791234567", START, "555000111"
+    assert conversion_key(KEY, "acme", "+4791234567", naive, "555000111") == conversion_key(
+        KEY, "acme", "+4791234567", START, "555000111"
     )
 
 
 def test_conversion_key_aware_offset_is_the_same_instant():
     plus_one = datetime(2026, 3, 2, 10, 0, 0, tzinfo=timezone(timedelta(hours=1)))
-    assert conversion_key("acme", "+4791234567", plus_one, "555000111") == conversion_key(
-        "acme", "+4791234567", START, "555000111"
+    assert conversion_key(KEY, "acme", "+4791234567", plus_one, "555000111") == conversion_key(
+        KEY, "acme", "+4791234567", START, "555000111"
     )
     # The same wall time at +01:00 is a different instant, so a different key.
     wall = datetime(2026, 3, 2, 9, 0, 0, tzinfo=timezone(timedelta(hours=1)))
-    assert conversion_key("acme", "+4791234567", wall, "555000111") != conversion_key(
-        "acme", "+4791234567", START, "555000111"
+    assert conversion_key(KEY, "acme", "+4791234567", wall, "555000111") != conversion_key(
+        KEY, "acme", "+4791234567", START, "555000111"
     )
 
 

@@ -27,7 +27,7 @@ def test_other_errors_pass_through_for_airflow_to_retry():
         raise ConnectionError("the warehouse went away")
 
 
-def test_a_match_on_a_connection_with_leftover_temporary_tables_still_runs(tmp_path):
+def test_a_match_on_a_connection_with_leftover_temporary_tables_still_runs(tmp_path, pseudonym_keys):
     """SQLite keeps a temporary table on its pooled connection after a failed attempt."""
     from callconv.match import OUTCOME, TOUCHED, match_day
     from callconv.warehouse import create_engine, migrate
@@ -40,7 +40,7 @@ def test_a_match_on_a_connection_with_leftover_temporary_tables_still_runs(tmp_p
         connection.execute(sa.text("CREATE TEMPORARY TABLE tmp_sale_outcome (sale_key TEXT)"))
         connection.commit()
 
-    outcome = match_day(engine, "acme", date(2026, 11, 27), MatchRules(), "retry-run")
+    outcome = match_day(engine, "acme", date(2026, 11, 27), MatchRules(), "retry-run", keys=pseudonym_keys)
 
     assert (outcome.sales, outcome.matched) == (0, 0)
     assert OUTCOME.name == "tmp_sale_outcome"
