@@ -380,8 +380,7 @@ def _problem_table(problems, dag_id: str, root: str) -> str:
     rows = "".join(
         f"<tr><td>{p.business_date:%Y-%m-%d}</td><td class=text>{_e(p.state)}</td>"
         f"<td class=text><code>{_e(p.error_code or '–')}</code></td>"
-        f'<td class=text><code title="first {len(p.key_prefix)} characters of the conversion key">'
-        f"{_e(p.key_prefix)}…</code></td>"
+        f"<td class=text><code>{_e(p.conversion_action_id)}</code></td>"
         f"<td>{_when(p.park_until)}</td><td>{p.attempts}</td>"
         f'<td class="text runs">{_run_link(root, dag_id, p.run_id)}</td></tr>'
         for p in problems
@@ -389,7 +388,7 @@ def _problem_table(problems, dag_id: str, root: str) -> str:
     return (
         f"<h3>Latest {len(problems)} parked or failed conversions</h3>"
         '<table class="ledger-recent"><thead><tr><th>Business day</th><th class=text>State</th>'
-        "<th class=text>Error code</th><th class=text>Conversion key</th><th>Park until</th><th>Attempts</th>"
+        "<th class=text>Error code</th><th class=text>Conversion action</th><th>Park until</th><th>Attempts</th>"
         f"<th class=text>Last run</th></tr></thead><tbody>{rows}</tbody></table>"
     )
 

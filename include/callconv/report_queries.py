@@ -16,8 +16,9 @@ Per account and account-local day (``run_summary.business_date``) the page shows
   can include parked conversions of earlier days;
 * the run ids, for links to the DAG runs.
 
-Upload-ledger rows that are parked or failed are shown by error code, with a short
-prefix of the conversion key: never a phone number, its hash or Google's message.
+Upload-ledger rows that are parked or failed are shown by error code and conversion
+action: never a phone number, its hash, any part of a conversion key (an HMAC of
+the number) or Google's message.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from callconv.schema import run_summary, upload_ledger
 
 IMPORT_DAG_PREFIX = "call_conversions_import__"
 PROBLEM_STATES = ("parked", "failed")
-KEY_PREFIX_LENGTH = 12
 DEFAULT_DAYS = 90
 
 
@@ -126,7 +126,7 @@ class LedgerProblem:
     account_id: str
     state: str
     error_code: str | None
-    key_prefix: str
+    conversion_action_id: str
     business_date: date
     park_until: datetime | None
     attempts: int
@@ -273,13 +273,13 @@ def recent_ledger_problems(
     if not account_ids:
         return []
     ledger = upload_ledger
-    # Only these columns leave the warehouse: no caller_e164, caller_hmac or error_message.
+    # Only these columns leave the warehouse: no caller_e164, caller_hmac, error_message or key.
     query = (
         sa.select(
             ledger.c.account_id,
             ledger.c.state,
             ledger.c.error_code,
-            sa.func.substr(ledger.c.conversion_key, 1, KEY_PREFIX_LENGTH).label("key_prefix"),
+            ledger.c.conversion_action_id,
             ledger.c.business_date,
             ledger.c.park_until,
             ledger.c.attempts,
@@ -294,7 +294,7 @@ def recent_ledger_problems(
             account_id=row.account_id,
             state=row.state,
             error_code=row.error_code,
-            key_prefix=row.key_prefix,
+            conversion_action_id=row.conversion_action_id,
             business_date=_as_date(row.business_date),
             park_until=_as_utc(row.park_until),
             attempts=int(row.attempts or 0),

@@ -7,6 +7,7 @@ number, caller hash or Google message reaches the HTML.
 from __future__ import annotations
 
 import importlib.util
+import re
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -275,16 +276,26 @@ def test_ledger_problems_are_counted_per_state_and_code(engine):
 
 def test_recent_ledger_problems_carry_no_caller_data(engine):
     problems = q.recent_ledger_problems(engine, ["shop_a", "shop_b"])
-    assert [(p.key_prefix, p.state, p.error_code, p.business_date, p.park_until, p.attempts) for p in problems] == [
-        ("e5" * 6, "parked", "RESOURCE_EXHAUSTED", D3, at("2026-11-28T23:00:00"), 2),
-        ("a1" * 6, "parked", "TOO_RECENT_CALL", D2, at("2026-11-27T12:00:00"), 2),
-        ("c3" * 6, "failed", "EXPIRED_EVENT", D2, None, 1),
-        ("b2" * 6, "parked", "TOO_RECENT_CALL", D1, at("2026-11-27T06:00:00"), 2),
+    assert [(p.run_id, p.state, p.error_code, p.business_date, p.park_until, p.attempts) for p in problems] == [
+        ("run-e5", "parked", "RESOURCE_EXHAUSTED", D3, at("2026-11-28T23:00:00"), 2),
+        ("run-a1", "parked", "TOO_RECENT_CALL", D2, at("2026-11-27T12:00:00"), 2),
+        ("run-c3", "failed", "EXPIRED_EVENT", D2, None, 1),
+        ("run-b2", "parked", "TOO_RECENT_CALL", D1, at("2026-11-27T06:00:00"), 2),
     ]
-    assert problems[0].run_id == "run-e5"
-    assert q.recent_ledger_problems(engine, ["shop_a"], limit=2)[-1].key_prefix == "a1" * 6
+    assert {p.conversion_action_id for p in problems} == {"555000111"}
+    assert q.recent_ledger_problems(engine, ["shop_a"], limit=2)[-1].run_id == "run-a1"
     for problem in problems:
         assert PHONE not in repr(problem) and HMAC not in repr(problem) and MESSAGE not in repr(problem)
+        assert not key_parts_in(repr(problem).replace(problem.run_id, ""))
+
+
+def key_parts_in(text: str, width: int = 8) -> list[str]:
+    """Every stretch of ``width`` characters of a ledger key that the text shows."""
+    return sorted({key[i : i + width] for key, *_ in LEDGER for i in range(64 - width + 1)} & _windows(text, width))
+
+
+def _windows(text: str, width: int) -> set[str]:
+    return {text[i : i + width] for i in range(len(text) - width + 1)}
 
 
 @pytest.mark.parametrize("build", [q.ledger_problem_counts, q.recent_ledger_problems])
@@ -302,6 +313,8 @@ def test_ledger_queries_never_select_caller_columns(build):
     for dialect in (sa.dialects.sqlite.dialect(), sa.dialects.postgresql.dialect(), BigQueryDialect()):
         sql = str(statement.compile(dialect=dialect)).lower()
         assert "caller_e164" not in sql and "caller_hmac" not in sql and "error_message" not in sql
+        # The key is an HMAC of the number: no part of it is selected (it may order rows).
+        assert "conversion_key" not in re.split(r"\sfrom\s", sql)[0]
 
 
 def test_import_dag_id_matches_the_dag_file():
@@ -338,7 +351,9 @@ def test_page_shows_the_counts_and_no_caller_data(engine, page_module, monkeypat
     assert '<td data-col="uploaded">13</td>' in page
     assert '<td data-col="match_rate">89.5%</td>' in page
     assert "/dags/call_conversions_import__shop_a/runs/manual__2026-11-27T09%3A00%3A00%2B00%3A00" in page
-    assert "a1a1a1a1a1a1…" in page
+    # No part of any conversion key: 8 characters of one would already narrow the number down.
+    assert key_parts_in(page) == []
+    assert "<th class=text>Conversion action</th>" in page and "<code>555000111</code>" in page
     assert "shop_c" not in page
 
 
