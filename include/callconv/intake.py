@@ -47,7 +47,7 @@ from callconv.conversion_file import safe_text
 from callconv.crypto import Keyring
 from callconv.extract import CrmFileReader, frame_from_query, imported_checksums, landing_files
 from callconv.match import as_utc, conversion_sent
-from callconv.pseudonyms import PseudonymKey, PseudonymKeys, require_current, sale_text
+from callconv.pseudonyms import PseudonymKey, PseudonymKeys, crm_text, require_current, sale_text
 from callconv.schema import crm_imports, crm_sales, delivery_conflicts, quarantine
 from callconv.storage import check_in_account, open_for_read, plain_name, remove, store_as, stored_name
 from callconv.validate import ExtractRejected, ExtractValidator
@@ -474,10 +474,10 @@ def normalise_sales(
 
 
 def sale_key(account_id: str, crm_id: str | None, row: dict, key: PseudonymKey) -> str:
-    """A hash of the CRM id when there is one; otherwise an HMAC of the sale's own content,
-    which holds the caller's number (:func:`callconv.pseudonyms.sale_text`)."""
+    """An HMAC of the CRM id when there is one; otherwise of the sale's own content, which
+    holds the caller's number (:mod:`callconv.pseudonyms`)."""
     if crm_id:
-        return hashlib.sha256(f"{account_id}|crm|{crm_id.strip()}".encode()).hexdigest()
+        return key.hexdigest(crm_text(account_id, crm_id))
     text = sale_text(account_id, row["caller_e164"], row["conversion_time"], row["outcome"], row["conversion_value"])
     return key.hexdigest(text)
 
@@ -493,7 +493,7 @@ def _sale_records(
             {
                 "account_id": account.id,
                 "sale_key": sale_key(account.id, crm_id, sale, key),
-                "sale_key_id": None if crm_id else key.key_id,
+                "sale_key_id": key.key_id,
                 "crm_id": crm_id,
                 "import_checksum": extract.checksum,
                 "source_row": int(source_row),

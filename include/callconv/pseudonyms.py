@@ -1,11 +1,13 @@
 """Keyed pseudonyms: every key the warehouse derives from a phone number is an HMAC-SHA256.
 
-Which keys: a sale's ``sale_key`` when the CRM gave no id (account, caller, conversion
-time, outcome and value), and every ``conversion_key`` (account, caller, call start,
-action; a late sale's own conversion adds its sale key). All of these fields but the
-number are stored beside the key, so a plain SHA-256 of them gave the number back to
-anyone who tried the 10^8 Norwegian mobile numbers (minutes on one core). Under an HMAC
-the same search needs the key.
+Which keys: every ``conversion_key`` (account, caller, call start, action; a late
+sale's own conversion adds its sale key) and every ``sale_key`` (the content when the
+CRM gave no id: account, caller, conversion time, outcome and value). All of these
+fields but the number are stored beside the key, so a plain SHA-256 of them gave the
+number back to anyone who tried the 10^8 Norwegian mobile numbers (minutes on one
+core). Under an HMAC the same search needs the key. A sale key made of a CRM id holds
+no number, but it is keyed too: a redacted sale (its CRM id removed) is then not found
+again from the id by whoever holds the CRM export.
 
 The key is the **pseudonym keyring**, the password of the Airflow connection
 ``pseudonym_conn_id`` (default ``call_conversions_pseudonym``)::
@@ -14,7 +16,8 @@ The key is the **pseudonym keyring**, the password of the Airflow connection
 
 New keys are made under the primary; its id is stored beside every key
 (``crm_sales.sale_key_id`` and ``conversion_key_id``, ``matches.conversion_key_id``,
-``upload_ledger.conversion_key_id``). ``python -m callconv.pseudonyms new-keyring
+``upload_ledger.conversion_key_id``; ``delivery_conflicts`` holds copies of keys whose
+ids are on the rows they name). ``python -m callconv.pseudonyms new-keyring
 --key-id 2026-12`` prints a new keyring.
 
 It is not the retention key (``hmac_conn_id``): that one stays the same for years, since
@@ -256,6 +259,11 @@ def separate_text(main_text: str, sale_key: str) -> str:
     return f"{main_text}|sale|{sale_key}"
 
 
+def crm_text(account_id: str, crm_id: str) -> str:
+    """A sale the CRM gave an id is that id (whitespace around it is not identity)."""
+    return f"{account_id}|crm|{crm_id.strip()}"
+
+
 def sale_text(account_id: str, caller_e164: str, conversion_time: datetime, outcome: str, value) -> str:
     """A sale without a CRM id is its content. ``value`` is a Decimal of 4 places, or None."""
     moment = conversion_time.to_pydatetime() if hasattr(conversion_time, "to_pydatetime") else conversion_time
@@ -392,18 +400,17 @@ def rekey_account(connection, account_id: str, keys: PseudonymKeys, *, tables=No
         table.drop(connection, checkfirst=True)
         table.create(connection)
 
-    # 1. Sale keys of sales without a CRM id, in Python (the text has Python's own formats), page by page.
+    # 1. Sale keys, in Python (the text has Python's own formats), page by page.
     def not_under_primary(column):
         return sa.or_(column.is_(None), column != primary.key_id)
 
-    content = sa.and_(
-        sales.c.account_id == account_id, sales.c.crm_id.is_(None), not_under_primary(sales.c.sale_key_id)
-    )
+    content = sa.and_(sales.c.account_id == account_id, not_under_primary(sales.c.sale_key_id))
     after = None
     while True:
         query = sa.select(
             sales.c.sale_key,
             sales.c.sale_key_id,
+            sales.c.crm_id,
             sales.c.caller_e164,
             sales.c.conversion_time,
             sales.c.outcome,
@@ -417,7 +424,9 @@ def rekey_account(connection, account_id: str, keys: PseudonymKeys, *, tables=No
         after = page[-1].sale_key
         items = []
         for row in page:
-            if row.caller_e164 is not None:
+            if row.crm_id is not None and row.crm_id.strip():
+                items.append({"old_key": row.sale_key, "new_key": primary.hexdigest(crm_text(account_id, row.crm_id))})
+            elif row.caller_e164 is not None:
                 text = sale_text(account_id, row.caller_e164, row.conversion_time, row.outcome, row.conversion_value)
                 items.append({"old_key": row.sale_key, "new_key": primary.hexdigest(text)})
             elif row.sale_key_id is LEGACY:

@@ -53,15 +53,15 @@ crm_imports = sa.Table(
     sa.Column("imported_at", UTC_TIME, nullable=False),
 )
 
-# Normalised sales, one per CRM record; the sale_key is a hash of the CRM id when
-# it has one, else an HMAC of the row's content (callconv.pseudonyms), so a
-# re-import upserts in place. A *_key_id names the pseudonym key an HMAC is under.
+# Normalised sales, one per CRM record; the sale_key is an HMAC of the CRM id when
+# it has one, else of the row's content (callconv.pseudonyms), so a re-import
+# upserts in place. A *_key_id names the pseudonym key an HMAC is under.
 crm_sales = sa.Table(
     "crm_sales",
     metadata,
     sa.Column("account_id", sa.String(64), primary_key=True),
     sa.Column("sale_key", sa.String(64), primary_key=True),
-    sa.Column("sale_key_id", sa.String(32)),  # null: keyed by the CRM id, no number in it
+    sa.Column("sale_key_id", sa.String(32)),
     sa.Column("crm_id", sa.String(128)),
     sa.Column("import_checksum", sa.String(64), nullable=False),
     sa.Column("source_row", sa.Integer, nullable=False),

@@ -211,8 +211,9 @@ def test_sale_key_with_crm_id_ignores_the_content():
     assert key == sale_key("acme", "S-1", content(caller_e164="+4722123456", outcome="upsell"), KEY)
     assert key == sale_key("acme", "S-1", content(conversion_time=utc(2026, 1, 1), conversion_value=None), KEY)
     assert key == sale_key("acme", " S-1 ", content(), KEY)  # whitespace around the id is not identity
-    # No number in it: a hash of the CRM id, the same under any pseudonym key.
-    assert key == hashlib.sha256(b"acme|crm|S-1").hexdigest() == sale_key("acme", "S-1", content(), OTHER_KEY)
+    # Keyed too: a redacted sale is not found again from its CRM id without the key.
+    assert key == hmac.new(KEY.secret, b"acme|crm|S-1", hashlib.sha256).hexdigest()
+    assert key != hashlib.sha256(b"acme|crm|S-1").hexdigest() and key != sale_key("acme", "S-1", content(), OTHER_KEY)
 
 
 def test_sale_key_with_crm_id_differs_by_id_and_account():
@@ -268,7 +269,7 @@ def test_the_same_sale_twice_in_a_chunk_keeps_the_first_row(settings, account):
     records = _sale_records(sales, account, extract, date(2026, 3, 2), KEY)
 
     assert [(record["source_row"], record["crm_id"]) for record in records] == [(4, None), (6, "S-9")]
-    assert [record["sale_key_id"] for record in records] == [KEY.key_id, None]
+    assert [record["sale_key_id"] for record in records] == [KEY.key_id, KEY.key_id]
 
 
 # --- business date ------------------------------------------------------------------------
