@@ -7,9 +7,14 @@ Runs daily and removes personal data once its retention period is over
 - **landing** (and the encrypted archive copies), **data_docs**, **conversion_files**: day folders
   older than the period are deleted;
 - **quarantine**: quarantined CRM rows and their encrypted exports are deleted;
-- **warehouse**: phone numbers in sales, matches and the upload ledger are replaced by a keyed hash
-  (HMAC-SHA256, key from the `call_conversions_hmac` connection). Conversions still pending or parked
-  for upload are kept, unless older than `hard_max_days`.
+- **warehouse**: per call, the call-log row and every sale, conversion and ledger row on it together:
+  phone numbers are replaced by a keyed hash (HMAC-SHA256, key from the `call_conversions_hmac`
+  connection), call ids by `redacted`, CRM ids and the bytes sent to Google removed, and the call-log
+  row's caller columns emptied or the row deleted (`retention.call_logs`: redact | drop). Nothing left
+  joins back to a number. A call with a conversion still pending or parked for upload is kept whole,
+  unless older than `hard_max_days`.
+
+Files that hold numbers (landing, quarantine, conversion files) never outlive the warehouse's numbers.
 
 Age is counted up to the run's own day (its data interval), never the clock, so a rerun
 or backfill removes exactly the same data. Every step writes an audit row. The steps run

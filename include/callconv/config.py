@@ -177,6 +177,12 @@ class Alerts(_Strict):
         return self
 
 
+# Data classes whose stores hold phone numbers beside the fields the warehouse keeps after
+# redaction (times, actions, values, CRM ids): kept no longer than the warehouse keeps numbers,
+# or a redacted row could be joined back to its number through them.
+NUMBER_HOLDING_CLASSES = ("landing", "quarantine", "conversion_files")
+
+
 class Retention(_Strict):
     default_days: int = Field(90, ge=1)
     landing_days: int | None = Field(None, ge=1)
@@ -185,9 +191,14 @@ class Retention(_Strict):
     conversion_files_days: int | None = Field(None, ge=1)
     warehouse_days: int | None = Field(None, ge=1)
     hard_max_days: int = Field(400, ge=1)
+    # Past the warehouse period, call-log rows lose their caller columns (redact) or go (drop).
+    call_logs: Literal["redact", "drop"] = "redact"
 
     def days(self, data_class: str) -> int:
-        return getattr(self, f"{data_class}_days") or self.default_days
+        days = getattr(self, f"{data_class}_days") or self.default_days
+        if data_class in NUMBER_HOLDING_CLASSES:
+            return min(days, self.warehouse_days or self.default_days)
+        return days
 
 
 class ConversionAction(_Strict):

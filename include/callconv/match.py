@@ -546,6 +546,7 @@ def _changed_calls(connection, account_id: str, business_date: date, run_id: str
             sale.c.conversion_key.is_not(None),
             conversion_sent(sale.c.conversion_key),
             sale.c.caller_e164.is_not(None),  # redacted by retention: nothing left to compare
+            call.c.caller_parse_status.is_distinct_from("redacted"),
             sa.or_(
                 call.c.call_start != sale.c.matched_call_start,
                 call.c.caller_e164.is_distinct_from(sale.c.caller_e164),

@@ -278,7 +278,9 @@ def apply_retention(data_class: str, context) -> list[dict]:
                 purge = purge_stored_files(files, account, data_class, last_day)
             else:
                 hard_last_day = as_of - timedelta(days=retention.hard_max_days + 1)
-                purge = redact_warehouse(engine, account, last_day, hard_last_day, key, window.end)
+                purge = redact_warehouse(
+                    engine, account, last_day, hard_last_day, key, window.end, call_logs_mode=retention.call_logs
+                )
             record_audit(engine, window.run_id, purge, window.end)
             done.append({"account": account.id, "affected": purge.affected, "forced": purge.forced})
     return done

@@ -350,6 +350,18 @@ def test_warehouse_retention_equal_to_the_match_window_is_accepted(tmp_path, shi
     assert settings.retention.days("warehouse") == 30
 
 
+def test_files_holding_numbers_never_outlive_the_warehouses_numbers():
+    """A conversion file, CRM extract or quarantine export kept longer than the warehouse keeps
+    numbers would give a redacted row (its times, action, value, CRM id) its number back."""
+    from callconv.config import Retention
+
+    retention = Retention(default_days=90, warehouse_days=60, landing_days=120, conversion_files_days=365)
+    assert [retention.days(name) for name in ("landing", "quarantine", "conversion_files")] == [60, 60, 60]
+    assert retention.days("data_docs") == 90  # Data Docs show no value
+    assert Retention(landing_days=30).days("landing") == 30  # shorter stays shorter
+    assert Retention().call_logs == "redact" and Retention(call_logs="drop").call_logs == "drop"
+
+
 def test_file_delivery_lookback_defaults_to_60_days_and_an_account_may_override_it(shipped_raw):
     changed = copy.deepcopy(shipped_raw)
     changed["file_delivery"] = {"conn_id": "sftp_main", "remote_dir": "/in"}
