@@ -309,3 +309,14 @@ def test_the_outcome_table_is_created_from_one_query(dialect_name):
     assert flat.startswith("create temporary table tmp_sale_outcome as select chosen.sale_key, (select min(")
     assert SHIFT_MARK[dialect_name] in str(statement)
     assert "acme" in statement.params.values() and DAY in statement.params.values()
+
+
+@pytest.mark.parametrize("dialect_name", list(DIALECTS))
+def test_the_key_is_bound_never_written_into_the_statement(dialect_name):
+    key = conversion_key_sql(
+        KEY, "acme", crm_sales.c.caller_e164, crm_sales.c.matched_call_start, crm_sales.c.conversion_action_id
+    )
+    statement = compiled(key, dialect_name)
+    inner, outer = KEY.pads
+    assert inner.hex() not in str(statement) and KEY.secret.hex() not in str(statement)
+    assert {inner, outer} <= {value for value in statement.params.values() if isinstance(value, bytes)}
