@@ -13,13 +13,15 @@ account-local day, `[data_interval_start, data_interval_end)`:
    **normalise_call_logs** then gives the window's call-log rows an E.164 caller.
 3. **match_sales**: match each sale to its call inside the warehouse.
 4. **write_conversion_file**: write the day's file in Google's import template.
-5. **upload_conversions**: send due conversions through `ConversionUploadService.UploadCallConversions`,
-   exactly once (the upload ledger), parking too-recent calls and retrying them in later runs.
-   `dry_run` sends with `validate_only` and records nothing as uploaded.
-   **publish_conversion_file** does the same for accounts with `delivery: file`: the account's
-   file on the SFTP server that Google Ads' scheduled upload reads is replaced atomically with
-   every conversion not yet confirmed within the lookback (`file_delivery.lookback_days`); a
-   published conversion counts as delivered once its call leaves the lookback.
+5. The account's one delivery task, from `delivery` in its config:
+   - **upload_conversions** (`delivery: api`): send due conversions through
+     `ConversionUploadService.UploadCallConversions`, exactly once (the upload ledger), parking
+     too-recent calls and retrying them in later runs. `dry_run` sends with `validate_only` and
+     records nothing as uploaded.
+   - **publish_conversion_file** (`delivery: file`): the account's file on the SFTP server that
+     Google Ads' scheduled upload reads is replaced atomically with every conversion not yet
+     confirmed within the lookback (`file_delivery.lookback_days`); a published conversion counts
+     as delivered once its call leaves the lookback. `dry_run` does not apply.
 6. **check_anomalies**: compare the run with the account's history (match rate, missing data,
    parked rows) and alert. Any task failure alerts too, without personal data.
 
@@ -33,10 +35,10 @@ Logs carry counts and reason codes, never a phone number.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
 
-from airflow.sdk import Param, dag, task
-from airflow.timetables.interval import CronDataIntervalTimetable
+from airflow.sdk import CronDataIntervalTimetable, Param, dag, task
 
 from callconv.alerts import failure_notifier
 from callconv.config import Settings, load_settings
@@ -47,16 +49,44 @@ DEFAULT_ARGS = {
     "retry_delay": timedelta(minutes=5),
     "retry_exponential_backoff": True,
 }
+# The first day a run may cover, at local midnight: the DAG's time zone is taken from it.
+FIRST_DAY = (2024, 1, 1)
+
+
+def _params(delivery: str) -> dict:
+    params = {
+        "reimport": Param(
+            False,
+            type="boolean",
+            title="Read the CRM files again",
+            description="Read the day's CRM files again even if already imported.",
+        )
+    }
+    if delivery == "api":  # a file is published as it is: there is nothing to validate with Google
+        params["dry_run"] = Param(
+            False,
+            type="boolean",
+            title="Dry run",
+            description="Validate the upload with Google (validate_only); record nothing.",
+        )
+    return params
 
 
 def build_import_dag(account_id: str, timezone: str, settings: Settings | None = None):
     settings = settings or load_settings()
     freshness = settings.freshness
-    access_role = settings.account(account_id).access_role
+    account = settings.account(account_id)
+    access_role = account.access_role
+    delivery = account.delivery
 
     @dag(
         dag_id=f"call_conversions_import__{account_id}",
+        description=(
+            f"Call conversions of {account_id}: one {timezone} day of CRM sales matched to calls, "
+            + ("uploaded to Google Ads" if delivery == "api" else "published in the file Google Ads fetches")
+        ),
         schedule=CronDataIntervalTimetable("0 0 * * *", timezone=timezone),
+        start_date=datetime(*FIRST_DAY, tzinfo=ZoneInfo(timezone)),
         catchup=False,
         max_active_runs=1,
         default_args={**DEFAULT_ARGS, "on_failure_callback": failure_notifier(account_id=account_id)},
@@ -67,14 +97,7 @@ def build_import_dag(account_id: str, timezone: str, settings: Settings | None =
         ),
         doc_md=__doc__,
         tags=["call-conversions", "google-ads", f"account:{account_id}"],
-        params={
-            "reimport": Param(
-                False, type="boolean", description="Read the day's CRM files again even if already imported."
-            ),
-            "dry_run": Param(
-                False, type="boolean", description="Validate the upload with Google (validate_only); record nothing."
-            ),
-        },
+        params=_params(delivery),
     )
     def call_conversions_import():
         @task(retries=0)
@@ -115,6 +138,7 @@ def build_import_dag(account_id: str, timezone: str, settings: Settings | None =
 
         @task(retries=3, retry_delay=timedelta(minutes=10))
         def upload_conversions(**context) -> dict:
+            """For accounts with delivery 'api': due conversions through the Google Ads API, exactly once."""
             from callconv.steps import upload_conversions as run
 
             return run(account_id, context, dry_run=bool(context["params"]["dry_run"]))
@@ -136,7 +160,8 @@ def build_import_dag(account_id: str, timezone: str, settings: Settings | None =
         matched = match_sales()
         take_in_crm_extracts() >> matched
         wait_for_call_logs() >> normalise_call_logs() >> matched
-        delivered = [upload_conversions(), publish_conversion_file()]
+        # Only the delivery that applies to the account is built.
+        delivered = upload_conversions() if delivery == "api" else publish_conversion_file()
         matched >> write_conversion_file() >> delivered
         delivered >> check_anomalies()
 

@@ -4,37 +4,61 @@
 For analysts, from **Trigger** in the UI. Pick a date range (account-local days,
 both ends included), the accounts, and:
 
-- `dry_run`: upload with `validate_only`; nothing is recorded as uploaded;
+- `dry_run`: upload with `validate_only`; nothing is recorded as uploaded (accounts
+  with `delivery: api`; a file is published as it is);
 - `rematch`: match the days' sales afresh (late call logs, changed rules). Conversions
   already uploaded are frozen and never sent again, whatever the setting;
 - `reimport`: read the days' CRM files again even if already imported.
 
-Each (account, day) runs the same steps as the daily import, in a mapped task group,
-with the day's local-midnight window. Parked and pending rows are shared with the
-daily runs through the ledger, so nothing is duplicated. For a plain backfill of the
-schedule, `airflow backfill create --dag-id call_conversions_import__<account>` works too.
+Airflow refuses a trigger whose form breaks the Params' schema: a missing or malformed
+date, no account, an account that is not in the config, or one chosen twice. **plan**
+then refuses, before any day runs, an end before the start and a range of more than
+366 days. **api_days** and **file_days** pick the planned days of the accounts that
+deliver each way.
+
+Each (account, day) runs the same steps as the daily import, with the day's
+local-midnight window, in a mapped task group named after the account's delivery:
+**api_day** ends in `upload_conversions`, **file_day** in `publish_conversion_file`.
+A group is built only when the config has an account that delivers that way, and a
+mapped instance is labelled with its account and day. Parked and pending rows are
+shared with the daily runs through the ledger, so nothing is duplicated. For a plain
+backfill of the schedule, `airflow backfill create --dag-id call_conversions_import__<account>`
+works too.
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 from airflow.sdk import Param, dag, task, task_group
 
 from callconv.alerts import failure_notifier
 from callconv.config import load_settings
 
+# The rendered map index of each task in a day's group: "<account> <day>", from the task's own
+# arguments (passed by keyword, so they are in op_kwargs before and after the task runs).
+DAY_LABEL = "{{ task.op_kwargs['account_id'] }} {{ task.op_kwargs['day'] }}"
+
 
 def build_rerun_dag():
     """Built from the config, so the form offers exactly the configured accounts."""
-    account_ids = [account.id for account in load_settings().accounts]
-    return _rerun_dag(account_ids)
+    accounts = load_settings().accounts
+    zones = {account.timezone for account in accounts}
+    return _rerun_dag(
+        [account.id for account in accounts],
+        {account.id: account.delivery for account in accounts},
+        # The accounts' zone, when they share one; UTC otherwise.
+        zones.pop() if len(zones) == 1 else "UTC",
+    )
 
 
-def _rerun_dag(account_ids: list[str]):
+def _rerun_dag(account_ids: list[str], deliveries: dict[str, str], timezone: str):
     @dag(
         dag_id="call_conversions_rerun",
+        description="Runs chosen account-local days of chosen accounts again, from the trigger form",
         schedule=None,
+        start_date=datetime(2024, 1, 1, tzinfo=UTC if timezone == "UTC" else ZoneInfo(timezone)),
         catchup=False,
         max_active_runs=1,
         max_active_tasks=4,
@@ -47,34 +71,59 @@ def _rerun_dag(account_ids: list[str]):
         doc_md=__doc__,
         tags=["call-conversions", "google-ads", "rerun"],
         params={
-            "start_date": Param(type="string", format="date", title="First day", description="Account-local day."),
-            "end_date": Param(type="string", format="date", title="Last day", description="Included."),
+            "start_date": Param(
+                type="string", format="date", title="First day", description="Account-local day, like 2026-11-27."
+            ),
+            "end_date": Param(
+                type="string", format="date", title="Last day", description="Account-local day, included."
+            ),
             "accounts": Param(
                 account_ids,
                 type="array",
+                title="Accounts",
+                description="Accounts to rerun, from the config.",
+                examples=account_ids,
                 items={"type": "string", "enum": account_ids},
                 minItems=1,
                 uniqueItems=True,
-                description="Accounts to rerun, from the config.",
             ),
             "dry_run": Param(
-                False, type="boolean", description="Validate the upload only; record nothing as uploaded."
+                False,
+                type="boolean",
+                title="Dry run",
+                description="Validate the upload with Google only; record nothing as uploaded. "
+                "Accounts that deliver by file publish as usual.",
             ),
-            "rematch": Param(True, type="boolean", description="Match the days' sales afresh (uploaded ones stay)."),
-            "reimport": Param(False, type="boolean", description="Read the days' CRM files again."),
+            "rematch": Param(
+                True,
+                type="boolean",
+                title="Match again",
+                description="Match the days' sales afresh (uploaded ones stay as they were sent).",
+            ),
+            "reimport": Param(
+                False, type="boolean", title="Read the CRM files again", description="Read the days' CRM files again."
+            ),
         },
     )
     def call_conversions_rerun():
         @task(retries=0)
         def plan(**context) -> list[dict]:
-            """Refuses an end before the start or an unknown account, before anything runs."""
+            """Refuses an end before the start or too long a range, before anything runs."""
             from callconv.rerun import plan_days
 
             params = context["params"]
             return plan_days(params["start_date"], params["end_date"], list(params["accounts"]), account_ids)
 
-        @task_group
-        def one_day(account_id: str, day: str):
+        @task
+        def days_delivered_by(delivery: str, plan: list[dict]) -> list[dict]:
+            """The plan's (account, day) pairs of the accounts that deliver this way."""
+            from callconv.rerun import split_by_delivery
+
+            return split_by_delivery(plan, deliveries)[delivery]
+
+        def day_steps(account_id: str, day: str):
+            """Intake, call logs and matching of one day; returns the task the delivery follows."""
+
             @task(retries=0)
             def take_in_crm_extracts(account_id: str, day: str, **context) -> dict:
                 from callconv.steps import take_in_crm_extracts as run
@@ -99,35 +148,52 @@ def _rerun_dag(account_ids: list[str]):
 
                 return run(account_id, context, day=day)
 
-            # One delivery at a time in a rerun: an upload sends every due row of its account,
-            # so the days' mapped uploads take turns (claims in the ledger keep any overlap
-            # with the daily import exactly-once as well).
-            @task(retries=3, retry_delay=timedelta(minutes=10), max_active_tis_per_dagrun=1)
-            def upload_conversions(account_id: str, day: str, **context) -> dict:
-                from callconv.steps import upload_conversions as run
+            matched = match_sales(account_id=account_id, day=day)
+            take_in_crm_extracts(account_id=account_id, day=day) >> matched
+            normalise_call_logs(account_id=account_id, day=day) >> matched
+            written = write_conversion_file(account_id=account_id, day=day)
+            matched >> written
+            return written
 
-                return run(account_id, context, dry_run=bool(context["params"]["dry_run"]), day=day)
+        @task
+        def check_anomalies(account_id: str, day: str, **context) -> dict:
+            from callconv.alerts import check_anomalies as run
 
-            @task(retries=3, retry_delay=timedelta(minutes=10), max_active_tis_per_dagrun=1)
-            def publish_conversion_file(account_id: str, day: str, **context) -> dict:
-                from callconv.steps import publish_conversion_file as run
+            return run(account_id, context, day=day)
 
-                return run(account_id, context, day=day)
+        # One delivery at a time in a rerun: a delivery sends (or publishes) every due row of
+        # its account, so the days' mapped deliveries take turns (claims in the ledger keep any
+        # overlap with the daily import exactly-once as well).
+        @task(retries=3, retry_delay=timedelta(minutes=10), max_active_tis_per_dagrun=1)
+        def upload_conversions(account_id: str, day: str, **context) -> dict:
+            from callconv.steps import upload_conversions as run
 
-            @task
-            def check_anomalies(account_id: str, day: str, **context) -> dict:
-                from callconv.alerts import check_anomalies as run
+            return run(account_id, context, dry_run=bool(context["params"]["dry_run"]), day=day)
 
-                return run(account_id, context, day=day)
+        @task(retries=3, retry_delay=timedelta(minutes=10), max_active_tis_per_dagrun=1)
+        def publish_conversion_file(account_id: str, day: str, **context) -> dict:
+            from callconv.steps import publish_conversion_file as run
 
-            matched = match_sales(account_id, day)
-            take_in_crm_extracts(account_id, day) >> matched
-            normalise_call_logs(account_id, day) >> matched
-            delivered = [upload_conversions(account_id, day), publish_conversion_file(account_id, day)]
-            matched >> write_conversion_file(account_id, day) >> delivered
-            delivered >> check_anomalies(account_id, day)
+            return run(account_id, context, day=day)
 
-        one_day.expand_kwargs(plan())
+        @task_group(default_args={"map_index_template": DAY_LABEL})
+        def api_day(account_id: str, day: str):
+            """One day of an account that uploads through the Google Ads API."""
+            delivered = upload_conversions(account_id=account_id, day=day)
+            day_steps(account_id, day) >> delivered >> check_anomalies(account_id=account_id, day=day)
+
+        @task_group(default_args={"map_index_template": DAY_LABEL})
+        def file_day(account_id: str, day: str):
+            """One day of an account that delivers by file."""
+            delivered = publish_conversion_file(account_id=account_id, day=day)
+            day_steps(account_id, day) >> delivered >> check_anomalies(account_id=account_id, day=day)
+
+        planned = plan()
+        # Only the groups some configured account needs are built.
+        if "api" in deliveries.values():
+            api_day.expand_kwargs(days_delivered_by.override(task_id="api_days")("api", planned))
+        if "file" in deliveries.values():
+            file_day.expand_kwargs(days_delivered_by.override(task_id="file_days")("file", planned))
 
     return call_conversions_rerun()
 

@@ -23,10 +23,9 @@ even when an earlier one fails, and the `fail_if_any_step_failed` watcher then f
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
-from airflow.sdk import TriggerRule, dag, task
-from airflow.timetables.interval import CronDataIntervalTimetable
+from airflow.sdk import CronDataIntervalTimetable, TriggerRule, dag, task
 
 from callconv.alerts import failure_notifier
 
@@ -35,7 +34,11 @@ DATA_CLASSES = ("landing", "data_docs", "conversion_files", "quarantine", "wareh
 
 @dag(
     dag_id="call_conversions_retention",
+    description="Removes or hashes personal data of every account once its retention period is over",
     schedule=CronDataIntervalTimetable("0 0 * * *", timezone="UTC"),
+    # One run for all accounts, whatever their zones: its day is a UTC day, and each account's
+    # age is counted in its own zone from the run's end.
+    start_date=datetime(2024, 1, 1, tzinfo=UTC),
     catchup=False,
     max_active_runs=1,
     default_args={

@@ -28,3 +28,15 @@ def plan_days(start: str, end: str, accounts: list[str], known_accounts: list[st
         )
     days = [first + timedelta(days=n) for n in range((last - first).days + 1)]
     return [{"account_id": account, "day": day.isoformat()} for day in days for account in sorted(set(accounts))]
+
+
+def split_by_delivery(plan: list[dict], deliveries: dict[str, str]) -> dict[str, list[dict]]:
+    """The plan's (account, day) pairs by the accounts' delivery, each in the plan's order.
+
+    The rerun DAG maps one task group per delivery over these lists, so each day gets only the
+    delivery task that applies to its account. Both keys are always there, empty or not.
+    """
+    split: dict[str, list[dict]] = {"api": [], "file": []}
+    for item in plan:
+        split[deliveries[item["account_id"]]].append(item)
+    return split

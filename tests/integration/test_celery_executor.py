@@ -52,7 +52,6 @@ TASKS = {
     "match_sales",
     "write_conversion_file",
     "upload_conversions",
-    "publish_conversion_file",
     "check_anomalies",
 }
 # A database of its own on the shared Redis; queues are per test run too, so runs never meet.

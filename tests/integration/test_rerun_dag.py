@@ -109,6 +109,11 @@ def test_three_days_across_dst_upload_each_sale_once_and_again_nothing(three_day
     accepted = three_days.accepted()
     assert len(accepted) == 9
     assert "2026-10-25 02:30:00+02:00" in {row.conversion_date_time for row in accepted}
+    # Each mapped day is labelled with its account and day, and only the API delivery was built.
+    tis = first.get_task_instances()
+    labels = {ti.rendered_map_index for ti in tis if ti.task_id == "api_day.upload_conversions"}
+    assert labels == {f"{ACCOUNT} {day}" for day in DAYS}
+    assert not [ti for ti in tis if "publish_conversion_file" in ti.task_id or ti.state == "skipped"]
 
     requests_before = len(three_days.requests)
     second = rerun({**conf, "rematch": True, "reimport": True})
