@@ -619,7 +619,16 @@ def check_anomalies(
         "alerted": delivered,
         "alert_failed": failed is not None,
     }
-    record_stage(engine, window.run_id, account_id, business_date, (window.start, window.end), "anomalies", counts)
+    record_stage(
+        engine,
+        window.run_id,
+        account_id,
+        business_date,
+        (window.start, window.end),
+        "anomalies",
+        counts,
+        dag_id=window.dag_id,
+    )
     if failed is not None:
         # The anomalies are recorded; the task fails so that a broken alert channel is seen.
         raise failed

@@ -20,8 +20,13 @@ def record_stage(
     window: tuple[datetime, datetime],
     stage: str,
     counts: dict,
+    *,
+    dag_id: str | None = None,
 ) -> None:
-    """Merge one stage's counts into the run's row; a rerun of the stage overwrites its own part."""
+    """Merge one stage's counts into the run's row; a rerun of the stage overwrites its own part.
+
+    ``dag_id`` is the run's DAG: a run id is unique only within its DAG.
+    """
     key = sa.and_(
         run_summary.c.run_id == run_id,
         run_summary.c.account_id == account_id,
@@ -32,6 +37,8 @@ def record_stage(
         merged = {**(current or {}), stage: counts}
         # updated_at is monitoring metadata (when the stage reported), not business logic.
         values = {"counts": merged, "updated_at": datetime.now(UTC)}
+        if dag_id is not None:
+            values["dag_id"] = dag_id
         if current is None:
             connection.execute(
                 run_summary.insert().values(

@@ -29,6 +29,7 @@ class TaskWindow:
     start: datetime
     end: datetime
     run_id: str
+    dag_id: str | None = None  # the run's DAG, for the run summary (a run id is unique only within it)
 
     @classmethod
     def from_context(cls, context) -> TaskWindow:
@@ -38,14 +39,23 @@ class TaskWindow:
                 f"run {context['run_id']} has no usable data interval ({start} to {end}); "
                 "the import DAGs need a data-interval timetable"
             )
-        return cls(start=_plain_utc(start), end=_plain_utc(end), run_id=context["run_id"])
+        return cls(start=_plain_utc(start), end=_plain_utc(end), run_id=context["run_id"], dag_id=dag_id_of(context))
 
     @classmethod
-    def for_local_day(cls, account: Account, day: date, run_id: str) -> TaskWindow:
+    def for_local_day(cls, account: Account, day: date, run_id: str, dag_id: str | None = None) -> TaskWindow:
         """Local midnight to local midnight, however long the day is (23 or 25 hours at DST changes)."""
         start = datetime.combine(day, time(0), tzinfo=account.tz)
         end = datetime.combine(day + timedelta(days=1), time(0), tzinfo=account.tz)
-        return cls(start=_plain_utc(start), end=_plain_utc(end), run_id=run_id)
+        return cls(start=_plain_utc(start), end=_plain_utc(end), run_id=run_id, dag_id=dag_id)
+
+
+def dag_id_of(context) -> str | None:
+    """The id of the task's DAG, from whichever of the context's objects carries it."""
+    for name in ("ti", "task_instance", "dag_run", "dag"):
+        dag_id = getattr(context.get(name), "dag_id", None)
+        if isinstance(dag_id, str) and dag_id:
+            return dag_id
+    return None
 
 
 def _plain_utc(moment) -> datetime:
@@ -121,7 +131,7 @@ def task_scope(account_id: str, context, day: str | None = None) -> TaskScope:
     if day is None:
         window = TaskWindow.from_context(context)
     else:
-        window = TaskWindow.for_local_day(account, date.fromisoformat(day), context["run_id"])
+        window = TaskWindow.for_local_day(account, date.fromisoformat(day), context["run_id"], dag_id_of(context))
     return TaskScope(settings=settings, account=account, window=window)
 
 

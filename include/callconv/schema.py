@@ -201,6 +201,8 @@ run_summary = sa.Table(
     sa.Column("window_end", UTC_TIME, nullable=False),
     sa.Column("counts", sa.JSON, nullable=False),
     sa.Column("updated_at", UTC_TIME, nullable=False),
+    # The DAG of the run (an import DAG or the rerun DAG); empty on rows written before revision 0008.
+    sa.Column("dag_id", sa.String(250)),
 )
 
 # One row per purge: what the retention DAG removed or redacted, and up to when.

@@ -55,6 +55,7 @@ def _record(scope, stage: str, counts: dict) -> dict:
         (window.start, window.end),
         stage,
         {**counts, "seconds": scope.seconds_so_far()},
+        dag_id=window.dag_id,
     )
     return counts
 

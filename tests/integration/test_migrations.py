@@ -311,3 +311,32 @@ def test_0007_on_an_empty_warehouse_needs_no_keyring(empty_pg_schema, monkeypatc
     monkeypatch.delenv("AIRFLOW_CONN_CALL_CONVERSIONS_PSEUDONYM")
     migrate(empty_pg_schema)
     assert schema_drift(empty_pg_schema) == []
+
+
+def test_0008_keeps_old_run_summaries_without_a_dag_and_records_the_dag_of_new_ones(empty_pg_schema):
+    from datetime import UTC, date, datetime
+
+    from callconv.reporting import record_stage
+    from callconv.schema import run_summary
+
+    migrate(empty_pg_schema, "0007")
+    engine = sa.create_engine(empty_pg_schema)
+    window = (datetime(2026, 11, 1, 23, 0, tzinfo=UTC), datetime(2026, 11, 2, 23, 0, tzinfo=UTC))
+    old = sa.table("run_summary", *(sa.column(name) for name in ("run_id", "account_id", "business_date")))
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "insert into run_summary (run_id, account_id, business_date, window_start, window_end, counts, "
+                "updated_at) values ('old', 'a', '2026-11-02', :start, :end, '{}', :end)"
+            ),
+            {"start": window[0], "end": window[1]},
+        )
+    migrate(empty_pg_schema)
+    record_stage(engine, "new", "a", date(2026, 11, 2), window, "intake", {"read": 1}, dag_id="call_conversions_rerun")
+    # A later stage of the same run keeps the DAG.
+    record_stage(engine, "new", "a", date(2026, 11, 2), window, "match", {"sales": 1})
+    with engine.connect() as connection:
+        rows = dict(connection.execute(sa.select(run_summary.c.run_id, run_summary.c.dag_id)).all())
+        assert connection.scalar(sa.select(sa.func.count()).select_from(old)) == 2
+    engine.dispose()
+    assert rows == {"old": None, "new": "call_conversions_rerun"}

@@ -94,12 +94,16 @@ def test_three_days_across_dst_upload_each_sale_once_and_again_nothing(three_day
 
     with warehouse.connect() as connection:
         windows = connection.execute(
-            sa.select(run_summary.c.business_date, run_summary.c.window_start, run_summary.c.window_end)
+            sa.select(
+                run_summary.c.business_date, run_summary.c.window_start, run_summary.c.window_end, run_summary.c.dag_id
+            )
             .where(run_summary.c.run_id == first.run_id)
             .order_by(run_summary.c.business_date)
         ).all()
         ledger = connection.execute(sa.select(upload_ledger.c.state, sa.func.count()).group_by("state")).all()
     assert [row.business_date for row in windows] == list(DAYS)
+    # The page links each day to its run in the rerun DAG, not in the import DAG.
+    assert {row.dag_id for row in windows} == {"call_conversions_rerun"}
     for row in windows:
         assert row.window_start == local(row.business_date, 0)
         assert row.window_end == local(row.business_date + timedelta(days=1), 0)
