@@ -27,9 +27,10 @@ worker costs next to nothing.
 
 # No "from __future__ import annotations": FastAPI reads the handlers' annotations at run
 # time, and they name classes imported inside create_app().
-import html
 import logging
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, time, timedelta
+from functools import lru_cache
+from pathlib import Path
 from urllib.parse import quote, urlencode, urlsplit
 
 from airflow.plugins_manager import AirflowPlugin
@@ -101,7 +102,13 @@ def create_app():
         timezones = {a.id: a.tz for a in settings.accounts}
         last_day = max(datetime.now(timezones[a]).date() for a in shown)
         try:
-            data = load_page_data(settings.warehouse_conn_id, shown, last_day, days)
+            data = load_page_data(
+                settings.warehouse_conn_id,
+                shown,
+                last_day,
+                days,
+                airflow_runs=lambda first, last: load_airflow_runs(shown, timezones, first, last),
+            )
         except Exception as error:  # noqa: BLE001 - a page saying so, and the details in the log
             # The queries carry account ids and dates only; Airflow masks the connection's password.
             log.exception("call-conversions page: warehouse connection %r unreadable", settings.warehouse_conn_id)
@@ -113,6 +120,17 @@ def create_app():
                 status_code=503,
             )
         return HTMLResponse(render_page(data, all_accounts=permitted, selected=account, root=_root_path()))
+
+    @app.get(f"/{VEGA_SCRIPT}")
+    def vega_script(user=Depends(authenticated_user), v: str | None = Query(default=None, max_length=16)):
+        """The chart's JavaScript, from the installed vl-convert-python; cached by the browser per version."""
+        from fastapi.responses import Response
+
+        return Response(
+            vega_bundle(_vega_version()),
+            media_type="text/javascript",
+            headers={"Cache-Control": "private, max-age=604800"},
+        )
 
     return app
 
@@ -150,7 +168,12 @@ def warehouse_engine(conn_id: str):
     return engine_for_connection(conn_id)
 
 
-def load_page_data(conn_id: str, account_ids: list[str], last_day: date, days: int) -> dict:
+def load_page_data(conn_id: str, account_ids: list[str], last_day: date, days: int, airflow_runs=None) -> dict:
+    """The page's data: the warehouse's counts, with each day's state from ``airflow_runs(first, last)``.
+
+    ``airflow_runs`` reads the runs from Airflow's database (:func:`load_airflow_runs`); if it
+    fails, the page shows the counts and says that the days' states could not be read.
+    """
     from callconv import report_queries as q
 
     first_day, last_day = q.default_window(last_day, days)
@@ -159,9 +182,19 @@ def load_page_data(conn_id: str, account_ids: list[str], last_day: date, days: i
         summaries = q.daily_summaries(connection, account_ids, first_day, last_day)
         code_counts = q.ledger_problem_counts(connection, account_ids)
         problems = q.recent_ledger_problems(connection, account_ids, limit=RECENT_PROBLEMS)
+    states_unavailable = False
+    runs = []
+    if airflow_runs is not None:
+        try:
+            runs = airflow_runs(first_day, last_day)
+        except Exception:  # noqa: BLE001 - the counts are still worth showing; details in the log
+            log.exception("call-conversions page: Airflow's runs could not be read")
+            states_unavailable = True
+    summaries = q.apply_airflow_runs(summaries, runs, account_ids, first_day, last_day)
     return {
         "first_day": first_day,
         "last_day": last_day,
+        "states_unavailable": states_unavailable,
         "accounts": [
             {
                 "id": account_id,
@@ -176,69 +209,120 @@ def load_page_data(conn_id: str, account_ids: list[str], last_day: date, days: i
     }
 
 
-# ------------------------------------------------------------------ HTML
-
-_CSS = """
-:root { color-scheme: light; --ink:#1f2933; --muted:#52606d; --line:#d9e2ec; --bar:#3b73b9; --rate:#d9480f; }
-* { box-sizing: border-box; }
-body { margin: 0; padding: 16px 24px 40px; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto,
-       "DejaVu Sans", sans-serif; color: var(--ink); background: #fff; }
-h1 { font-size: 22px; margin: 0 0 4px; }
-h2 { font-size: 18px; margin: 28px 0 8px; padding-top: 12px; border-top: 2px solid var(--line); }
-h3 { font-size: 15px; margin: 20px 0 6px; }
-p.lead, p.note { color: var(--muted); margin: 0 0 8px; }
-p.note { font-size: 12px; }
-a { color: #1c5fb0; }
-nav.accounts a { margin-right: 12px; }
-nav.accounts a.current { font-weight: 600; text-decoration: none; color: var(--ink); }
-.tiles { display: flex; flex-wrap: wrap; gap: 10px; margin: 10px 0 14px; }
-.tile { border: 1px solid var(--line); border-radius: 6px; padding: 6px 12px; min-width: 110px; }
-.tile b { display: block; font-size: 20px; }
-.tile span { color: var(--muted); font-size: 12px; }
-table { border-collapse: collapse; width: 100%; margin: 4px 0 8px; font-variant-numeric: tabular-nums; }
-th, td { border-bottom: 1px solid var(--line); padding: 4px 8px; text-align: right; vertical-align: top; }
-th { background: #f5f7fa; font-weight: 600; white-space: nowrap; }
-th:first-child, td:first-child, td.text, th.text { text-align: left; }
-ul.reasons { list-style: none; margin: 0; padding: 0; font-size: 12px; color: var(--muted); white-space: nowrap; }
-td:first-child { white-space: nowrap; }
-code, .mono { font-family: "DejaVu Sans Mono", ui-monospace, monospace; font-size: 12px; }
-.runs a { display: block; font-size: 12px; white-space: nowrap; }
-.empty { color: var(--muted); font-style: italic; }
-figure { margin: 0; overflow-x: auto; }
-svg text { font-family: system-ui, "DejaVu Sans", sans-serif; }
-"""
+# ------------------------------------------------------------------ Airflow's runs
 
 
-# The Airflow UI shows this page in a sandboxed frame that may not navigate the whole window, but
-# may reach it (same origin). A link into the Airflow UI is therefore opened by the UI's own router
-# (history.pushState + popstate); opened on its own, or if that is refused, a link works as usual.
-_OPEN_IN_AIRFLOW_UI = """
-document.addEventListener("click", function (event) {
-  var link = event.target.closest ? event.target.closest("a[data-airflow-ui]") : null;
-  if (!link || event.defaultPrevented || event.button !== 0 || event.metaKey || event.ctrlKey || event.shiftKey) return;
-  if (window.top === window) return;
-  try {
-    var ui = window.top;
-    if (ui.location.origin !== window.location.origin) return;
-    ui.history.pushState(null, "", link.href);
-    ui.dispatchEvent(new PopStateEvent("popstate", { state: null }));
-    event.preventDefault();
-  } catch (error) {}
-});
-"""
+def load_airflow_runs(account_ids: list[str], timezones: dict, first_day: date, last_day: date) -> list:
+    """The runs of the accounts' import DAGs and of the rerun DAG that may cover days in the window.
+
+    Read from Airflow's own database (the api-server's session), with each run's task states,
+    for :func:`callconv.report_queries.apply_airflow_runs`.
+    """
+    import sqlalchemy as sa
+    from airflow.models.dagrun import DagRun
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+
+    from callconv import report_queries as q
+
+    # A day's window starts at most 14 hours before its UTC midnight, and ends at most 14 after.
+    since = datetime.combine(first_day - timedelta(days=1), time(0), tzinfo=UTC)
+    until = datetime.combine(last_day + timedelta(days=2), time(0), tzinfo=UTC)
+    import_dags = [q.import_dag_id(account_id) for account_id in account_ids]
+    zones = {account_id: timezones[account_id] for account_id in account_ids}
+    with create_session() as session:
+        rows = session.execute(
+            sa.select(
+                DagRun.dag_id,
+                DagRun.run_id,
+                DagRun.state,
+                DagRun.start_date,
+                DagRun.queued_at,
+                DagRun.created_at,
+                DagRun.run_after,
+                DagRun.data_interval_start,
+                DagRun.conf,
+            ).where(
+                sa.or_(
+                    sa.and_(
+                        DagRun.dag_id.in_(import_dags),
+                        DagRun.data_interval_start >= since,
+                        DagRun.data_interval_start < until,
+                    ),
+                    # A rerun covers days before it was triggered.
+                    sa.and_(DagRun.dag_id == q.RERUN_DAG_ID, DagRun.run_after >= since),
+                )
+            )
+        ).all()
+        runs = {}
+        for row in rows:
+            covers = q.days_covered(row.dag_id, row.data_interval_start, row.conf, zones)
+            if covers:
+                runs[(row.dag_id, row.run_id)] = (row, covers)
+        tasks: dict[tuple[str, str], list] = {key: [] for key in runs}
+        if runs:
+            for ti in session.execute(
+                sa.select(
+                    TaskInstance.dag_id,
+                    TaskInstance.run_id,
+                    TaskInstance.task_id,
+                    TaskInstance.state,
+                    TaskInstance._rendered_map_index,
+                ).where(
+                    TaskInstance.dag_id.in_({dag_id for dag_id, _ in runs}),
+                    TaskInstance.run_id.in_({run_id for _, run_id in runs}),
+                )
+            ):
+                if (ti.dag_id, ti.run_id) in tasks:
+                    tasks[(ti.dag_id, ti.run_id)].append(
+                        q.TaskState(
+                            task_id=ti.task_id.rsplit(".", 1)[-1],
+                            state=str(ti.state) if ti.state is not None else None,
+                            label=ti[4],
+                        )
+                    )
+    return [
+        q.AirflowRun(
+            dag_id=row.dag_id,
+            run_id=row.run_id,
+            state=str(row.state),
+            started=row.start_date or row.queued_at or row.created_at or row.run_after,
+            covers=covers,
+            tasks=tuple(tasks[key]),
+        )
+        for key, (row, covers) in runs.items()
+    ]
 
 
-def _e(value) -> str:
-    return html.escape(str(value), quote=True)
+# ------------------------------------------------------------------ the page, from Jinja2 templates
+
+TEMPLATES = Path(__file__).resolve().parent / "call_conversions_templates"
+# Served by this app, so the browser fetches no script from the internet.
+VEGA_SCRIPT = "vega-embed.js"
 
 
-def _run_href(root: str, dag_id: str, run_id: str) -> str:
+@lru_cache(maxsize=1)
+def _templates():
+    import jinja2
+
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=jinja2.select_autoescape(("html",), default_for_string=True),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    environment.filters.update(number=_number, percent=_percent, when=_when)
+    environment.globals.update(run_href=_run_href)
+    return environment
+
+
+def _run_href(root: str, dag_id: str | None, run_id: str, account_id: str) -> str:
+    """A run's page in the Airflow UI; a run whose DAG is unknown is taken for the account's import DAG."""
+    from callconv.report_queries import import_dag_id
+
+    dag_id = dag_id or import_dag_id(account_id)
     return f"{root}dags/{quote(dag_id, safe='')}/runs/{quote(run_id, safe='')}"
-
-
-def _run_link(root: str, dag_id: str, run_id: str) -> str:
-    href = _run_href(root, dag_id, run_id)
-    return f'<a data-airflow-ui href="{_e(href)}" title="DAG run {_e(run_id)}">{_e(run_id)}</a>'
 
 
 def _percent(rate: float | None) -> str:
@@ -249,70 +333,61 @@ def _number(value: int | None) -> str:
     return "–" if value is None else f"{value:,}"
 
 
-def _reasons(counts: dict[str, int]) -> str:
-    if not counts:
-        return ""
-    items = "".join(f"<li>{_e(reason)}: {count:,}</li>" for reason, count in counts.items())
-    return f'<ul class="reasons">{items}</ul>'
-
-
 def _when(moment: datetime | None) -> str:
     return "–" if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _error_page(message: str) -> str:
-    return (
-        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{PAGE_TITLE}</title>"
-        f"<style>{_CSS}</style></head><body><h1>{PAGE_TITLE}</h1><p class=lead>{_e(message)}</p></body></html>"
-    )
+    return _templates().get_template("error.html").render(title=PAGE_TITLE, message=message)
 
 
 def render_page(data: dict, all_accounts: list[str], selected: str | None, root: str = "/") -> str:
-    """The whole page as HTML; every value from the warehouse is escaped."""
+    """The whole page as HTML; the templates escape every value from the warehouse or from Airflow."""
     page_href = f"{root}{URL_PREFIX.strip('/')}/"
-    nav = ""
+    nav = []
     if len(all_accounts) > 1:
-        links = [f'<a class="{"" if selected else "current"}" href="{_e(page_href)}">all accounts</a>']
-        for account_id in all_accounts:
-            css = "current" if account_id == selected else ""
-            href = f"{page_href}?{urlencode({'account': account_id})}"
-            links.append(f'<a class="{css}" href="{_e(href)}">{_e(account_id)}</a>')
-        nav = f'<nav class="accounts">{"".join(links)}</nav>'
-    sections = "".join(_account_section(account, data, root) for account in data["accounts"])
+        nav = [{"label": "all accounts", "href": page_href, "current": not selected}] + [
+            {
+                "label": account_id,
+                "href": f"{page_href}?{urlencode({'account': account_id})}",
+                "current": account_id == selected,
+            }
+            for account_id in all_accounts
+        ]
+    accounts = [
+        {
+            **account,
+            "dag_href": f"{root}dags/{quote(account['dag_id'], safe='')}",
+            "tiles": _tiles(account["days"]),
+            "chart_spec": chart_spec(account["chart"], account["id"]),
+            "chart_has_data": any(p.uploaded is not None or p.match_rate is not None for p in account["chart"]),
+            # The DAG of each run id the days know, for the ledger's "last run" links.
+            "run_dags": {run.run_id: run.dag_id for day in account["days"] for run in day.runs if run.dag_id},
+        }
+        for account in data["accounts"]
+    ]
     return (
-        "<!doctype html><html lang=en><head><meta charset=utf-8>"
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{PAGE_TITLE}</title><style>{_CSS}</style><script>{_OPEN_IN_AIRFLOW_UI}</script></head><body>"
-        f"<h1>{PAGE_TITLE}</h1>"
-        f'<p class="lead">Days {data["first_day"]:%Y-%m-%d} to {data["last_day"]:%Y-%m-%d}, per account-local day.</p>'
-        f"{nav}{sections}"
-        '<p class="note">Read, quarantined, uploaded, already existed, parked and failed add up the day\'s runs '
-        "(an upload run sends every due conversion of the account, including parked ones of earlier days); "
-        "matched, unmatched and the match rate are from the day's latest run. Dry runs are left out.</p>"
-        "</body></html>"
+        _templates()
+        .get_template("page.html")
+        .render(
+            title=PAGE_TITLE,
+            root=root,
+            first_day=data["first_day"],
+            last_day=data["last_day"],
+            states_unavailable=data.get("states_unavailable", False),
+            nav=nav,
+            accounts=accounts,
+            vega_script=f"{page_href}{VEGA_SCRIPT}?v={quote(_vega_version())}",
+        )
     )
 
 
-def _account_section(account: dict, data: dict, root: str) -> str:
-    account_id, dag_id, days = account["id"], account["dag_id"], account["days"]
-    dag_href = f"{root}dags/{quote(dag_id, safe='')}"
-    return (
-        f'<section class="account" id="account-{_e(account_id)}" data-account="{_e(account_id)}">'
-        f'<h2>{_e(account_id)} <small>· <a data-airflow-ui href="{_e(dag_href)}">{_e(dag_id)}</a></small></h2>'
-        f"{_tiles(days)}"
-        f"<figure>{render_chart(account['chart'], account_id)}</figure>"
-        f"<h3>Per day</h3>{_days_table(days, dag_id, root)}"
-        f"<h3>Parked and failed conversions</h3>"
-        f"{_code_table(account['code_counts'])}{_problem_table(account['problems'], dag_id, root)}"
-        "</section>"
-    )
-
-
-def _tiles(days) -> str:
+def _tiles(days) -> list[tuple[str, str]]:
     sales = sum(d.sales or 0 for d in days)
     matched = sum(d.matched or 0 for d in days)
-    tiles = [
+    return [
         ("days with runs", _number(len(days))),
+        ("days failed", _number(sum(1 for d in days if d.state and d.state.state == "failed"))),
         ("rows read", _number(sum(d.read for d in days))),
         ("quarantined", _number(sum(d.quarantined_total for d in days))),
         ("matched", _number(matched)),
@@ -322,175 +397,109 @@ def _tiles(days) -> str:
         ("failed", _number(sum(d.failed_total for d in days))),
         ("conflicts", _number(sum(d.conflicts_total for d in days))),
     ]
-    body = "".join(f'<div class="tile"><b>{value}</b><span>{_e(label)}</span></div>' for label, value in tiles)
-    return f'<div class="tiles">{body}</div>'
 
 
-def _days_table(days, dag_id: str, root: str) -> str:
-    if not days:
-        return '<p class="empty">No runs in this period.</p>'
-    head = (
-        "<tr><th>Day</th><th class=text>Runs</th><th>Read</th><th>Quarantined</th><th>Matched</th>"
-        "<th>Unmatched</th><th>Match rate</th><th>Uploaded</th><th>Already existed</th><th>Parked</th>"
-        "<th>Failed</th><th>Conflicts</th></tr>"
-    )
-    rows = []
-    for day in days:
-        runs = "".join(_run_link(root, dag_id, run.run_id) for run in day.runs)
-        uploaded = day.upload_runs > 0
-        rows.append(
-            f'<tr data-day="{day.business_date:%Y-%m-%d}">'
-            f"<td>{day.business_date:%Y-%m-%d}</td>"
-            f'<td class="text runs">{runs}</td>'
-            f'<td data-col="read">{_number(day.read)}</td>'
-            f'<td data-col="quarantined">{_number(day.quarantined_total)}{_reasons(day.quarantined)}</td>'
-            f'<td data-col="matched">{_number(day.matched)}</td>'
-            f'<td data-col="unmatched">{_number(day.unmatched_total)}{_reasons(day.unmatched)}</td>'
-            f'<td data-col="match_rate">{_percent(day.match_rate)}</td>'
-            f'<td data-col="uploaded">{_number(day.uploaded) if uploaded else "–"}</td>'
-            f'<td data-col="already_existed">{_number(day.already_existed) if uploaded else "–"}</td>'
-            f'<td data-col="parked">{_number(day.parked_total) if uploaded else "–"}{_reasons(day.parked)}</td>'
-            f'<td data-col="failed">{_number(day.failed_total) if uploaded else "–"}{_reasons(day.failed)}</td>'
-            f'<td data-col="conflicts">{_number(day.conflicts_total)}{_reasons(day.conflicts)}</td>'
-            "</tr>"
-        )
-    return f'<table class="days"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
+# ------------------------------------------------------------------ the chart (Vega-Lite, through altair)
+
+BAR_COLOUR, RATE_COLOUR = "#3b73b9", "#d9480f"
+# The marks' names; Vega puts "<name>_marks" on each mark's SVG group.
+BARS, RATE_LINE, RATE_POINTS = "uploaded_bars", "rate_line", "rate_points"
 
 
-def _code_table(counts) -> str:
-    if not counts:
-        return '<p class="empty">No parked or failed conversions.</p>'
-    rows = "".join(
-        f'<tr data-state="{_e(c.state)}" data-code="{_e(c.error_code or "")}">'
-        f'<td class="text">{_e(c.state)}</td><td class="text"><code>{_e(c.error_code or "–")}</code></td>'
-        f"<td>{c.rows:,}</td><td>{c.first_business_date:%Y-%m-%d} to {c.last_business_date:%Y-%m-%d}</td>"
-        f"<td>{_when(c.next_park_until)}</td></tr>"
-        for c in counts
-    )
-    return (
-        '<table class="ledger-codes"><thead><tr><th class=text>State</th><th class=text>Error code</th>'
-        "<th>Conversions</th><th>Business days</th><th>Next retry (park until)</th></tr></thead>"
-        f"<tbody>{rows}</tbody></table>"
-    )
+def label_days(first: date, last: date) -> list[date]:
+    """The days the x axis names: evenly spaced, counted back from the last day, which is always named.
+
+    Every day up to two weeks, then every 7th, 14th or 28th day, so no two named days are closer
+    than the rest (the last day does not crowd the one before it).
+    """
+    n = (last - first).days + 1
+    step = next(step for limit, step in ((14, 1), (45, 7), (120, 14), (10**6, 28)) if n <= limit)
+    return sorted(last - timedelta(days=back) for back in range(0, n, step))
 
 
-def _problem_table(problems, dag_id: str, root: str) -> str:
-    if not problems:
-        return ""
-    rows = "".join(
-        f"<tr><td>{p.business_date:%Y-%m-%d}</td><td class=text>{_e(p.state)}</td>"
-        f"<td class=text><code>{_e(p.error_code or '–')}</code></td>"
-        f"<td class=text><code>{_e(p.conversion_action_id)}</code></td>"
-        f"<td>{_when(p.park_until)}</td><td>{p.attempts}</td>"
-        f'<td class="text runs">{_run_link(root, dag_id, p.run_id)}</td></tr>'
-        for p in problems
-    )
-    return (
-        f"<h3>Latest {len(problems)} parked or failed conversions</h3>"
-        '<table class="ledger-recent"><thead><tr><th>Business day</th><th class=text>State</th>'
-        "<th class=text>Error code</th><th class=text>Conversion action</th><th>Park until</th><th>Attempts</th>"
-        f"<th class=text>Last run</th></tr></thead><tbody>{rows}</tbody></table>"
-    )
+def chart_spec(points, account_id: str, height: int = 260) -> dict:
+    """Uploaded conversions (bars, left axis) and match rate (line and points, right axis), one band per day.
 
+    A Vega-Lite spec as a dict, for vega-embed in the browser. Each day is a band named by its
+    ISO date, so no time zone shifts a bar; the line breaks where a day has no match result; the
+    axis names the days of :func:`label_days`, and Vega leaves out any label that would still
+    overlap another on a narrow screen.
+    """
+    import altair as alt
 
-# ------------------------------------------------------------------ the chart
-
-
-def _nice_ceiling(value: int) -> int:
-    """The top of the count axis: four equal whole-number steps of a round size, at least value."""
-    magnitude = 1
-    while True:
-        for mantissa in (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8):
-            step = mantissa * magnitude
-            if step == int(step) and 4 * step >= value:
-                return int(4 * step)
-        magnitude *= 10
-
-
-def render_chart(points, account_id: str, width: int = 960, height: int = 280) -> str:
-    """Uploaded conversions (bars, left axis) and match rate (line, right axis), one slot per day, as SVG."""
-    left, right, top, bottom = 52, 56, 34, 40
-    plot_w, plot_h = width - left - right, height - top - bottom
-    n = max(len(points), 1)
-    slot = plot_w / n
-    max_uploaded = _nice_ceiling(max((p.uploaded or 0 for p in points), default=0))
-    base_y = top + plot_h
-
-    def x_mid(i: int) -> float:
-        return left + slot * (i + 0.5)
-
-    def y_count(value: float) -> float:
-        return base_y - plot_h * value / max_uploaded
-
-    def y_rate(rate: float) -> float:
-        return base_y - plot_h * rate
-
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" id="chart-{_e(account_id)}" width="{width}" '
-        f'height="{height}" viewBox="0 0 {width} {height}" role="img" '
-        f'aria-label="Match rate and uploaded conversions per day for {_e(account_id)}">',
-        f"<title>Match rate and uploaded conversions per day, {_e(account_id)}</title>",
-        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fbfcfe" stroke="#d9e2ec"/>',
+    values = [
+        {"day": point.day.isoformat(), "uploaded": point.uploaded, "match_rate": point.match_rate} for point in points
     ]
-    # Grid and both axes: four steps each.
-    for step in range(5):
-        y = base_y - plot_h * step / 4
-        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e4e7eb"/>')
-        parts.append(
-            f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="11" fill="#3b73b9">'
-            f"{max_uploaded * step // 4:,}</text>"
-        )
-        parts.append(f'<text x="{left + plot_w + 6}" y="{y + 4:.1f}" font-size="11" fill="#d9480f">{25 * step}%</text>')
-    # Bars: uploaded conversions.
-    bar_w = max(slot * 0.7, 1)
-    for i, point in enumerate(points):
-        if point.uploaded:
-            y = y_count(point.uploaded)
-            parts.append(
-                f'<rect class="bar" x="{x_mid(i) - bar_w / 2:.1f}" y="{y:.1f}" width="{bar_w:.1f}" '
-                f'height="{base_y - y:.1f}" fill="#3b73b9" fill-opacity="0.8">'
-                f"<title>{point.day:%Y-%m-%d}: {point.uploaded:,} uploaded</title></rect>"
-            )
-    # Line: match rate, broken where a day has no match result.
-    path, pen_down = [], False
-    for i, point in enumerate(points):
-        if point.match_rate is None:
-            pen_down = False
-            continue
-        path.append(f"{'L' if pen_down else 'M'}{x_mid(i):.1f},{y_rate(point.match_rate):.1f}")
-        pen_down = True
-    if path:
-        parts.append(f'<path class="rate" d="{" ".join(path)}" fill="none" stroke="#d9480f" stroke-width="2"/>')
-    for i, point in enumerate(points):
-        if point.match_rate is not None:
-            parts.append(
-                f'<circle class="rate-point" cx="{x_mid(i):.1f}" cy="{y_rate(point.match_rate):.1f}" r="3" '
-                f'fill="#d9480f"><title>{point.day:%Y-%m-%d}: {point.match_rate * 100:.1f}% matched</title></circle>'
-            )
-    # Day labels: about every two weeks, and the last day.
-    every = max(1, round(n / 7))
-    for i, point in enumerate(points):
-        if i % every == 0 or i == n - 1:
-            anchor = "end" if i == n - 1 else "middle"
-            parts.append(
-                f'<text x="{x_mid(i):.1f}" y="{base_y + 16}" text-anchor="{anchor}" font-size="11" fill="#52606d">'
-                f"{point.day:%d %b}</text>"
-            )
-    # Legend.
-    parts.append(
-        f'<rect x="{left}" y="10" width="12" height="12" fill="#3b73b9" fill-opacity="0.8"/>'
-        f'<text x="{left + 18}" y="20" font-size="12" fill="#1f2933">Uploaded conversions (left axis)</text>'
-        f'<line x1="{left + 240}" x2="{left + 262}" y1="16" y2="16" stroke="#d9480f" stroke-width="2"/>'
-        f'<circle cx="{left + 251}" cy="16" r="3" fill="#d9480f"/>'
-        f'<text x="{left + 268}" y="20" font-size="12" fill="#1f2933">Match rate (right axis)</text>'
+    named = [day.isoformat() for day in label_days(points[0].day, points[-1].day)]
+    day = alt.X(
+        "day:O",
+        title=None,
+        # Every day of the window in order, with or without a value (a layer drops its empty days).
+        scale=alt.Scale(domain=[value["day"] for value in values], paddingInner=0.15, paddingOuter=0.1),
+        axis=alt.Axis(
+            values=named,
+            labelExpr="utcFormat(toDate(datum.value), '%d %b')",
+            labelAngle=0,
+            labelOverlap="greedy",
+            labelFlush=True,
+            grid=False,
+        ),
     )
-    if not any(p.uploaded is not None or p.match_rate is not None for p in points):
-        parts.append(
-            f'<text x="{left + plot_w / 2}" y="{top + plot_h / 2}" text-anchor="middle" font-size="14" '
-            'fill="#52606d">No runs in this period</text>'
+    tooltip = [
+        alt.Tooltip("day:O", title="Day"),
+        alt.Tooltip("uploaded:Q", title="Uploaded", format=","),
+        alt.Tooltip("match_rate:Q", title="Match rate", format=".1%"),
+    ]
+    base = alt.Chart(alt.Data(values=values))
+    bars = (
+        base.mark_bar(color=BAR_COLOUR, opacity=0.8)
+        .encode(
+            x=day,
+            y=alt.Y(
+                "uploaded:Q",
+                title="Uploaded conversions",
+                axis=alt.Axis(titleColor=BAR_COLOUR, format=",d", tickMinStep=1),
+            ),
+            tooltip=tooltip,
         )
-    parts.append("</svg>")
-    return "".join(parts)
+        .properties(name=BARS)
+    )
+    rate = alt.Y(
+        "match_rate:Q",
+        title="Match rate",
+        scale=alt.Scale(domain=[0, 1]),
+        axis=alt.Axis(orient="right", format="%", titleColor=RATE_COLOUR, grid=False),
+    )
+    line = base.mark_line(color=RATE_COLOUR, strokeWidth=2, invalid="break-paths-show-domains").properties(
+        name=RATE_LINE
+    )
+    dots = base.mark_circle(color=RATE_COLOUR, size=36, opacity=1).encode(tooltip=tooltip).properties(name=RATE_POINTS)
+    chart = (
+        alt.layer(bars, alt.layer(line, dots).encode(x=day, y=rate))
+        .resolve_scale(y="independent")
+        .properties(
+            width="container",
+            height=height,
+            description=f"Uploaded conversions and match rate per day for {account_id}",
+        )
+        .configure_view(stroke="#d9e2ec")
+    )
+    return chart.to_dict()
+
+
+def _vega_version() -> str:
+    """The Vega-Lite version that altair writes specs for, as vl-convert names it (v6_4)."""
+    import altair as alt
+
+    return "_".join(alt.SCHEMA_VERSION.split(".")[:2])
+
+
+@lru_cache(maxsize=2)
+def vega_bundle(vl_version: str) -> str:
+    """Vega, Vega-Lite and vega-embed in one script, from the pinned vl-convert-python (no network)."""
+    import vl_convert
+
+    return vl_convert.javascript_bundle(vl_version=vl_version)
 
 
 # ------------------------------------------------------------------ the plugin

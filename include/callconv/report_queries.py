@@ -14,7 +14,10 @@ Per account and account-local day (``run_summary.business_date``) the page shows
   by code, **added up over the day's runs** (dry runs are left out). A run uploads
   every due conversion of its account, so these are what the day's runs sent, which
   can include parked conversions of earlier days;
-* the run ids, for links to the DAG runs.
+* the run ids and their DAGs, for links to the DAG runs;
+* the day's state, **from Airflow's own runs** (:func:`apply_airflow_runs`): ``failed``,
+  ``running`` or ``done``, from the latest run that covers the day. The page reads those
+  runs from Airflow's database and hands them here as :class:`AirflowRun`.
 
 Upload-ledger rows that are parked or failed are shown by error code and conversion
 action: never a phone number, its hash, any part of a conversion key (an HMAC of
@@ -27,12 +30,14 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 
 from callconv.schema import run_summary, upload_ledger
 
 IMPORT_DAG_PREFIX = "call_conversions_import__"
+RERUN_DAG_ID = "call_conversions_rerun"
 PROBLEM_STATES = ("parked", "failed")
 DEFAULT_DAYS = 90
 
@@ -42,10 +47,54 @@ def import_dag_id(account_id: str) -> str:
     return f"{IMPORT_DAG_PREFIX}{account_id}"
 
 
+def account_of_import_dag(dag_id: str) -> str | None:
+    """The account of an import DAG's id; None for any other DAG."""
+    return dag_id.removeprefix(IMPORT_DAG_PREFIX) if dag_id.startswith(IMPORT_DAG_PREFIX) else None
+
+
 @dataclass(frozen=True)
 class RunRef:
     run_id: str
-    updated_at: datetime
+    updated_at: datetime | None  # None: the run wrote no summary for the day (yet)
+    dag_id: str | None = None  # None: written before the summary kept it, and not found in Airflow
+
+
+# Task-instance states that end a day's run as failed: the task failed, or could not run because of one.
+FAILED_TASK_STATES = ("failed", "upstream_failed")
+ACTIVE_RUN_STATES = ("queued", "running")
+# The last task of a day, in the import DAG and in each mapped day of the rerun DAG.
+LAST_TASK = "check_anomalies"
+
+
+@dataclass(frozen=True)
+class TaskState:
+    """One task instance of a run: its id (without group), state and rendered map index."""
+
+    task_id: str
+    state: str | None
+    label: str | None = None  # the rerun's "<account> <day>"; None for unmapped tasks or before they start
+
+
+@dataclass(frozen=True)
+class AirflowRun:
+    """A DAG run as Airflow's database has it, with the (account, day) pairs it covers."""
+
+    dag_id: str
+    run_id: str
+    state: str  # queued, running, success or failed
+    started: datetime  # when it started, or was queued or due: orders the runs of a day
+    covers: tuple[tuple[str, date], ...]
+    tasks: tuple[TaskState, ...] = ()
+
+
+@dataclass(frozen=True)
+class DayState:
+    """Where a day stands, by the latest run that covers it."""
+
+    state: str  # failed, running or done
+    dag_id: str
+    run_id: str
+    failed_tasks: tuple[str, ...] = ()
 
 
 @dataclass
@@ -55,6 +104,8 @@ class DaySummary:
     account_id: str
     business_date: date
     runs: list[RunRef] = field(default_factory=list)  # latest first
+    state: DayState | None = None  # None: no run of the day in Airflow's database
+    intake_runs: int = 0  # runs whose intake reported: 0 shows read and quarantined as unknown
     read: int = 0
     normalised: int = 0
     quarantined: dict[str, int] = field(default_factory=dict)
@@ -152,6 +203,7 @@ def daily_summaries(
             run_summary.c.run_id,
             run_summary.c.updated_at,
             run_summary.c.counts,
+            run_summary.c.dag_id,
         )
         .where(
             run_summary.c.account_id.in_(list(account_ids)),
@@ -172,7 +224,7 @@ def daily_summaries(
         day = days.get(key)
         if day is None:
             day = days[key] = DaySummary(account_id=row.account_id, business_date=key[1])
-        day.runs.append(RunRef(run_id=row.run_id, updated_at=_as_utc(row.updated_at)))
+        day.runs.append(RunRef(run_id=row.run_id, updated_at=_as_utc(row.updated_at), dag_id=row.dag_id))
         counts = _as_dict(row.counts)
         _add_intake(day, counts.get("intake"))
         if key not in matched_from and isinstance(counts.get("match"), dict):
@@ -204,6 +256,7 @@ def chart_points(summaries: list[DaySummary], account_id: str, first_day: date, 
 def _add_intake(day: DaySummary, intake) -> None:
     if not isinstance(intake, dict):
         return
+    day.intake_runs += 1
     day.read += _int(intake.get("read"))
     day.normalised += _int(intake.get("normalised"))
     day.quarantined = _add_counter(day.quarantined, intake.get("quarantined"))
@@ -225,6 +278,123 @@ def _add_upload(day: DaySummary, upload) -> None:
     day.already_existed += _int(upload.get("already_existed"))
     day.parked = _add_counter(day.parked, upload.get("parked"))
     day.failed = _add_counter(day.failed, upload.get("failed"))
+
+
+# ------------------------------------------------------------------ Airflow's runs
+
+
+def days_covered(
+    dag_id: str,
+    data_interval_start: datetime | None,
+    conf: dict | None,
+    timezones: dict[str, ZoneInfo],
+) -> tuple[tuple[str, date], ...]:
+    """The (account, account-local day) pairs a run of one of our DAGs covers, among the given accounts.
+
+    An import run covers the local day its data interval starts on; a rerun covers the days and
+    accounts of its trigger form (none when the form's values do not make a plan).
+    """
+    account_id = account_of_import_dag(dag_id)
+    if account_id is not None:
+        if account_id not in timezones or data_interval_start is None:
+            return ()
+        return ((account_id, _as_utc(data_interval_start).astimezone(timezones[account_id]).date()),)
+    if dag_id != RERUN_DAG_ID or not isinstance(conf, dict):
+        return ()
+    from callconv.rerun import RerunRequestError, plan_days
+
+    accounts = conf.get("accounts")
+    if not isinstance(accounts, list) or not all(isinstance(a, str) for a in accounts):
+        return ()
+    try:
+        plan = plan_days(conf.get("start_date"), conf.get("end_date"), accounts, accounts)
+    except RerunRequestError:
+        return ()
+    return tuple(
+        (item["account_id"], date.fromisoformat(item["day"])) for item in plan if item["account_id"] in timezones
+    )
+
+
+def day_state(run: AirflowRun, account_id: str, day: date) -> DayState:
+    """The state of one day in one run: failed as soon as one of the day's tasks failed for good.
+
+    An import run's tasks are all the day's. In a rerun a day's tasks are those labelled
+    "<account> <day>" (a task is labelled when it starts, so one that could not run because of a
+    failed one is not, but the failed one is). Otherwise: running while the run is, then done if the
+    day's last task succeeded (a whole import run: if the run succeeded).
+    """
+    if account_of_import_dag(run.dag_id) is not None:
+        tasks = list(run.tasks)
+        finished = run.state == "success"
+    else:
+        label = f"{account_id} {day.isoformat()}"
+        tasks = [task for task in run.tasks if task.label == label]
+        finished = any(task.task_id == LAST_TASK and task.state == "success" for task in tasks) or (
+            not tasks and run.state == "success"
+        )
+    failed = tuple(sorted({task.task_id for task in tasks if task.state == "failed"}))
+    if failed or any(task.state in FAILED_TASK_STATES for task in tasks):
+        state = "failed"
+    elif finished:
+        state = "done"
+    elif run.state in ACTIVE_RUN_STATES:
+        state = "running"
+    else:
+        state = "failed"  # the run ended without finishing the day (failed elsewhere, or marked so)
+    return DayState(state=state, dag_id=run.dag_id, run_id=run.run_id, failed_tasks=failed)
+
+
+def apply_airflow_runs(
+    summaries: list[DaySummary],
+    runs: list[AirflowRun],
+    account_ids: list[str] | tuple[str, ...],
+    first_day: date,
+    last_day: date,
+) -> list[DaySummary]:
+    """The summaries with each day's state and DAG ids from Airflow's runs, plus the days only Airflow knows.
+
+    A day that a run covers but that has no summary yet (its run is queued, or failed before its
+    first stage reported) is added with no counts, and such runs join the day's list of runs. A run
+    id without a DAG in the summary (rows written before the summary kept it) takes the DAG of the
+    covering run with that id. A day's runs are listed latest first, by when Airflow started them.
+    Returned by account (in ``account_ids`` order), newest day first.
+    """
+    days = {(s.account_id, s.business_date): s for s in summaries}
+    covering: dict[tuple[str, date], list[AirflowRun]] = {}
+    for run in runs:
+        for account_id, day in run.covers:
+            if account_id in account_ids and first_day <= day <= last_day:
+                covering.setdefault((account_id, day), []).append(run)
+    for key, day_runs in covering.items():
+        day_runs.sort(key=lambda run: (_as_utc(run.started), run.run_id), reverse=True)
+        summary = days.get(key)
+        if summary is None:
+            summary = days[key] = DaySummary(account_id=key[0], business_date=key[1])
+        by_run_id: dict[str, list[AirflowRun]] = {}
+        for run in day_runs:
+            by_run_id.setdefault(run.run_id, []).append(run)
+        listed: list[tuple[datetime, RunRef]] = []
+        seen: set[tuple[str | None, str]] = set()
+        for ref in summary.runs:
+            matches = [run for run in by_run_id.get(ref.run_id, []) if ref.dag_id in (None, run.dag_id)]
+            if len(matches) > 1:
+                continue  # one id in both DAGs, and the summary does not say which: both are listed below
+            if len(matches) == 1:
+                ref = RunRef(run_id=ref.run_id, updated_at=ref.updated_at, dag_id=matches[0].dag_id)
+            when = _as_utc(matches[0].started) if len(matches) == 1 else ref.updated_at
+            listed.append((when or datetime.min.replace(tzinfo=UTC), ref))
+            seen.add((ref.dag_id, ref.run_id))
+        for run in day_runs:
+            if (run.dag_id, run.run_id) not in seen:
+                listed.append((_as_utc(run.started), RunRef(run_id=run.run_id, updated_at=None, dag_id=run.dag_id)))
+        # Latest first, by when Airflow started each run (when its summary was written, for one Airflow forgot).
+        summary.runs = [ref for _, ref in sorted(listed, key=lambda pair: (pair[0], pair[1].run_id), reverse=True)]
+        summary.state = day_state(day_runs[0], key[0], key[1])
+    order = {account_id: index for index, account_id in enumerate(account_ids)}
+    return sorted(
+        days.values(),
+        key=lambda s: (order.get(s.account_id, len(order)), -s.business_date.toordinal()),
+    )
 
 
 # ------------------------------------------------------------------ upload_ledger

@@ -7,10 +7,14 @@ the project's ``dags/`` and ``plugins/``, and the PostgreSQL warehouse of
 package, driven by Playwright) it then checks that:
 
 * the call-conversions page refuses anonymous visitors (401, or the login page);
-* a user who logs in sees the import DAG's trigger form with its Params;
-* the page is on the UI's navigation bar, and shows the chart and the seeded counts,
-  with no phone number anywhere;
-* a DAG-run link on the page opens that run in the Airflow UI.
+* a user who logs in sees the import DAG's trigger form with its Params' titles, and the
+  rerun DAG's form with its accounts as a multi-select; Airflow refuses a rerun whose
+  accounts are not in the config;
+* the page is on the UI's navigation bar, and shows the chart (Vega-Lite, drawn from the
+  script the page serves itself: no request leaves the machine), x-axis labels that do not
+  overlap, the seeded counts and each day's state, with no phone number anywhere;
+* a DAG-run link on the page opens that run in the Airflow UI, for the import DAG and for
+  the rerun DAG.
 
 Screenshots go to ``var/test-artifacts/``. A browser that cannot be installed, or a
 server that does not come up, fails the test with the reason; it never skips.
@@ -29,7 +33,7 @@ import time
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as clock
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -46,6 +50,7 @@ CHROMIUM = "/usr/bin/chromium"
 
 ACCOUNT, SPARE_ACCOUNT = "ui_shop", "ui_spare"
 DAG_ID = f"call_conversions_import__{ACCOUNT}"
+RERUN_DAG_ID = "call_conversions_rerun"
 OSLO = ZoneInfo("Europe/Oslo")
 ADMIN_USER, ADMIN_PASSWORD = "admin", "admin-password-for-tests"
 WAREHOUSE_CONN_ID = "call_conversions_warehouse"
@@ -247,9 +252,12 @@ def api_token(base_url: str) -> str:
 
 
 def trigger_run(base_url: str, token: str, day: date) -> str:
-    """A real DAG run for the account-local day (queued: no scheduler runs here), for the page to link to."""
+    """A real DAG run for the account-local day (queued: no scheduler runs here), for the page to link to.
+
+    Its logical date is the day's end: a manual run covers the timetable's interval up to it.
+    """
     run_id = f"manual__ui_test_{day:%Y%m%d}"
-    logical = datetime.combine(day, clock(0), tzinfo=OSLO).astimezone(UTC).isoformat()
+    logical = datetime.combine(day + timedelta(days=1), clock(0), tzinfo=OSLO).astimezone(UTC).isoformat()
     status, _, text = request(
         "POST",
         port_of(base_url),
@@ -261,11 +269,27 @@ def trigger_run(base_url: str, token: str, day: date) -> str:
     return run_id
 
 
+def trigger_rerun(base_url: str, token: str, conf: dict, run_id: str | None = None) -> tuple[int, str]:
+    """Trigger the rerun DAG as its form does; returns (status, body)."""
+    body = {"logical_date": None, "conf": conf, **({"dag_run_id": run_id} if run_id else {})}
+    status, _, text = request(
+        "POST",
+        port_of(base_url),
+        f"/api/v2/dags/{RERUN_DAG_ID}/dagRuns",
+        headers={"Authorization": f"Bearer {token}"},
+        body=body,
+    )
+    return status, text
+
+
 # ------------------------------------------------------------------ warehouse rows
 
 
-def seed(warehouse, days: list[date], linked_run_id: str) -> dict[date, dict]:
-    """One run per day, the newest under the real DAG run's id; returns what each day's row must show."""
+def seed(warehouse, days: list[date], linked_run_id: str, rerun_id: str) -> dict[date, dict]:
+    """One run per day: the newest under the real import run's id, the next under the real rerun's.
+
+    Returns what each day's row must show.
+    """
     expected = {}
     with warehouse.begin() as connection:
         for index, day in enumerate(days):
@@ -274,7 +298,9 @@ def seed(warehouse, days: list[date], linked_run_id: str) -> dict[date, dict]:
             unmatched = {"no_call_from_number": 2 + index % 3}
             matched = sales - sum(unmatched.values())
             uploaded, parked = matched - 1, {"TOO_RECENT_CALL": 1}
-            run_id = linked_run_id if index == 0 else f"scheduled__{day:%Y-%m-%d}T23:00:00+00:00"
+            run_id, dag_id = {0: (linked_run_id, DAG_ID), 1: (rerun_id, RERUN_DAG_ID)}.get(
+                index, (f"scheduled__{day:%Y-%m-%d}T23:00:00+00:00", DAG_ID)
+            )
             start = datetime.combine(day, clock(0), tzinfo=OSLO).astimezone(UTC)
             connection.execute(
                 run_summary.insert().values(
@@ -284,6 +310,7 @@ def seed(warehouse, days: list[date], linked_run_id: str) -> dict[date, dict]:
                     window_start=start,
                     window_end=start + timedelta(days=1),
                     updated_at=start + timedelta(days=1, minutes=30),
+                    dag_id=dag_id,
                     counts={
                         "intake": {"read": read, "normalised": sales, "quarantined": quarantined, "warnings": []},
                         "match": {"sales": sales, "matched": matched, "unmatched": unmatched, "conversions": matched},
@@ -293,6 +320,7 @@ def seed(warehouse, days: list[date], linked_run_id: str) -> dict[date, dict]:
             )
             expected[day] = {
                 "run_id": run_id,
+                "dag_id": dag_id,
                 "read": str(read),
                 "matched": str(matched),
                 "match_rate": f"{matched / sales * 100:.1f}%",
@@ -327,14 +355,35 @@ def seed(warehouse, days: list[date], linked_run_id: str) -> dict[date, dict]:
 # ------------------------------------------------------------------ the test
 
 
+X_AXIS_LABELS = """(chart) => {
+    // The first axis-label group Vega draws is the x axis; labels it left out have opacity 0.
+    const group = chart.querySelector("svg g.role-axis-label");
+    return Array.from(group.querySelectorAll("text"))
+        .filter((text) => text.getAttribute("opacity") !== "0")
+        .map((text) => { const box = text.getBoundingClientRect(); return [box.left, box.right, text.textContent]; })
+        .sort((a, b) => a[0] - b[0]);
+}"""
+
+
 def test_call_conversions_page_in_the_airflow_ui(playwright_api, airflow_server, warehouse):
     from playwright.sync_api import expect
 
     base_url, port = airflow_server, port_of(airflow_server)
     today = datetime.now(OSLO).date()
     days = [today - timedelta(days=offset) for offset in (1, 2, 3, 4, 5, 6, 40)]
-    linked_run_id = trigger_run(base_url, api_token(base_url), days[0])
-    expected = seed(warehouse, days, linked_run_id)
+    token = api_token(base_url)
+    linked_run_id = trigger_run(base_url, token, days[0])
+    rerun_id = f"manual__ui_rerun_{days[1]:%Y%m%d}"
+    rerun_conf = {"start_date": f"{days[1]}", "end_date": f"{days[1]}", "accounts": [ACCOUNT]}
+    status, text = trigger_rerun(base_url, token, rerun_conf, rerun_id)
+    assert status == 200, f"triggering {RERUN_DAG_ID} answered {status}: {text[:500]}"
+    expected = seed(warehouse, days, linked_run_id, rerun_id)
+
+    # What the rerun's form refuses, Airflow refuses from the API too; an end before the start is plan's.
+    status, text = trigger_rerun(base_url, token, {**rerun_conf, "accounts": ["not_configured"]})
+    assert status == 400 and "accounts" in text, (status, text[:500])
+    status, text = trigger_rerun(base_url, token, {**rerun_conf, "accounts": [ACCOUNT, ACCOUNT]})
+    assert status == 400, (status, text[:500])
 
     # Anonymous or forged: refused (401/403); a browser is sent to the login page.
     status, _, _ = request("GET", port, "/call-conversions/")
@@ -343,8 +392,22 @@ def test_call_conversions_page_in_the_airflow_ui(playwright_api, airflow_server,
     assert status == 303 and headers["location"].startswith("/auth/login"), (status, headers)
     status, _, _ = request("GET", port, "/call-conversions/", headers={"Authorization": "Bearer not-a-token"})
     assert status in (401, 403)
+    status, _, _ = request("GET", port, "/call-conversions/vega-embed.js")
+    assert status == 401
 
     context = playwright_api.new_context(viewport={"width": 1440, "height": 1000})
+    # Nothing may leave the machine: the chart's script comes from the page's own app.
+    elsewhere = []
+
+    def only_here(route):
+        host = urlsplit(route.request.url).hostname
+        if host in ("127.0.0.1", "localhost") or route.request.url.startswith(("data:", "blob:", "about:")):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_here)
     page = context.new_page()
     try:
         # A browser without a login lands on Airflow's login form, and after signing in, back on the page.
@@ -355,38 +418,67 @@ def test_call_conversions_page_in_the_airflow_ui(playwright_api, airflow_server,
         page.locator("input[name=password]").fill(ADMIN_PASSWORD)
         page.get_by_role("button", name="Sign in").click()
         page.wait_for_url(f"{base_url}/call-conversions/?account={ACCOUNT}", timeout=UI_TIMEOUT_MS)
-        expect(page.locator(f"svg#chart-{ACCOUNT}")).to_be_visible(timeout=UI_TIMEOUT_MS)
+        expect(page.locator(f"#chart-{ACCOUNT}[data-drawn=true] svg")).to_be_visible(timeout=UI_TIMEOUT_MS)
 
-        # The import DAG's trigger form lists its Params.
+        # The import DAG's trigger form lists its Params by their titles.
         page.goto(f"{base_url}/dags/{DAG_ID}")
         page.get_by_role("button", name="Trigger").first.click()
         form = page.get_by_role("dialog")
         expect(form).to_contain_text("Run Parameters", timeout=UI_TIMEOUT_MS)
-        expect(form).to_contain_text("reimport")
-        expect(form).to_contain_text("dry_run")
+        expect(form).to_contain_text("Read the CRM files again")
+        expect(form).to_contain_text("Dry run")
         expect(form).to_contain_text("Validate the upload with Google")
         page.screenshot(path=str(ARTIFACTS / "trigger_form.png"))
         page.keyboard.press("Escape")
         expect(form).to_be_hidden(timeout=UI_TIMEOUT_MS)
 
+        # The rerun's form: titled fields, and the accounts as a multi-select of the configured ones.
+        page.goto(f"{base_url}/dags/{RERUN_DAG_ID}")
+        page.get_by_role("button", name="Trigger").first.click()
+        form = page.get_by_role("dialog")
+        expect(form).to_contain_text("Run Parameters", timeout=UI_TIMEOUT_MS)
+        for title in ("First day", "Last day", "Accounts", "Dry run", "Match again", "Read the CRM files again"):
+            expect(form).to_contain_text(title)
+        accounts = form.get_by_role("group").filter(has_text="Accounts to rerun")
+        picker = accounts.get_by_role("combobox", name="Select one or multiple values")
+        expect(picker).to_be_visible()
+        # Both configured accounts are chosen to start with, as chips of the multi-select.
+        expect(accounts).to_contain_text(ACCOUNT)
+        expect(accounts).to_contain_text(SPARE_ACCOUNT)
+        page.screenshot(path=str(ARTIFACTS / "rerun_trigger_form.png"))
+        page.keyboard.press("Escape")
+
         # The page is on the navigation bar and opens inside the Airflow UI.
+        page.goto(f"{base_url}/dags/{DAG_ID}")
         page.get_by_role("link", name="Call conversions").click()
         page.wait_for_url(f"{base_url}/plugin/call-conversions**", timeout=UI_TIMEOUT_MS)
         frame = page.frame_locator("iframe[title='Call conversions']")
         section = frame.locator(f"section#account-{ACCOUNT}")
-        expect(section.locator(f"svg#chart-{ACCOUNT}")).to_be_visible(timeout=UI_TIMEOUT_MS)
-        expect(section.locator("svg .bar")).to_have_count(len(days))
-        expect(section.locator("svg .rate-point")).to_have_count(len(days))
+        chart = section.locator(f"#chart-{ACCOUNT}[data-drawn=true]")
+        expect(chart.locator("svg")).to_be_visible(timeout=UI_TIMEOUT_MS)
+        expect(chart.locator("svg g[class*='uploaded_bars'] path")).to_have_count(len(days))
+        expect(chart.locator("svg g[class*='rate_points'] path")).to_have_count(len(days))
+        labels = chart.element_handle().evaluate(X_AXIS_LABELS)
+        assert labels[-1][2] == f"{today:%d %b}", labels  # the last day of the window (today) is named
+        for (_, right, text), (left, _, after) in zip(labels, labels[1:], strict=False):
+            assert right <= left, f"x-axis labels {text!r} and {after!r} overlap: {labels}"
         for day, want in expected.items():
             row = section.locator(f'tr[data-day="{day:%Y-%m-%d}"]')
             for column in ("read", "matched", "match_rate", "uploaded"):
                 expect(row.locator(f'td[data-col="{column}"]')).to_have_text(want[column])
             expect(row.locator("td.runs")).to_contain_text(want["run_id"])
+        # Each day's state, from Airflow: both real runs are queued; the others are not in Airflow's database.
+        state = {day: section.locator(f'tr[data-day="{day:%Y-%m-%d}"] td[data-col="state"]') for day in days}
+        expect(state[days[0]]).to_have_attribute("data-state", "running")
+        expect(state[days[1]]).to_have_attribute("data-state", "running")
+        expect(state[days[2]]).to_have_text("–")
         codes = section.locator("table.ledger-codes")
         expect(codes.locator('tr[data-state="parked"][data-code="TOO_RECENT_CALL"] td').nth(2)).to_have_text("2")
         expect(codes.locator('tr[data-state="failed"][data-code="EXPIRED_EVENT"] td').nth(2)).to_have_text("1")
         expect(section.locator("table.ledger-recent")).to_contain_text("555000111")
         expect(frame.locator(f"section#account-{SPARE_ACCOUNT}")).to_contain_text("No runs in this period")
+        expect(section.locator(".tiles")).to_contain_text("conflicts")
+        expect(section.locator("table.days th")).to_contain_text(["Conflicts"])
         page.screenshot(path=str(ARTIFACTS / "call_conversions_in_airflow_ui.png"))
         html = section.inner_html()
         assert PHONE not in html and PHONE[3:] not in html and "too recent" not in html
@@ -397,11 +489,27 @@ def test_call_conversions_page_in_the_airflow_ui(playwright_api, airflow_server,
         page.wait_for_url(f"{base_url}/dags/{DAG_ID}/runs/{quote(linked_run_id, safe='')}", timeout=UI_TIMEOUT_MS)
         expect(page.get_by_text(linked_run_id).first).to_be_visible(timeout=UI_TIMEOUT_MS)
 
+        # A day rerun by the rerun DAG links to that DAG's run, which exists.
+        page.goto(f"{base_url}/call-conversions/?account={ACCOUNT}")
+        rerun_link = page.locator(f'tr[data-day="{days[1]:%Y-%m-%d}"] td.runs a').first
+        assert rerun_link.get_attribute("href") == f"/dags/{RERUN_DAG_ID}/runs/{quote(rerun_id, safe='')}"
+        status, _, text = request(
+            "GET",
+            port,
+            f"/api/v2/dags/{RERUN_DAG_ID}/dagRuns/{quote(rerun_id, safe='')}",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert status == 200, (status, text[:300])
+        rerun_link.click()
+        page.wait_for_url(f"{base_url}/dags/{RERUN_DAG_ID}/runs/{quote(rerun_id, safe='')}", timeout=UI_TIMEOUT_MS)
+        expect(page.get_by_text(rerun_id).first).to_be_visible(timeout=UI_TIMEOUT_MS)
+
         # The page on its own, full length, for a person to look at.
         page.goto(f"{base_url}/call-conversions/?account={ACCOUNT}")
-        expect(page.locator(f"svg#chart-{ACCOUNT}")).to_be_visible(timeout=UI_TIMEOUT_MS)
+        expect(page.locator(f"#chart-{ACCOUNT}[data-drawn=true] svg")).to_be_visible(timeout=UI_TIMEOUT_MS)
         assert PHONE[3:] not in page.content()
         page.screenshot(path=str(ARTIFACTS / "call_conversions_page.png"), full_page=True)
+        assert elsewhere == [], f"the page asked for something off this machine: {elsewhere}"
     except Exception:
         page.screenshot(path=str(ARTIFACTS / "failure.png"), full_page=True)
         log = ARTIFACTS / "api-server.log"

@@ -7,6 +7,7 @@ number, caller hash or Google message reaches the HTML.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -338,34 +339,73 @@ def page_module():
     return module
 
 
+def day_row(page: str, day: str) -> str:
+    match = re.search(rf'<tr data-day="{day}">(.*?)</tr>', page, re.S)
+    assert match, f"no row for {day}"
+    return match.group(1)
+
+
+def cell(row: str, column: str) -> str:
+    match = re.search(rf'<td[^>]*data-col="{column}"[^>]*>(.*?)</td>', row, re.S)
+    assert match, f"no {column} cell"
+    return re.sub(r"<[^>]+>", " ", match.group(1)).split()[0] if match.group(1).strip() else ""
+
+
+def chart_specs(page: str) -> dict[str, dict]:
+    return {
+        account: json.loads(text)
+        for account, text in re.findall(r'<script type="application/json" id="chart-spec-([^"]+)">(.*?)</script>', page)
+    }
+
+
+def chart_values(spec: dict) -> list[dict]:
+    return spec["data"]["values"]
+
+
 def test_page_shows_the_counts_and_no_caller_data(engine, page_module, monkeypatch):
     monkeypatch.setattr(page_module, "warehouse_engine", lambda conn_id: engine)
     data = page_module.load_page_data("any_conn", ["shop_a", "shop_b"], LAST, 90)
     page = page_module.render_page(data, all_accounts=["shop_a", "shop_b"], selected=None, root="/")
     for secret in (PHONE, PHONE[3:], HMAC, MESSAGE, "a1" * 32):
         assert secret not in page
-    assert page.count('<svg xmlns="http://www.w3.org/2000/svg" class="chart"') == 2
-    assert page.count('class="bar"') == 2  # shop_a uploaded on two days; shop_b delivers by file
-    assert page.count('class="rate-point"') == 3  # D1, D2 for shop_a (D3 had no sale), D2 for shop_b
-    assert '<tr data-day="2026-11-26"><td>2026-11-26</td>' in page
-    assert '<td data-col="uploaded">13</td>' in page
-    assert '<td data-col="match_rate">89.5%</td>' in page
+    specs = chart_specs(page)
+    assert set(specs) == {"shop_a", "shop_b"}
+    assert page.count('<div class="chart" id="chart-') == 2
+    uploaded = {a: [v["day"] for v in chart_values(spec) if v["uploaded"] is not None] for a, spec in specs.items()}
+    rated = {a: [v["day"] for v in chart_values(spec) if v["match_rate"] is not None] for a, spec in specs.items()}
+    assert uploaded == {"shop_a": [str(D1), str(D2)], "shop_b": []}  # shop_b delivers by file
+    assert rated == {"shop_a": [str(D1), str(D2)], "shop_b": [str(D2)]}  # D3 had no sale
+    row = day_row(page, "2026-11-26")
+    assert "<td>2026-11-26</td>" in row
+    assert (cell(row, "uploaded"), cell(row, "match_rate")) == ("13", "89.5%")
     assert "/dags/call_conversions_import__shop_a/runs/manual__2026-11-27T09%3A00%3A00%2B00%3A00" in page
     # No part of any conversion key: 8 characters of one would already narrow the number down.
     assert key_parts_in(page) == []
-    assert "<th class=text>Conversion action</th>" in page and "<code>555000111</code>" in page
+    assert '<th class="text">Conversion action</th>' in page and "<code>555000111</code>" in page
     assert "shop_c" not in page
+
+
+def test_a_value_from_the_warehouse_is_escaped(page_module):
+    day = q.DaySummary("shop_a", D1, runs=[q.RunRef('<script>alert("x")</script>', None, "call_conversions_rerun")])
+    day.quarantined = {"<b>reason</b>": 1}
+    html = page_module._templates().get_template("tables.html").module.days([day], "shop_a", "/")
+    assert "<script>" not in str(html) and "<b>reason" not in str(html)
+    assert "&lt;script&gt;" in str(html)
 
 
 def test_chart_of_an_empty_period_says_so(page_module):
     points = q.chart_points([], "shop_a", FIRST, LAST)
-    svg = page_module.render_chart(points, "shop_a")
-    assert "No runs in this period" in svg and 'class="bar"' not in svg
-
-
-@pytest.mark.parametrize(("most", "top"), [(0, 4), (3, 4), (5, 8), (42, 48), (94, 100), (101, 120), (1234, 1600)])
-def test_count_axis_has_four_whole_steps(page_module, most, top):
-    assert page_module._nice_ceiling(most) == top
+    data = {
+        "first_day": FIRST,
+        "last_day": LAST,
+        "accounts": [
+            {"id": "shop_a", "dag_id": "d", "days": [], "chart": points, "code_counts": [], "problems": []}
+        ],
+    }
+    page = page_module.render_page(data, all_accounts=["shop_a"], selected=None)
+    assert "No runs in this period" in page
+    values = chart_values(chart_specs(page)["shop_a"])
+    assert len(values) == 90 and all(v["uploaded"] is None and v["match_rate"] is None for v in values)
 
 
 def test_a_days_conflicts_come_from_its_latest_match_and_reach_the_page(page_module):
@@ -376,5 +416,5 @@ def test_a_days_conflicts_come_from_its_latest_match_and_reach_the_page(page_mod
     assert day.conflicts_total == 0
 
     q._set_match(day, {**match(8, 8, {}), "conflicts": {"changed_after_send": 1}})
-    html = page_module._days_table([day], "call_conversions_import__shop_a", "/")
-    assert '<td data-col="conflicts">1' in html and "changed_after_send" in html
+    html = str(page_module._templates().get_template("tables.html").module.days([day], "shop_a", "/"))
+    assert cell(html, "conflicts") == "1" and "changed_after_send" in html
