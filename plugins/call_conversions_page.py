@@ -1,11 +1,18 @@
 """A "Call conversions" page in the Airflow UI, behind Airflow's own login.
 
-For each account and account-local day: rows read, quarantined by reason,
-matched, unmatched by reason, match rate, and what the upload sent (uploaded,
-already existed, parked, failed); a chart of the match rate and uploaded
+For each account and account-local day: the day's state (failed, running or
+done, from Airflow's own runs), rows read, quarantined by reason, matched,
+unmatched by reason, match rate, and what the upload sent (uploaded, already
+existed, parked, failed), conflicts; a chart of the match rate and uploaded
 conversions over the last 90 days; the parked and failed conversions by error
-code; links to the DAG runs. No phone number, caller hash or Google error
-message is ever put on the page.
+code; links to the DAG runs, each in its own DAG. No phone number, caller hash
+or Google error message is ever put on the page.
+
+The HTML comes from the Jinja2 templates in ``call_conversions_templates/``
+beside this file, with autoescaping. The chart is a Vega-Lite spec built with
+altair and drawn in the browser by vega-embed; the app serves that script
+itself (``/call-conversions/vega-embed.js``, from the pinned vl-convert-python),
+so the page fetches nothing from the internet.
 
 How it plugs in (Airflow 3):
 
@@ -20,7 +27,8 @@ How it plugs in (Airflow 3):
   shows the page in a frame at ``/plugin/call-conversions``.
 
 The warehouse is the Airflow connection named by ``warehouse_conn_id`` in the
-config. Airflow's API modules, SQLAlchemy and the project's modules are
+config; the days' states come from the api-server's own Airflow database.
+Airflow's API modules, SQLAlchemy, Jinja2, altair and the project's modules are
 imported inside the request handlers, so loading this plugin in a scheduler or
 worker costs next to nothing.
 """
