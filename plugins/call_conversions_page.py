@@ -275,7 +275,8 @@ def load_airflow_runs(account_ids: list[str], timezones: dict, first_day: date, 
                     TaskInstance.run_id,
                     TaskInstance.task_id,
                     TaskInstance.state,
-                    TaskInstance._rendered_map_index,
+                    # The label as rendered ("<account> <day>"), not the property's fallback to the index.
+                    TaskInstance.__table__.c.rendered_map_index.label("label"),
                 ).where(
                     TaskInstance.dag_id.in_({dag_id for dag_id, _ in runs}),
                     TaskInstance.run_id.in_({run_id for _, run_id in runs}),
@@ -286,7 +287,7 @@ def load_airflow_runs(account_ids: list[str], timezones: dict, first_day: date, 
                         q.TaskState(
                             task_id=ti.task_id.rsplit(".", 1)[-1],
                             state=str(ti.state) if ti.state is not None else None,
-                            label=ti[4],
+                            label=ti.label,
                         )
                     )
     return [
