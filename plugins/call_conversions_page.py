@@ -467,7 +467,9 @@ def chart_spec(points, account_id: str, height: int = 260) -> dict:
             y=alt.Y(
                 "uploaded:Q",
                 title="Uploaded conversions",
-                axis=alt.Axis(titleColor=BAR_COLOUR, format=",d", tickMinStep=1),
+                # About four whole-number steps, the top one labelled: the domain is niced to the ticks.
+                scale=alt.Scale(nice=4),
+                axis=alt.Axis(titleColor=BAR_COLOUR, format=",d", tickMinStep=1, tickCount=4),
             ),
             tooltip=tooltip,
         )

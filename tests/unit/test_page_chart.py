@@ -125,3 +125,18 @@ def test_the_served_script_is_vega_embed_from_the_installed_package(page_module)
     assert "window.vegaEmbed=" in bundle.replace(" ", "")
     # Nothing in it loads further code at run time.
     assert not re.search(r"\bimport\s*\(\s*['\"]https?:", bundle)
+
+
+@pytest.mark.parametrize("most", [1, 3, 5, 42, 1234])
+def test_the_count_axis_has_whole_numbers_only(page_module, most):
+    first, last = q.default_window(LAST, 30)
+    chart_points = [
+        q.ChartPoint(p.day, None, most if i == 10 else (1 if i % 4 == 0 else None))
+        for i, p in enumerate(q.chart_points([], "a", first, last))
+    ]
+    svg = render(page_module, chart_points, 700)
+    # The second axis-label group Vega writes is the left (count) axis.
+    group = re.findall(r'<g class="mark-text role-axis-label"[^>]*>(.*?)</g>', svg, re.S)[1]
+    ticks = [text.replace(",", "") for text in re.findall(r">([^<]+)</text>", group)]
+    assert ticks and all(text.isdigit() for text in ticks), ticks
+    assert int(ticks[-1]) >= most
