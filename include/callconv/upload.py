@@ -655,7 +655,9 @@ def _store_payloads(connection, payloads: list[dict]) -> None:
             [(item["b_key"], item["b_payload"]) for item in part]
         )
         connection.execute(
-            sa.update(ledger).where(ledger.c.conversion_key == values.c.b_key).values(sent_payload=values.c.b_payload)
+            sa.update(ledger).where(ledger.c.conversion_key == values.c.b_key).values(sent_payload=values.c.b_payload),
+            # The rows are part of a VALUES statement's cache key: caching would keep every one.
+            execution_options={"compiled_cache": None},
         )
 
 
