@@ -35,6 +35,7 @@ process, so a certificate already in ``cert_dir`` is reused, never replaced.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import ipaddress
 import itertools
@@ -670,30 +671,43 @@ class SandboxServer:
         # so two requests in flight with the same conversion record it once.
         errors, results = [], []
         seen: set[tuple] = set()
-        for index, conversion in enumerate(request.conversions):
-            outcome = self._check_row(customer_id, actions, index, conversion, now, seen)
-            if isinstance(outcome, AcceptedConversion) and not request.validate_only:
-                if self._accepted.setdefault(outcome.key, outcome) is not outcome:
-                    outcome = self._error(
-                        "conversion_upload_error",
-                        "CALL_CONVERSION_ALREADY_EXISTS",
-                        "The imported call has the same conversion_date_time as an existing conversion.",
-                        ("conversions", index),
-                        ("conversion_date_time", None),
-                    )
-            if isinstance(outcome, AcceptedConversion):
-                results.append(
-                    t.Result(
-                        caller_id=conversion.caller_id,
-                        call_start_date_time=conversion.call_start_date_time,
-                        conversion_action=conversion.conversion_action,
-                        conversion_date_time=conversion.conversion_date_time,
-                    )
-                )
-            else:
-                errors.append(outcome)
-                results.append(t.Result())
+        # A daily quota counts what was accepted: its check and the recording are one step,
+        # so requests in flight together cannot both slip under it.
+        counted = self._quota_after_accepted is not None and not request.validate_only
+        with self._lock if counted else contextlib.nullcontext():
+            if counted and len(self._accepted) >= self._quota_after_accepted:
+                raise self._quota_abort()
+            for index, conversion in enumerate(request.conversions):
+                self._judge_row(customer_id, actions, index, conversion, now, seen, request, errors, results, t)
+        return self._response(request, errors, results, die, t)
 
+    def _judge_row(self, customer_id, actions, index, conversion, now, seen, request, errors, results, t) -> None:
+        """Check one row and record it if accepted: an atomic insert-if-absent on Google's key."""
+        outcome = self._check_row(customer_id, actions, index, conversion, now, seen)
+        if isinstance(outcome, AcceptedConversion) and not request.validate_only:
+            if self._accepted.setdefault(outcome.key, outcome) is not outcome:
+                outcome = self._error(
+                    "conversion_upload_error",
+                    "CALL_CONVERSION_ALREADY_EXISTS",
+                    "The imported call has the same conversion_date_time as an existing conversion.",
+                    ("conversions", index),
+                    ("conversion_date_time", None),
+                )
+        if isinstance(outcome, AcceptedConversion):
+            results.append(
+                t.Result(
+                    caller_id=conversion.caller_id,
+                    call_start_date_time=conversion.call_start_date_time,
+                    conversion_action=conversion.conversion_action,
+                    conversion_date_time=conversion.conversion_date_time,
+                )
+            )
+        else:
+            errors.append(outcome)
+            results.append(t.Result())
+
+    def _response(self, request, errors, results, die, t):
+        """The answer to a request whose rows are judged: results and the partial failure."""
         response = t.Response()
         if errors:
             from google.protobuf import any_pb2
