@@ -69,6 +69,7 @@ from typing import Any
 
 import grpc
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 
 from callconv.ads_client import (
     access_problem,
@@ -577,8 +578,15 @@ def _write(engine, changes: list[dict], request_id: str) -> None:
                     lease_until=None,
                 )
             )
+            statement = statement.where(ledger.c.conversion_key.in_(_KEYS))
             for start in range(0, len(keys), WRITE_CHUNK):
-                connection.execute(statement.where(ledger.c.conversion_key.in_(keys[start : start + WRITE_CHUNK])))
+                connection.execute(statement, {"keys": keys[start : start + WRITE_CHUNK]})
+
+
+# Keys go in as an expanding parameter given at execution, never inside the statement:
+# SQLAlchemy constructs hold reference cycles, and a list baked into one would keep a
+# whole batch's keys alive until a full garbage collection, rare in a worker with a large heap.
+_KEYS = sa.bindparam("keys", expanding=True)
 
 
 def _claim(engine, client, account, rows: Sequence, *, due_by, run_id, request_id, now, lease) -> list:
@@ -593,7 +601,7 @@ def _claim(engine, client, account, rows: Sequence, *, due_by, run_id, request_i
     keys = [row.conversion_key for row in rows]
     candidates = (
         sa.select(ledger.c.conversion_key)
-        .where(ledger.c.conversion_key.in_(keys), _due(account.id, due_by, now))
+        .where(ledger.c.conversion_key.in_(_KEYS), _due(account.id, due_by, now))
         .with_for_update(skip_locked=True)
     )
     with engine.begin() as connection:
@@ -607,13 +615,15 @@ def _claim(engine, client, account, rows: Sequence, *, due_by, run_id, request_i
                 lease_until=now + lease,
                 sent_at=sa.func.coalesce(ledger.c.sent_at, now),
                 sends=ledger.c.sends + 1,
-            )
+            ),
+            {"keys": keys},
         )
         claimed = {
             row.conversion_key: row
             for row in connection.execute(
                 # By key first: the primary key finds the batch; request_id is not indexed.
-                sa.select(ledger).where(ledger.c.conversion_key.in_(keys), ledger.c.request_id == request_id)
+                sa.select(ledger).where(ledger.c.conversion_key.in_(_KEYS), ledger.c.request_id == request_id),
+                {"keys": keys},
             )
         }
         fresh = [
@@ -627,7 +637,8 @@ def _claim(engine, client, account, rows: Sequence, *, due_by, run_id, request_i
                 {
                     row.conversion_key: row
                     for row in connection.execute(
-                        sa.select(ledger).where(ledger.c.conversion_key.in_([item["b_key"] for item in fresh]))
+                        sa.select(ledger).where(ledger.c.conversion_key.in_(_KEYS)),
+                        {"keys": [item["b_key"] for item in fresh]},
                     )
                 }
             )
@@ -637,7 +648,7 @@ def _claim(engine, client, account, rows: Sequence, *, due_by, run_id, request_i
 def _store_payloads(connection, payloads: list[dict]) -> None:
     """Write each row's first-sent bytes (``b_key``, ``b_payload``).
 
-    On PostgreSQL one ``UPDATE ... FROM (VALUES ...)`` per chunk: psycopg2 runs an
+    On PostgreSQL one ``UPDATE ... FROM unnest(keys, payloads)`` per chunk: psycopg2 runs an
     executemany as a round trip per row. SQLite's executemany stays in process.
     """
     ledger = upload_ledger
@@ -651,14 +662,23 @@ def _store_payloads(connection, payloads: list[dict]) -> None:
         return
     for start in range(0, len(payloads), WRITE_CHUNK):
         part = payloads[start : start + WRITE_CHUNK]
-        values = sa.values(sa.column("b_key", sa.String), sa.column("b_payload", sa.LargeBinary), name="frozen").data(
-            [(item["b_key"], item["b_payload"]) for item in part]
-        )
         connection.execute(
-            sa.update(ledger).where(ledger.c.conversion_key == values.c.b_key).values(sent_payload=values.c.b_payload),
-            # The rows are part of a VALUES statement's cache key: caching would keep every one.
-            execution_options={"compiled_cache": None},
+            _STORE_PAYLOADS_PG,
+            {"keys": [item["b_key"] for item in part], "payloads": [item["b_payload"] for item in part]},
         )
+
+
+# Two arrays, not a ``sa.values()`` construct: that construct holds its rows in reference
+# cycles, so each batch's bytes waited for a full garbage collection, which a long-lived
+# worker with a large heap runs rarely (60k rows peaked at 19.9 MiB against 11.7 for 10k).
+_STORE_PAYLOADS_PG = sa.text(
+    "UPDATE upload_ledger AS ledger SET sent_payload = frozen.payload"
+    " FROM unnest(:keys, :payloads) AS frozen(conversion_key, payload)"
+    " WHERE ledger.conversion_key = frozen.conversion_key"
+).bindparams(
+    sa.bindparam("keys", type_=postgresql.ARRAY(sa.String)),
+    sa.bindparam("payloads", type_=postgresql.ARRAY(sa.LargeBinary)),
+)
 
 
 def _release(engine, account_id: str, request_id: str) -> None:
