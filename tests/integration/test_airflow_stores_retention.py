@@ -49,9 +49,19 @@ def test_an_expired_runs_debug_data_leaves_every_airflow_store(three_days, wareh
     other.mkdir(parents=True, exist_ok=True)
     (other / "attempt=1.log").write_text("not ours")
 
+    # dag.test() logs to the console; a worker writes one file per try under the configured
+    # template (Airflow's default, checked here), so those files are laid out as a worker would.
+    assert conf.get("logging", "log_filename_template").startswith("dag_id={{ ti.dag_id }}/run_id={{ ti.run_id }}/")
+    for run in (old, recent):
+        for ti in run.get_task_instances():
+            folder = log_folder / f"dag_id={ti.dag_id}" / f"run_id={ti.run_id}" / f"task_id={ti.task_id}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "attempt=1.log").write_text(f"{ACCOUNT} {ti.task_id}")
+
     before = stores(metadata, log_folder, old.run_id)
     # What each store holds for a real run (recorded in the README's data-protection section).
     assert before["xcom"] > 0 and before["rendered"] > 0 and before["conf"]["accounts"] == [ACCOUNT]
+    assert before["logs"]
     recent_before = stores(metadata, log_folder, recent.run_id)
 
     from dags.call_conversions_retention import call_conversions_retention
@@ -71,3 +81,4 @@ def test_an_expired_runs_debug_data_leaves_every_airflow_store(three_days, wareh
     assert again.state == "success"
     assert stores(metadata, log_folder, old.run_id) == after
     metadata.dispose()
+
