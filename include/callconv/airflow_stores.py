@@ -28,8 +28,12 @@ RERUN_DAG_ID = "call_conversions_rerun"
 
 _meta = sa.MetaData()
 dag_run = sa.Table(
-    "dag_run", _meta, sa.Column("dag_id", sa.String), sa.Column("run_id", sa.String),
-    sa.Column("data_interval_start", sa.DateTime(timezone=True)), sa.Column("conf", sa.JSON),
+    "dag_run",
+    _meta,
+    sa.Column("dag_id", sa.String),
+    sa.Column("run_id", sa.String),
+    sa.Column("data_interval_start", sa.DateTime(timezone=True)),
+    sa.Column("conf", sa.JSON),
 )
 xcom = sa.Table("xcom", _meta, sa.Column("dag_id", sa.String), sa.Column("run_id", sa.String))
 rendered = sa.Table(

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from test_rerun_dag import ACCOUNT, DAYS, rerun, three_days  # noqa: F401
 
 from callconv.airflow_stores import dag_run, rendered, xcom
-from test_rerun_dag import ACCOUNT, DAYS, rerun, three_days  # noqa: F401
 
 pytestmark = pytest.mark.integration
 
@@ -37,9 +37,7 @@ def stores(engine, log_folder: Path, run_id: str) -> dict:
 def test_an_expired_runs_debug_data_leaves_every_airflow_store(three_days, warehouse, monkeypatch):  # noqa: F811
     from airflow.configuration import conf
 
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_CALL_CONVERSIONS_HMAC", json.dumps({"conn_type": "generic", "password": "k" * 24})
-    )
+    monkeypatch.setenv("AIRFLOW_CONN_CALL_CONVERSIONS_HMAC", json.dumps({"conn_type": "generic", "password": "k" * 24}))
     metadata = sa.create_engine(conf.get("database", "sql_alchemy_conn"))
     log_folder = Path(conf.get("logging", "base_log_folder"))
     old = rerun({"start_date": str(OLD), "end_date": str(OLD), "accounts": [ACCOUNT]})
@@ -81,4 +79,3 @@ def test_an_expired_runs_debug_data_leaves_every_airflow_store(three_days, wareh
     assert again.state == "success"
     assert stores(metadata, log_folder, old.run_id) == after
     metadata.dispose()
-
