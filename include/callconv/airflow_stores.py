@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import shutil
 from dataclasses import dataclass
-from datetime import date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -58,7 +58,8 @@ def expired_runs(connection, account_id: str, zone: ZoneInfo, last_day: date) ->
     and days in its conf; it goes once its last day is past the cutoff of any account it names,
     so the strictest account's rule wins for the shared run.
     """
-    end = datetime.combine(last_day + timedelta(days=1), time.min, tzinfo=zone)
+    # In UTC: on SQLite the metadata DB keeps naive UTC strings, and a zone offset would be dropped.
+    end = datetime.combine(last_day + timedelta(days=1), time.min, tzinfo=zone).astimezone(UTC)
     imports = connection.execute(
         sa.select(dag_run.c.dag_id, dag_run.c.run_id).where(
             dag_run.c.dag_id == import_dag_id(account_id), dag_run.c.data_interval_start < end
