@@ -14,6 +14,10 @@ Runs daily and removes personal data once its retention period is over
   joins back to a number. A call with a conversion still pending or parked for upload is kept whole,
   unless older than `hard_max_days`.
 
+- **airflow_stores**: Airflow's own debug data of our runs (import DAG of the account, and reruns
+  naming it) whose day is past the warehouse period: XComs and rendered template fields deleted,
+  run conf emptied, task-log folders removed. Other DAGs are never touched.
+
 Files that hold numbers (landing, quarantine, conversion files) never outlive the warehouse's numbers.
 
 Age is counted up to the run's own day (its data interval), never the clock, so a rerun
@@ -29,7 +33,7 @@ from airflow.sdk import CronDataIntervalTimetable, TriggerRule, dag, task
 
 from callconv.alerts import failure_notifier
 
-DATA_CLASSES = ("landing", "data_docs", "conversion_files", "quarantine", "warehouse")
+DATA_CLASSES = ("landing", "data_docs", "conversion_files", "quarantine", "warehouse", "airflow_stores")
 
 
 @dag(

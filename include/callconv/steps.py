@@ -269,9 +269,12 @@ def apply_retention(data_class: str, context) -> list[dict]:
         for account in settings.accounts:
             retention = settings.retention_for(account)
             as_of = window.end.astimezone(account.tz).date()
-            last_day = cutoff(retention, data_class, as_of)
+            # Airflow's own stores follow the warehouse: debug data lives no longer than the numbers.
+            last_day = cutoff(retention, "warehouse" if data_class == "airflow_stores" else data_class, as_of)
             files = [storage_root(uri, settings) for uri in stored_file_roots(settings, data_class)]
-            if data_class == "quarantine":
+            if data_class == "airflow_stores":
+                purge = _purge_airflow_stores(account, last_day)
+            elif data_class == "quarantine":
                 rows = purge_quarantine(engine, account, last_day)
                 removed = purge_stored_files(files, account, data_class, last_day).affected
                 purge = replace(rows, affected=rows.affected + removed)
@@ -285,3 +288,25 @@ def apply_retention(data_class: str, context) -> list[dict]:
             record_audit(engine, window.run_id, purge, window.end)
             done.append({"account": account.id, "affected": purge.affected, "forced": purge.forced})
     return done
+
+
+def _purge_airflow_stores(account, last_day):
+    """Airflow's own debug data of the account's runs up to ``last_day``, under the warehouse's rule.
+
+    Why here and not ``airflow db clean``: that command cleans every DAG by timestamp alone,
+    while these data must go per account, by the day a run covers, and only for our DAGs.
+    """
+    from pathlib import Path
+
+    import sqlalchemy as sa
+    from airflow.configuration import conf
+
+    from callconv.airflow_stores import purge_account
+    from callconv.retention import Purge
+
+    engine = sa.create_engine(conf.get("database", "sql_alchemy_conn"), hide_parameters=True)
+    try:
+        done = purge_account(engine, Path(conf.get("logging", "base_log_folder")), account.id, account.tz, last_day)
+    finally:
+        engine.dispose()
+    return Purge("airflow_stores", account.id, last_day, done.affected)

@@ -175,7 +175,7 @@ def test_a_second_run_removes_nothing_more(aged_data, warehouse):
         ).all()
     assert after == before
     assert sorted(counts) == sorted(
-        (name, 0) for name in ("landing", "data_docs", "conversion_files", "quarantine", "warehouse")
+        (name, 0) for name in ("landing", "data_docs", "conversion_files", "quarantine", "warehouse", "airflow_stores")
     )
 
 
