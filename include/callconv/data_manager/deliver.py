@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 
 from callconv.data_manager.hashing import UnhashablePhone, hash_phone
 from callconv.schema import data_manager_requests, upload_ledger
+from callconv.upload import due_rows_paged
 
 log = logging.getLogger(__name__)
 
@@ -151,3 +154,231 @@ def _claim(engine, account, rows, *, action_id, run_id, claim_id, now, lease, wi
             )
         )
     return claimed, body
+
+
+_FIELD_INDEX = re.compile(r"^events\[(\d+)\]")
+
+
+def _violations(error) -> list[tuple[int | None, str]]:
+    """(event index or None, reason) from Google's BadRequest details of a fast-fail."""
+    try:
+        details = json.loads(error.content)["error"].get("details", [])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return [(None, "UNREADABLE_ERROR")]
+    found: list[tuple[int | None, str]] = []
+    for detail in details:
+        for violation in detail.get("fieldViolations", []):
+            match = _FIELD_INDEX.match(violation.get("field", ""))
+            found.append((int(match.group(1)) if match else None, violation.get("reason") or "INVALID_ARGUMENT"))
+    return found or [(None, "INVALID_ARGUMENT")]
+
+
+def _set_rows(connection, keys: list[str], **values) -> None:
+    if keys:
+        connection.execute(
+            sa.update(upload_ledger).where(upload_ledger.c.conversion_key.in_(_KEYS)).values(**values), {"keys": keys}
+        )
+
+
+def _ingest(service, body: bytes, *, max_retries: int, sleep):
+    """One ingest of frozen bytes; 503 retried with backoff, anything else raised."""
+    from googleapiclient.errors import HttpError
+
+    for attempt in range(max_retries + 1):
+        try:
+            return service.events().ingest(body=json.loads(body)).execute(num_retries=0)
+        except HttpError as error:
+            if error.resp.status != 503 or attempt == max_retries:
+                raise
+            sleep(min(60.0, 2.0 * 2**attempt))
+    raise AssertionError("unreachable")
+
+
+def deliver_pending(
+    engine,
+    account,
+    service,
+    *,
+    window_end: datetime,
+    run_id: str,
+    now: datetime,
+    batch_size: int = 2000,
+    lease: timedelta = timedelta(minutes=60),
+    quota_wait: timedelta = timedelta(minutes=60),
+    max_retries: int = 3,
+    sleep=lambda seconds: None,
+    dry_run: bool = False,
+) -> DeliveryOutcome:
+    """Send the account's due rows, one request per conversion action and batch.
+
+    ``now`` is the run's clock for leases (the data interval's end in the DAG), never
+    wall time in business logic. With ``dry_run`` every batch goes as ``validateOnly``
+    and nothing in the ledger changes.
+    """
+    from googleapiclient.errors import HttpError
+
+    outcome = DeliveryOutcome()
+    _resend_abandoned(
+        engine, account, service, now=now, lease=lease, outcome=outcome, max_retries=max_retries, sleep=sleep
+    )
+    by_action: dict[str, list] = {}
+    bad: dict[str, list[str]] = {}
+    for row in due_rows_paged(engine, account.id, window_end, now=now):
+        problem = local_problem(account, row)
+        if problem:
+            bad.setdefault(problem, []).append(row.conversion_key)
+        else:
+            by_action.setdefault(row.conversion_action_id, []).append(row)
+    if not dry_run:
+        with engine.begin() as connection:
+            for code, keys in bad.items():
+                _set_rows(connection, keys, state="failed", error_code=code, error_message="refused before sending")
+                outcome.failed[code] = outcome.failed.get(code, 0) + len(keys)
+    for action_id, rows in by_action.items():
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            if dry_run:
+                body = request_body(account, action_id, [event_for(account, r) for r in batch], validate_only=True)
+                service.events().ingest(body=body).execute(num_retries=0)
+                outcome.validated += len(batch)
+                continue
+            for _ in range(2):  # the batch, then at most once more without the events Google named
+                claim_id = uuid.uuid4().hex
+                claimed, body = _claim(
+                    engine,
+                    account,
+                    batch,
+                    action_id=action_id,
+                    run_id=run_id,
+                    claim_id=claim_id,
+                    now=now,
+                    lease=lease,
+                    window_end=window_end,
+                )
+                if not claimed:
+                    break
+                keys = [row.conversion_key for row in claimed]
+                try:
+                    answer = _ingest(service, body, max_retries=max_retries, sleep=sleep)
+                except HttpError as error:
+                    if error.resp.status == 429:
+                        _give_back(
+                            engine,
+                            claim_id,
+                            keys,
+                            state="parked",
+                            park_until=window_end + quota_wait,
+                            code="RESOURCE_EXHAUSTED",
+                            request_state="rejected",
+                        )
+                        outcome.parked += len(keys)
+                        log.warning("Data Manager quota exhausted for %s: %d rows parked", account.id, len(keys))
+                        return outcome
+                    if error.resp.status != 400:
+                        _give_back(engine, claim_id, keys, state="pending", request_state="rejected")
+                        raise
+                    named = {index: reason for index, reason in _violations(error) if index is not None}
+                    if not named:
+                        _give_back(engine, claim_id, keys, state="pending", request_state="rejected")
+                        raise
+                    failed_keys = {keys[i]: reason for i, reason in named.items() if i < len(keys)}
+                    with engine.begin() as connection:
+                        for key, reason in failed_keys.items():
+                            _set_rows(
+                                connection,
+                                [key],
+                                state="failed",
+                                error_code=reason[:64],
+                                error_message="rejected by the Data Manager API",
+                                claimed_by=None,
+                                lease_until=None,
+                            )
+                            outcome.failed[reason] = outcome.failed.get(reason, 0) + 1
+                    # The others were never accepted: they are pending again, their bytes unchanged.
+                    _give_back(
+                        engine,
+                        claim_id,
+                        [k for k in keys if k not in failed_keys],
+                        state="pending",
+                        request_state="rejected",
+                    )
+                    batch = [row for row in batch if row.conversion_key not in failed_keys]
+                    continue
+                _accepted(engine, claim_id, keys, answer.get("requestId"), now)
+                outcome.sent += len(keys)
+                outcome.requests += 1
+                break
+    log.info(
+        "Data Manager delivery for %s: sent=%d requests=%d resent_requests=%d failed=%s parked=%d validated=%d",
+        account.id,
+        outcome.sent,
+        outcome.requests,
+        outcome.resent_requests,
+        outcome.failed,
+        outcome.parked,
+        outcome.validated,
+    )
+    return outcome
+
+
+def _give_back(
+    engine, claim_id: str, keys: list[str], *, state: str, request_state: str, park_until=None, code=None
+) -> None:
+    with engine.begin() as connection:
+        _set_rows(
+            connection, keys, state=state, claimed_by=None, lease_until=None, park_until=park_until, error_code=code
+        )
+        connection.execute(
+            sa.update(data_manager_requests)
+            .where(data_manager_requests.c.claim_id == claim_id)
+            .values(state=request_state)
+        )
+
+
+def _accepted(engine, claim_id: str, keys: list[str], google_request_id: str | None, now: datetime) -> None:
+    """Recorded after the send: Google's request id; the rows wait for requestStatus."""
+    with engine.begin() as connection:
+        connection.execute(
+            sa.update(data_manager_requests)
+            .where(data_manager_requests.c.claim_id == claim_id)
+            .values(state="processing", google_request_id=google_request_id, answered_at=now)
+        )
+        _set_rows(connection, keys, state="processing", lease_until=None)
+
+
+def _resend_abandoned(engine, account, service, *, now, lease, outcome, max_retries, sleep) -> None:
+    """Requests whose sender died after the claim: resent once as their stored bytes."""
+    ledger = upload_ledger
+    with engine.connect() as connection:
+        stuck = connection.execute(
+            sa.select(data_manager_requests.c.claim_id, data_manager_requests.c.body)
+            .where(data_manager_requests.c.account_id == account.id, data_manager_requests.c.state == "sending")
+            .where(
+                sa.exists().where(
+                    ledger.c.request_id == data_manager_requests.c.claim_id,
+                    ledger.c.state == "sending",
+                    ledger.c.lease_until < now,
+                )
+            )
+        ).all()
+    for claim_id, body in stuck:
+        with engine.begin() as connection:
+            keys = list(
+                connection.scalars(
+                    sa.select(ledger.c.conversion_key)
+                    .where(ledger.c.request_id == claim_id, ledger.c.state == "sending")
+                    .with_for_update(skip_locked=True)
+                )
+            )
+            if not keys:
+                continue
+            _set_rows(connection, keys, lease_until=now + lease, sends=ledger.c.sends + 1)
+            connection.execute(
+                sa.update(data_manager_requests)
+                .where(data_manager_requests.c.claim_id == claim_id)
+                .values(sends=data_manager_requests.c.sends + 1)
+            )
+        answer = _ingest(service, body, max_retries=max_retries, sleep=sleep)
+        _accepted(engine, claim_id, keys, answer.get("requestId"), now)
+        outcome.resent_requests += 1
+        outcome.sent += len(keys)
