@@ -49,3 +49,25 @@ def token_credentials(token: str):
     from google.oauth2.credentials import Credentials
 
     return Credentials(token=token, scopes=[SCOPE])
+
+
+def service_from_airflow_connection(conn_id: str, api_endpoint: str | None = None):
+    """The service, with credentials from an Airflow Google connection.
+
+    A connection whose extra has ``access_token`` (the sandbox's bearer token) and
+    optionally ``ca_certs`` uses that token; any other is read by the Google provider's
+    hook (service account key or authorised user), asking for the datamanager scope.
+    """
+    from airflow.sdk import BaseHook
+
+    connection = BaseHook.get_connection(conn_id)
+    extra = connection.extra_dejson
+    if extra.get("access_token"):
+        return build_service(token_credentials(extra["access_token"]), api_endpoint, extra.get("ca_certs"))
+    from airflow.providers.google.common.hooks.base_google import GoogleBaseHook
+
+    hook = GoogleBaseHook(gcp_conn_id=conn_id)
+    credentials, _ = hook.get_credentials_and_project_id()
+    if hasattr(credentials, "with_scopes"):
+        credentials = credentials.with_scopes([SCOPE])
+    return build_service(credentials, api_endpoint)
