@@ -62,7 +62,7 @@ def _params(delivery: str) -> dict:
             description="Read the day's CRM files again even if already imported.",
         )
     }
-    if delivery == "api":  # a file is published as it is: there is nothing to validate with Google
+    if delivery in ("api", "data_manager"):  # a file is published as it is: nothing to validate
         params["dry_run"] = Param(
             False,
             type="boolean",
@@ -83,7 +83,10 @@ def build_import_dag(account_id: str, timezone: str, settings: Settings | None =
         dag_id=f"call_conversions_import__{account_id}",
         description=(
             f"Call conversions of {account_id}: one {timezone} day of CRM sales matched to calls, "
-            + ("uploaded to Google Ads" if delivery == "api" else "published in the file Google Ads fetches")
+            + {
+                "api": "uploaded to Google Ads",
+                "data_manager": "sent through Google's Data Manager API",
+            }.get(delivery, "published in the file Google Ads fetches")
         ),
         schedule=CronDataIntervalTimetable("0 0 * * *", timezone=timezone),
         start_date=datetime(*FIRST_DAY, tzinfo=ZoneInfo(timezone)),
@@ -150,6 +153,13 @@ def build_import_dag(account_id: str, timezone: str, settings: Settings | None =
 
             return run(account_id, context)
 
+        @task(retries=3, retry_delay=timedelta(minutes=10))
+        def deliver_through_data_manager(**context) -> dict:
+            """For accounts with delivery 'data_manager': settle earlier requests, then send due events."""
+            from callconv.steps import deliver_through_data_manager as run
+
+            return run(account_id, context, dry_run=bool(context["params"]["dry_run"]))
+
         @task
         def check_anomalies(**context) -> dict:
             """Compares the run with the account's history and alerts; fails only if alerting fails."""
@@ -161,7 +171,12 @@ def build_import_dag(account_id: str, timezone: str, settings: Settings | None =
         take_in_crm_extracts() >> matched
         wait_for_call_logs() >> normalise_call_logs() >> matched
         # Only the delivery that applies to the account is built.
-        delivered = upload_conversions() if delivery == "api" else publish_conversion_file()
+        if delivery == "api":
+            delivered = upload_conversions()
+        elif delivery == "data_manager":
+            delivered = deliver_through_data_manager()
+        else:
+            delivered = publish_conversion_file()
         matched >> write_conversion_file() >> delivered
         delivered >> check_anomalies()
 

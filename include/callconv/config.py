@@ -155,6 +155,21 @@ class FileDelivery(_Strict):
     lookback_days: int = Field(60, ge=1, le=90)
 
 
+class DataManager(_Strict):
+    """The Data Manager API, for accounts with delivery 'data_manager' (callconv.data_manager).
+
+    ``conn_id``: an Airflow Google connection (service account, or authorised user with the
+    datamanager scope). ``api_endpoint``: empty for Google; the local sandbox in the demo and
+    the tests. ``batch_size``: events per ingest request (Google's limit is 2,000).
+    ``quota_wait_minutes``: how long a request refused with 429 parks its rows.
+    """
+
+    conn_id: str = "google_data_manager"
+    api_endpoint: str | None = None
+    batch_size: int = Field(2000, ge=1, le=2000)
+    quota_wait_minutes: float = Field(60, ge=0)
+
+
 class Alerts(_Strict):
     channels: list[Literal["smtp", "slack", "webhook"]] = []  # empty: alerts are only logged
     smtp_conn_id: str = "smtp_alerts"
@@ -229,7 +244,7 @@ class Account(_Strict):
     timezone: str
     default_region: str
     default_currency: str
-    delivery: Literal["api", "file"] = "api"
+    delivery: Literal["api", "file", "data_manager"] = "api"
     conversion_actions: dict[str, ConversionAction] = Field(min_length=1)
     consent: Consent = Consent()
     match: MatchRules | None = None
@@ -299,6 +314,7 @@ class Settings(_Strict):
     freshness: Freshness = Freshness()
     upload: Upload = Upload()
     file_delivery: FileDelivery = FileDelivery()
+    data_manager: DataManager = DataManager()
     alerts: Alerts = Alerts()
     retention: Retention = Retention()
     accounts: list[Account] = Field(min_length=1)

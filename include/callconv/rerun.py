@@ -38,5 +38,9 @@ def split_by_delivery(plan: list[dict], deliveries: dict[str, str]) -> dict[str,
     """
     split: dict[str, list[dict]] = {"api": [], "file": []}
     for item in plan:
-        split[deliveries[item["account_id"]]].append(item)
+        delivery = deliveries[item["account_id"]]
+        if delivery not in split:
+            # Not yet wired into the rerun DAG: refuse rather than rerun a day without its delivery.
+            raise ValueError(f"account {item['account_id']!r}: the rerun DAG cannot yet deliver by {delivery!r}")
+        split[delivery].append(item)
     return split

@@ -172,7 +172,32 @@ upload_ledger = sa.Table(
     # Delivery by file: the data-interval end of the latest publication that carried the row
     # (sent_at is the first). See callconv.file_delivery for when such a row counts as delivered.
     sa.Column("last_published_at", UTC_TIME),
+    # Delivery through the Data Manager API: the row's index in its request's events, so
+    # per-record diagnostics from requestStatus:retrieve settle exactly this row.
+    sa.Column("record_index", sa.Integer),
     sa.Index("ix_upload_ledger_state", "account_id", "state"),
+)
+
+# Data Manager API ingest requests (callconv.data_manager): recorded before the send (claim_id,
+# the ledger rows' request_id) and after (Google's request id), settled later from
+# requestStatus:retrieve. state: sending -> processing -> success | failure | partial; or rejected.
+data_manager_requests = sa.Table(
+    "data_manager_requests",
+    metadata,
+    sa.Column("claim_id", sa.String(64), primary_key=True),
+    sa.Column("account_id", sa.String(64), nullable=False),
+    sa.Column("run_id", sa.String(250), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("events", sa.Integer, nullable=False),
+    # The request body as first sent; a resend after a crash sends exactly these bytes.
+    sa.Column("body", sa.LargeBinary, nullable=False),
+    sa.Column("google_request_id", sa.String(128)),
+    sa.Column("sent_at", UTC_TIME),
+    sa.Column("answered_at", UTC_TIME),
+    sa.Column("settled_at", UTC_TIME),
+    sa.Column("sends", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("status_detail", sa.String(512)),
+    sa.Index("ix_data_manager_requests_state", "account_id", "state"),
 )
 
 # Changes that arrived after a conversion was sent, and were recorded instead of

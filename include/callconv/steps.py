@@ -200,6 +200,46 @@ def upload_conversions(account_id: str, context, dry_run: bool = False, day: str
     return _record(scope, "upload" if not dry_run else "upload_dry_run", counts)
 
 
+def deliver_through_data_manager(account_id: str, context, dry_run: bool = False, day: str | None = None) -> dict:
+    """Settle the account's Data Manager requests, then send its due conversions (delivery 'data_manager')."""
+    from callconv.data_manager.client import service_from_airflow_connection
+    from callconv.data_manager.deliver import deliver_pending
+    from callconv.data_manager.settle import settle_requests
+    from callconv.upload import ledger_counts
+
+    scope = task_scope(account_id, context, day)
+    if scope.account.delivery != "data_manager":
+        log.info("data manager: account %s delivers by %s; nothing to send", account_id, scope.account.delivery)
+        return _record(scope, "data_manager", {"skipped": f"delivery is {scope.account.delivery}"})
+    section = scope.settings.data_manager
+    with log_group(f"data manager {account_id}{' (dry run)' if dry_run else ''}"):
+        service = service_from_airflow_connection(section.conn_id, section.api_endpoint)
+        # The run's own clock: its data interval's end (never wall time in business logic).
+        settled = {} if dry_run else settle_requests(scope.engine, scope.account, service, now=scope.window.end)
+        outcome = deliver_pending(
+            scope.engine,
+            scope.account,
+            service,
+            window_end=scope.window.end,
+            run_id=scope.window.run_id,
+            now=scope.window.end,
+            batch_size=section.batch_size,
+            quota_wait=timedelta(minutes=section.quota_wait_minutes),
+            dry_run=dry_run,
+        )
+        counts = {
+            "sent": outcome.sent,
+            "requests": outcome.requests,
+            "resent_requests": outcome.resent_requests,
+            "failed": outcome.failed,
+            "parked": outcome.parked,
+            "validated": outcome.validated,
+            "settled": settled,
+            "ledger": ledger_counts(scope.engine, account_id),
+        }
+    return _record(scope, "data_manager" if not dry_run else "data_manager_dry_run", counts)
+
+
 def publish_conversion_file(account_id: str, context, day: str | None = None) -> dict:
     """Publish the account's cumulative file where Google Ads' scheduled upload fetches it (delivery 'file')."""
     from callconv.file_delivery import publish_day_file, sftp_publisher

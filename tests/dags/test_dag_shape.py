@@ -18,9 +18,13 @@ import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DAGS_DIR = PROJECT_ROOT / "dags"
-API, FILE = "oslo_api", "newyork_file"
-ZONES = {API: "Europe/Oslo", FILE: "America/New_York"}
-DELIVERY_TASKS = {"api": "upload_conversions", "file": "publish_conversion_file"}
+API, FILE, DM = "oslo_api", "newyork_file", "bergen_dm"
+ZONES = {API: "Europe/Oslo", FILE: "America/New_York", DM: "Europe/Oslo"}
+DELIVERY_TASKS = {
+    "api": "upload_conversions",
+    "file": "publish_conversion_file",
+    "data_manager": "deliver_through_data_manager",
+}
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +41,7 @@ def two_accounts(tmp_path_factory) -> Path:
             "default_currency": "USD",
             "delivery": "file",
         },
+        {**template, "id": DM, "timezone": ZONES[DM], "delivery": "data_manager"},
     ]
     path = tmp_path_factory.mktemp("config") / "call_conversions.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
@@ -66,6 +71,7 @@ def test_every_dag_has_a_description_and_a_start_date(dag_bag):
     assert set(dag_bag.dags) == {
         f"call_conversions_import__{API}",
         f"call_conversions_import__{FILE}",
+        f"call_conversions_import__{DM}",
         "call_conversions_rerun",
         "call_conversions_retention",
     }
@@ -111,12 +117,11 @@ def test_dag_files_take_airflow_from_the_task_sdk_only(dag_file):
                 assert module == "airflow.sdk" or module.startswith("airflow.sdk."), f"{dag_file.name}: {module}"
 
 
-@pytest.mark.parametrize(("account_id", "delivery"), [(API, "api"), (FILE, "file")])
+@pytest.mark.parametrize(("account_id", "delivery"), [(API, "api"), (FILE, "file"), (DM, "data_manager")])
 def test_an_import_dag_builds_only_its_accounts_delivery(dag_bag, account_id, delivery):
     dag = import_dag(dag_bag, account_id)
-    other = "file" if delivery == "api" else "api"
     assert DELIVERY_TASKS[delivery] in names(dag)
-    assert DELIVERY_TASKS[other] not in names(dag)
+    assert not {task for kind, task in DELIVERY_TASKS.items() if kind != delivery} & names(dag)
     deliver = dag.get_task(DELIVERY_TASKS[delivery])
     assert {t.task_id for t in deliver.upstream_list} == {"write_conversion_file"}
     assert {t.task_id for t in deliver.downstream_list} == {"check_anomalies"}
@@ -125,6 +130,7 @@ def test_an_import_dag_builds_only_its_accounts_delivery(dag_bag, account_id, de
 def test_dry_run_is_offered_only_where_it_applies(dag_bag):
     assert set(import_dag(dag_bag, API).params) == {"reimport", "dry_run"}
     assert set(import_dag(dag_bag, FILE).params) == {"reimport"}
+    assert set(import_dag(dag_bag, DM).params) == {"reimport", "dry_run"}
 
 
 def test_every_param_has_a_title(dag_bag):
@@ -201,8 +207,8 @@ def test_accounts_is_a_multi_select_of_the_configured_accounts(dag_bag):
     schema = dag_bag.dags["call_conversions_rerun"].params.get_param("accounts").schema
     # The UI draws an array with "examples" as a multi-select of those values.
     assert schema["type"] == "array"
-    assert schema["examples"] == [API, FILE]
-    assert schema["items"] == {"type": "string", "enum": [API, FILE]}
+    assert schema["examples"] == [API, FILE, DM]
+    assert schema["items"] == {"type": "string", "enum": [API, FILE, DM]}
 
 
 GOOD = {"start_date": "2026-03-01", "end_date": "2026-03-01", "accounts": [API]}

@@ -340,3 +340,23 @@ def test_0008_keeps_old_run_summaries_without_a_dag_and_records_the_dag_of_new_o
         assert connection.scalar(sa.select(sa.func.count()).select_from(old)) == 2
     engine.dispose()
     assert rows == {"old": None, "new": "call_conversions_rerun"}
+
+
+def test_0009_adds_data_manager_requests_and_keeps_ledger_rows(empty_pg_schema):
+    migrate(empty_pg_schema, "0008")
+    engine = sa.create_engine(empty_pg_schema)
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "insert into upload_ledger (conversion_key, account_id, business_date, state, call_start, "
+                "conversion_action_id, conversion_time, run_id) values ('k', 'a', '2026-11-02', 'delivered', "
+                "'2026-11-02 10:00:00+00', '1', '2026-11-02 11:00:00+00', 'r')"
+            )
+        )
+    migrate(empty_pg_schema)
+    with engine.connect() as connection:
+        rows = connection.execute(sa.text("select conversion_key, record_index from upload_ledger")).all()
+        requests = connection.scalar(sa.text("select count(*) from data_manager_requests"))
+    engine.dispose()
+    assert [tuple(row) for row in rows] == [("k", None)] and requests == 0
+    assert schema_drift(empty_pg_schema) == []

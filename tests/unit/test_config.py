@@ -381,3 +381,28 @@ def test_file_delivery_lookback_beyond_googles_range_is_refused(tmp_path, shippe
         tmp_path, shipped_raw, lambda raw: raw.__setitem__("file_delivery", {"lookback_days": days})
     )
     assert message.endswith(f"file_delivery.lookback_days: Input should be {complaint}")
+
+
+def test_delivery_data_manager_is_accepted_with_its_section(shipped_raw):
+    raw = copy.deepcopy(shipped_raw)
+    raw["accounts"][0]["delivery"] = "data_manager"
+    raw["data_manager"] = {"conn_id": "dm", "api_endpoint": "https://127.0.0.1:9443", "batch_size": 500}
+    settings = parse_settings(raw)
+    assert settings.accounts[0].delivery == "data_manager"
+    assert settings.data_manager.batch_size == 500 and settings.data_manager.conn_id == "dm"
+
+
+def test_data_manager_batch_over_googles_limit_is_refused(tmp_path, shipped_raw):
+    def mutate(raw):
+        raw["data_manager"] = {"batch_size": 2001}
+
+    _, message = broken_message(tmp_path, shipped_raw, mutate)
+    assert "data_manager.batch_size" in message
+
+
+def test_unknown_delivery_names_the_choices(tmp_path, shipped_raw):
+    def mutate(raw):
+        raw["accounts"][0]["delivery"] = "fax"
+
+    _, message = broken_message(tmp_path, shipped_raw, mutate)
+    assert "delivery" in message and "data_manager" in message

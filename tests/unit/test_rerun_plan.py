@@ -74,3 +74,10 @@ def test_trigger_form_needs_dates(rerun_params):
 
     with pytest.raises(ParamValidationError):
         form(rerun_params, accounts=["nordic_plumbing"])
+
+
+def test_a_data_manager_account_is_refused_by_the_rerun_until_it_is_wired():
+    from callconv.rerun import split_by_delivery
+
+    with pytest.raises(ValueError, match="cannot yet deliver by 'data_manager'"):
+        split_by_delivery([{"account_id": "dm", "day": "2026-11-02"}], {"dm": "data_manager"})
