@@ -24,6 +24,12 @@ mapped instance is labelled with its account and day. Parked and pending rows ar
 shared with the daily runs through the ledger, so nothing is duplicated. For a plain
 backfill of the schedule, `airflow backfill create --dag-id call_conversions_import__<account>`
 works too.
+
+**Access.** A run may cover several accounts, and whoever can read this DAG reads all of
+its runs' logs and XComs, so no account's role is granted it (`access_control={}`): only
+operators with global DAG permissions (Admin, Op) see or trigger it. An account's team
+reruns its own days through its own import DAG (trigger with a logical date, the
+`reimport`/`rematch`/`dry_run` Params, or a backfill), which its role is granted.
 """
 
 from __future__ import annotations
@@ -62,6 +68,9 @@ def _rerun_dag(account_ids: list[str], deliveries: dict[str, str], timezone: str
         catchup=False,
         max_active_runs=1,
         max_active_tasks=4,
+        # A run may cover several accounts, and whoever reads the DAG reads every run's logs and
+        # XComs, so no per-account role is granted it (an empty mapping removes DAG-level grants).
+        access_control={},
         default_args={
             "owner": "analytics",
             "retries": 2,

@@ -20,6 +20,9 @@ Runs daily and removes personal data once its retention period is over
 
 Files that hold numbers (landing, quarantine, conversion files) never outlive the warehouse's numbers.
 
+It touches every account, so no account's role is granted it (`access_control={}`): only
+operators with global DAG permissions (Admin, Op) can see, run or read it.
+
 Age is counted up to the run's own day (its data interval), never the clock, so a rerun
 or backfill removes exactly the same data. Every step writes an audit row. The steps run
 even when an earlier one fails, and the `fail_if_any_step_failed` watcher then fails the run.
@@ -45,6 +48,9 @@ DATA_CLASSES = ("landing", "data_docs", "conversion_files", "quarantine", "wareh
     start_date=datetime(2024, 1, 1, tzinfo=UTC),
     catchup=False,
     max_active_runs=1,
+    # Every account's data in one run: no per-account role is granted it (an empty mapping
+    # removes any DAG-level grant), so only roles with global DAG permissions (Admin, Op) see it.
+    access_control={},
     default_args={
         "owner": "data-engineering",
         "retries": 2,

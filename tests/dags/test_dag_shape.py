@@ -20,6 +20,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DAGS_DIR = PROJECT_ROOT / "dags"
 API, FILE, DM = "oslo_api", "newyork_file", "bergen_dm"
 ZONES = {API: "Europe/Oslo", FILE: "America/New_York", DM: "Europe/Oslo"}
+API_ROLE = "oslo_team"
 DELIVERY_TASKS = {
     "api": "upload_conversions",
     "file": "publish_conversion_file",
@@ -32,7 +33,7 @@ def two_accounts(tmp_path_factory) -> Path:
     raw = yaml.safe_load((PROJECT_ROOT / "config" / "call_conversions.yaml").read_text(encoding="utf-8"))
     template = raw["accounts"][0]
     raw["accounts"] = [
-        {**template, "id": API, "timezone": ZONES[API], "delivery": "api"},
+        {**template, "id": API, "timezone": ZONES[API], "delivery": "api", "access_role": API_ROLE},
         {
             **template,
             "id": FILE,
@@ -65,6 +66,20 @@ def import_dag(dag_bag, account_id):
 
 def names(dag) -> set[str]:
     return {task.task_id.rsplit(".", 1)[-1] for task in dag.tasks}
+
+
+def test_an_accounts_role_is_granted_its_import_dag_and_its_runs_only(dag_bag):
+    """What FAB syncs: the role reads and edits the DAG and reads and creates its runs."""
+    assert import_dag(dag_bag, API).access_control == {
+        API_ROLE: {"DAGs": {"can_read", "can_edit"}, "DAG Runs": {"can_read", "can_create"}}
+    }
+    assert not import_dag(dag_bag, FILE).access_control
+
+
+@pytest.mark.parametrize("dag_id", ["call_conversions_rerun", "call_conversions_retention"])
+def test_no_account_role_is_granted_a_dag_that_covers_every_account(dag_bag, dag_id):
+    """An empty mapping (not None) makes FAB remove DAG-level grants: only global DAG roles see it."""
+    assert dag_bag.dags[dag_id].access_control == {}
 
 
 def test_every_dag_has_a_description_and_a_start_date(dag_bag):
