@@ -45,10 +45,10 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import tink
 from tink import cleartext_keyset_handle, secret_key_access, streaming_aead
+from tink.proto import tink_pb2
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +127,18 @@ def keyset_from_airflow(conn_id: str = "call_conversions_encryption") -> tink.Ke
 
 def rotate_keyset(handle: tink.KeysetHandle) -> tink.KeysetHandle:
     """A keyset with one new AES256_GCM_HKDF_1MB key as primary; the old keys stay for reading."""
-    keyset = cleartext_keyset_handle.to_keyset(handle)
-    fresh = cleartext_keyset_handle.to_keyset(new_keyset()).key[0]
+    keyset = _keyset_proto(handle)
+    fresh = _keyset_proto(new_keyset()).key[0]
     taken = {key.key_id for key in keyset.key}
     while fresh.key_id in taken:  # 32-bit random ids: a clash is possible, if unlikely
-        fresh = cleartext_keyset_handle.to_keyset(new_keyset()).key[0]
+        fresh = _keyset_proto(new_keyset()).key[0]
     keyset.key.append(fresh)
     keyset.primary_key_id = fresh.key_id
     return cleartext_keyset_handle.from_keyset(keyset)
+
+
+def _keyset_proto(handle: tink.KeysetHandle) -> tink_pb2.Keyset:
+    return tink_pb2.Keyset.FromString(tink.proto_keyset_format.serialize(handle, secret_key_access.TOKEN))
 
 
 # --------------------------------------------------------------------------- sealing
@@ -268,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from callconv.crypto import Keyring
 
-        moved = migrate(args.area, args.account, args.data_class, keyset_from_env(), Keyring.from_env(LEGACY_KEYS_ENV_VAR))
+        moved = migrate(
+            args.area, args.account, args.data_class, keyset_from_env(), Keyring.from_env(LEGACY_KEYS_ENV_VAR)
+        )
         print(f"migrated {len(moved)} files")
     return 0
 
