@@ -193,7 +193,8 @@ def run(settings: Settings, warehouse_url: str, business_date: date, log_path) -
     migrate(warehouse_url)
     engine = create_engine(warehouse_url)
     account = settings.accounts[0]
-    seeded = seed(engine, settings, storage_root(settings.crm_source_for(settings.accounts[0]).landing_uri, settings), business_date)
+    landing = storage_root(settings.crm_source_for(account).landing_uri, settings)
+    seeded = seed(engine, settings, landing, business_date)
     print(f"Seeded {seeded['call_logs']} call-log rows and one CRM extract for {account.id}, {business_date}")
     sandbox = start_sandbox(settings, seeded["calls"], business_date, PROJECT_ROOT / "var" / "sandbox")
     print(f"Google Ads sandbox serving on {sandbox.endpoint} (TLS, test certificate)")
@@ -302,7 +303,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(run(settings, args.warehouse_url, args.date, args.log))
     engine = create_engine(args.warehouse_url)
     if args.command == "seed":
-        result = seed(engine, settings, storage_root(settings.crm_source_for(settings.accounts[0]).landing_uri, settings), args.date)
+        landing = storage_root(settings.crm_source_for(settings.accounts[0]).landing_uri, settings)
+        result = seed(engine, settings, landing, args.date)
         print(f"Seeded {result['call_logs']} call-log rows and one CRM extract for {result['account']}, {args.date}")
     else:
         print(summary(engine, settings.accounts[0], args.date))
