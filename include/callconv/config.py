@@ -87,6 +87,27 @@ class CrmSource(_Strict):
         return self
 
 
+class CrmSourceOverride(_Strict):
+    """An account's own ``crm_source`` keys, laid over the deployment's ``crm_source``.
+
+    Why: one deployment may serve accounts whose CRMs export differently (a Norwegian
+    Latin-1 ``;`` file with decimal comma beside a US UTF-8 ``,`` file). Every key is
+    optional; an unknown key is refused here, so a typo fails at load time, not at intake.
+    ``columns`` is merged key by key over the default columns.
+    """
+
+    kind: Literal["file", "sql"] | None = None
+    landing_uri: str | None = None
+    delimiter: str | None = None
+    encoding: Literal["utf-8", "utf-8-sig", "latin-1", "cp1252"] | None = None
+    decimal: Literal[".", ","] | None = None
+    columns: dict[str, str | None] | None = None
+    max_file_mb: int | None = Field(None, ge=1)
+    chunk_rows: int | None = Field(None, ge=1)
+    conn_id: str | None = None
+    query: str | None = None
+
+
 class MatchRules(_Strict):
     window_days: int = Field(30, ge=1, le=90)
     attribution: Literal["last", "first"] = "last"
@@ -250,6 +271,7 @@ class Account(_Strict):
     match: MatchRules | None = None
     retention: Retention | None = None
     file_delivery: FileDelivery | None = None
+    crm_source: CrmSourceOverride | None = None
     # An Airflow role (FAB auth manager) that alone may see and run this account's DAG.
     access_role: str | None = None
 
@@ -341,6 +363,33 @@ class Settings(_Strict):
                     f"less than the {window}-day match window"
                 )
         return self
+
+    @model_validator(mode="after")
+    def _account_crm_sources(self) -> Settings:
+        # Each merged crm_source must itself be valid (columns, kind sql with its query).
+        for account in self.accounts:
+            try:
+                self.crm_source_for(account)
+            except ValidationError as error:
+                first = error.errors()[0]
+                where = ".".join(str(step) for step in first["loc"]) or "(top level)"
+                message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+                raise ValueError(f"account {account.id!r}: crm_source.{where}: {message}") from None
+        return self
+
+    def crm_source_for(self, account: Account) -> CrmSource:
+        """The deployment's crm_source with the account's own keys laid over it."""
+        if account.crm_source is None:
+            return self.crm_source
+        override = account.crm_source.model_dump(exclude_unset=True)
+        if not override:
+            return self.crm_source
+        merged = self.crm_source.model_dump()
+        columns = override.pop("columns", None)
+        if columns is not None:
+            merged["columns"] = {**merged["columns"], **columns}
+        merged.update(override)
+        return CrmSource.model_validate(merged)
 
     def account(self, account_id: str) -> Account:
         for account in self.accounts:

@@ -71,7 +71,8 @@ def make_call_logs(account: Account, business_date: date, seed_value: int, calle
 
 def make_crm_extract(settings: Settings, account: Account, business_date: date, calls: list[dict], rng) -> bytes:
     """Sales after about a third of the day's and the week's calls, plus a few bad rows."""
-    columns = settings.crm_source.columns
+    crm_source = settings.crm_source_for(account)
+    columns = crm_source.columns
     header = [
         columns.crm_id,
         columns.caller_phone,
@@ -85,7 +86,7 @@ def make_crm_extract(settings: Settings, account: Account, business_date: date, 
     day_start = datetime.combine(business_date, time(0), tzinfo=tz)
     recent = [c for c in calls if c["call_start"] >= (day_start - timedelta(days=7)).astimezone(UTC)]
     out = io.StringIO()
-    writer = csv.writer(out, delimiter=settings.crm_source.delimiter, lineterminator="\r\n")
+    writer = csv.writer(out, delimiter=crm_source.delimiter, lineterminator="\r\n")
     writer.writerow(header)
     case = 1000
     for call in rng.sample(recent, k=len(recent) // 3):
@@ -192,7 +193,8 @@ def run(settings: Settings, warehouse_url: str, business_date: date, log_path) -
     migrate(warehouse_url)
     engine = create_engine(warehouse_url)
     account = settings.accounts[0]
-    seeded = seed(engine, settings, storage_root(settings.crm_source.landing_uri, settings), business_date)
+    landing = storage_root(settings.crm_source_for(account).landing_uri, settings)
+    seeded = seed(engine, settings, landing, business_date)
     print(f"Seeded {seeded['call_logs']} call-log rows and one CRM extract for {account.id}, {business_date}")
     sandbox = start_sandbox(settings, seeded["calls"], business_date, PROJECT_ROOT / "var" / "sandbox")
     print(f"Google Ads sandbox serving on {sandbox.endpoint} (TLS, test certificate)")
@@ -301,7 +303,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(run(settings, args.warehouse_url, args.date, args.log))
     engine = create_engine(args.warehouse_url)
     if args.command == "seed":
-        result = seed(engine, settings, storage_root(settings.crm_source.landing_uri, settings), args.date)
+        landing = storage_root(settings.crm_source_for(settings.accounts[0]).landing_uri, settings)
+        result = seed(engine, settings, landing, args.date)
         print(f"Seeded {result['call_logs']} call-log rows and one CRM extract for {result['account']}, {args.date}")
     else:
         print(summary(engine, settings.accounts[0], args.date))

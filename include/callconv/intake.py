@@ -154,12 +154,13 @@ def take_in_day(
     outcome = IntakeOutcome()
     docs_dir = data_docs_root / account.id / business_date.isoformat() if data_docs_root is not None else None
     day = _Day(engine, settings, account, business_date, window_end, run_id, docs_dir, keyring, keys)
-    if settings.crm_source.kind == "sql":
+    crm_source = settings.crm_source_for(account)
+    if crm_source.kind == "sql":
         if query_crm is None:
             raise ValueError("crm_source.kind is 'sql' but no CRM query runner was given")
         parameters = {"window_start": window_start, "window_end": window_end, "account_id": account.id}
-        label = f"sql:{settings.crm_source.conn_id}:{account.id}:{business_date}"
-        queried = frame_from_query(query_crm(parameters), settings.crm_source, label)
+        label = f"sql:{crm_source.conn_id}:{account.id}:{business_date}"
+        queried = frame_from_query(query_crm(parameters), crm_source, label)
         extract = _Extract(
             queried.source_uri,
             queried.checksum,
@@ -179,7 +180,7 @@ def take_in_day(
             if not in_landing and not reimport:
                 outcome.files_skipped += 1  # archived only once taken in
                 continue
-            reader = CrmFileReader(path, settings.crm_source, keyring)
+            reader = CrmFileReader(path, crm_source, keyring)
             scan = reader.scan(settings.validation.max_rows)
             seen = _already_imported(engine, account, scan.checksum)
             if seen and not reimport:
@@ -264,12 +265,13 @@ def _take_in(day: _Day, extract: _Extract, outcome: IntakeOutcome) -> None:
     """Validate, normalise and store one extract chunk by chunk, in one transaction."""
     settings, account, business_date = day.settings, day.account, day.business_date
     rules = settings.validation
-    several_chunks = extract.row_count > settings.crm_source.chunk_rows
+    crm_source = settings.crm_source_for(account)
+    several_chunks = extract.row_count > crm_source.chunk_rows
     bad_rows = 0
     first_reasons: dict[str, int] = {}
     with ExtractValidator(
         known_outcomes=set(account.conversion_actions),
-        decimal=settings.crm_source.decimal,
+        decimal=crm_source.decimal,
         rules=rules,
         data_docs_dir=day.docs_dir,
         run_name=extract.checksum[:12],
@@ -447,7 +449,7 @@ def normalise_sales(
     phones = normalise.normalise_phones(good["caller_phone"], account.default_region)
     times = normalise.parse_local_times(good["conversion_time"], account.tz)
     empty = pd.Series([None] * len(good), index=good.index, dtype=object)
-    values = normalise.parse_values(good.get("value", empty), settings.crm_source.decimal)
+    values = normalise.parse_values(good.get("value", empty), settings.crm_source_for(account).decimal)
     currencies = normalise.normalise_currencies(good.get("currency", empty), account.default_currency)
     call_starts = normalise.parse_local_times(good.get("call_start", empty), account.tz)
 

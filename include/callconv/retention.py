@@ -71,14 +71,16 @@ def cutoff(retention: Retention, data_class: str, as_of: date) -> date:
     return as_of - timedelta(days=retention.days(data_class) + 1)
 
 
-def stored_file_roots(settings, data_class: str) -> tuple[str, ...]:
+def stored_file_roots(settings, data_class: str, account: Account | None = None) -> tuple[str, ...]:
     """The storage URIs whose ``{account}/{YYYY-MM-DD}/`` folders hold a data class's files.
 
     Encrypted archive copies of CRM files are landing data; the quarantine exports are
-    quarantine data, so they go with the quarantined rows.
+    quarantine data, so they go with the quarantined rows. An account with a landing folder
+    of its own (its ``crm_source.landing_uri``) is purged there, not in the default one.
     """
+    crm_source = settings.crm_source_for(account) if account is not None else settings.crm_source
     return {
-        "landing": (settings.crm_source.landing_uri, settings.archive_uri),
+        "landing": (crm_source.landing_uri, settings.archive_uri),
         "data_docs": (settings.data_docs_uri,),
         "conversion_files": (settings.export_uri,),
         "quarantine": (settings.quarantine_uri,),

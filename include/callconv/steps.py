@@ -81,10 +81,10 @@ def take_in_crm_extracts(account_id: str, context, reimport: bool = False, day: 
             scope.window.start,
             scope.window.end,
             scope.window.run_id,
-            landing_root=storage_root(settings.crm_source.landing_uri, settings),
+            landing_root=storage_root(settings.crm_source_for(scope.account).landing_uri, settings),
             data_docs_root=storage_root(settings.data_docs_uri, settings),
             reimport=reimport,
-            query_crm=crm_query_runner(settings.crm_source),
+            query_crm=crm_query_runner(settings.crm_source_for(scope.account)),
             archive_root=storage_root(settings.archive_uri, settings),
             quarantine_root=storage_root(settings.quarantine_uri, settings),
             keyring=keyring,
@@ -311,7 +311,7 @@ def apply_retention(data_class: str, context) -> list[dict]:
             as_of = window.end.astimezone(account.tz).date()
             # Airflow's own stores follow the warehouse: debug data lives no longer than the numbers.
             last_day = cutoff(retention, "warehouse" if data_class == "airflow_stores" else data_class, as_of)
-            files = [storage_root(uri, settings) for uri in stored_file_roots(settings, data_class)]
+            files = [storage_root(uri, settings) for uri in stored_file_roots(settings, data_class, account)]
             if data_class == "airflow_stores":
                 purge = _purge_airflow_stores(account, last_day)
             elif data_class == "quarantine":

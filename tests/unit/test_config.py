@@ -406,3 +406,43 @@ def test_unknown_delivery_names_the_choices(tmp_path, shipped_raw):
 
     _, message = broken_message(tmp_path, shipped_raw, mutate)
     assert "delivery" in message and "data_manager" in message
+
+
+# --- an account's own crm_source -------------------------------------------------
+
+
+def test_account_crm_source_is_laid_over_the_deployment_default(shipped_raw):
+    raw = copy.deepcopy(shipped_raw)
+    first_account(raw)["crm_source"] = {"encoding": "utf-8", "delimiter": ",", "columns": {"outcome": "Result"}}
+    settings = parse_settings(raw)
+    account = settings.account(ACCOUNT)
+    merged = settings.crm_source_for(account)
+    assert (merged.encoding, merged.delimiter) == ("utf-8", ",")
+    assert merged.columns.outcome == "Result"
+    # keys the account does not name come from the deployment
+    assert merged.decimal == settings.crm_source.decimal
+    assert merged.columns.caller_phone == settings.crm_source.columns.caller_phone
+    assert merged.landing_uri == settings.crm_source.landing_uri
+    assert settings.crm_source.delimiter == ";"  # the default itself is unchanged
+
+
+def test_unknown_key_in_an_account_crm_source(tmp_path, shipped_raw):
+    path, message = broken_message(
+        tmp_path, shipped_raw, lambda r: first_account(r).update(crm_source={"delimeter": ","})
+    )
+    assert message == f"{path}: accounts[nordic_plumbing].crm_source.delimeter: unknown key"
+
+
+def test_unknown_column_in_an_account_crm_source(tmp_path, shipped_raw):
+    path, message = broken_message(
+        tmp_path, shipped_raw, lambda r: first_account(r).update(crm_source={"columns": {"phone_nr": "x"}})
+    )
+    assert "account 'nordic_plumbing': crm_source.columns.phone_nr: unknown key" in message
+
+
+def test_bad_delimiter_in_an_account_crm_source(tmp_path, shipped_raw):
+    path, message = broken_message(
+        tmp_path, shipped_raw, lambda r: first_account(r).update(crm_source={"delimiter": ";;"})
+    )
+    assert "account 'nordic_plumbing': crm_source.delimiter" in message
+    assert "single character" in message
