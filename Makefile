@@ -38,9 +38,12 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# Two workers, a test file each at a time: each worker has its own warehouse schema and Airflow
+# home (tests/conftest.py). TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 # standalone starts the scheduler, api-server, dag-processor and triggerer as `airflow ...` by
 # name, so the venv's bin directory must be on PATH. AIRFLOW__API__PORT=8090 make airflow moves

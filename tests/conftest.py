@@ -15,6 +15,11 @@ import pytest
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Airflow reads its home at import: keep tests off ~/airflow and away from the demo's.
 os.environ.setdefault("AIRFLOW_HOME", str(PROJECT_ROOT / ".airflow" / "test"))
+# Under pytest-xdist every worker is a session of its own: its own Airflow home (a SQLite
+# metadata DB is one writer), as it has its own warehouse schema (pg_schema_url).
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if XDIST_WORKER:
+    os.environ["AIRFLOW_HOME"] = str(Path(os.environ["AIRFLOW_HOME"]) / f"xdist-{XDIST_WORKER}")
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(PROJECT_ROOT / "dags"))
 

@@ -1,4 +1,4 @@
-"""Every DAG file imports cleanly, registers DAGs with tags, retries and explicit catchup, and parses fast.
+"""Every DAG file imports cleanly, registers DAGs with tags, retries and explicit catchup, and loads nothing heavy.
 
 Nothing is mocked: a DAG file that reads a connection or a Variable at parse
 time has no connection to read here, and fails this test.
@@ -7,6 +7,7 @@ time has no connection to read here, and fails this test.
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +16,10 @@ import pytest
 
 DAGS_DIR = Path(__file__).resolve().parents[2] / "dags"
 DAG_FILES = sorted(DAGS_DIR.glob("*.py"))
-# Airflow's own limit: the DAG processor kills a parse after core.dagbag_import_timeout
-# (30 s by default). Anything tighter is a timing assertion that flakes on a loaded CI;
-# heavy imports are caught structurally by test_no_heavy_imports_at_top_level.
-PARSE_BUDGET_SECONDS = 30.0
+# What a DAG file must not load at parse time: the stages' libraries belong inside tasks.
+# phonenumbers is allowed: the config checks each account's region against its region list
+# (about 14 ms to import).
+HEAVY_PACKAGES = {"pandas", "great_expectations", "grpc", "tink", "googleapiclient", "altair"}
 # Checks of the data or of a request: a retry cannot change their answer.
 VALIDATION_TASKS = ("take_in_crm_extracts", "plan")
 
@@ -63,16 +64,24 @@ def test_dags_have_tags_retries_and_explicit_catchup(dag_bag):
 
 
 @pytest.mark.parametrize("dag_file", DAG_FILES, ids=lambda p: p.name)
-def test_parse_time_is_bounded(dag_file):
-    """Parse in a fresh interpreter, after Airflow itself is imported, as the DAG processor does."""
+def test_parsing_loads_no_heavy_module(dag_file):
+    """Parse in a fresh interpreter, after Airflow itself is imported, as the DAG processor does.
+
+    What makes a parse slow is what it loads, so that is what is checked, not the seconds a
+    loaded machine happens to take: no module of a heavy package is loaded by the parse,
+    whether imported at the top of the DAG file or through anything it imports.
+    """
     script = (
-        "import time, runpy, airflow.sdk\n"
-        f"start = time.perf_counter(); runpy.run_path({str(dag_file)!r}); print(time.perf_counter() - start)\n"
+        "import json, runpy, sys, airflow.sdk\n"
+        "before = set(sys.modules)\n"
+        f"runpy.run_path({str(dag_file)!r})\n"
+        "print(json.dumps(sorted(set(sys.modules) - before)))\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    seconds = float(result.stdout.strip().splitlines()[-1])
-    assert seconds < PARSE_BUDGET_SECONDS, f"{dag_file.name} took {seconds:.2f}s to parse"
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    heavy = sorted(name for name in loaded if name.split(".")[0] in HEAVY_PACKAGES or name.startswith("google.ads"))
+    assert heavy == [], f"parsing {dag_file.name} loads {heavy[:10]}"
 
 
 @pytest.mark.parametrize("dag_file", DAG_FILES, ids=lambda p: p.name)

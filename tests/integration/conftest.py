@@ -25,7 +25,9 @@ _SESSION_KEYRING = Keyring({"test-2026-11": os.urandom(32)}, "test-2026-11")
 
 # gRPC reads its trusted roots once per process, when the first TLS channel is
 # made, so the sandbox certificate is trusted before any test runs.
-SANDBOX_CERT_DIR = Path(tempfile.gettempdir()) / f"callconv-sandbox-tests-{os.getuid()}"
+SANDBOX_CERT_DIR = Path(tempfile.gettempdir()) / (
+    f"callconv-sandbox-tests-{os.getuid()}{os.environ.get('PYTEST_XDIST_WORKER', '')}"
+)
 SANDBOX_CERT, _ = ensure_certificate(SANDBOX_CERT_DIR)
 os.environ[SSL_ROOTS_ENV_VAR] = str(SANDBOX_CERT)
 
