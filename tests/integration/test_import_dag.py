@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
@@ -187,7 +188,9 @@ def snapshot(engine) -> dict:
 
 
 def test_one_day_gives_the_known_matches_quarantine_and_reasons(project, warehouse, sandbox, test_keyring):
+    started = time.monotonic()
     dag_run = run_import_dag(datetime(2026, 11, 28, tzinfo=OSLO))
+    run_seconds = time.monotonic() - started
     assert dag_run.state == "success"
     assert dag_run.data_interval_start == oslo("2026-11-27 00:00:00")
     assert dag_run.data_interval_end == oslo("2026-11-28 00:00:00")
@@ -226,7 +229,9 @@ def test_one_day_gives_the_known_matches_quarantine_and_reasons(project, warehou
     assert summary["match"]["matched"] == 5 and summary["match"]["conversions"] == 4
     assert summary["upload"]["accepted"] == 4
     stages = ("intake", "call_logs", "match", "conversion_file", "upload")
-    assert all(0 < summary[stage]["seconds"] < 120 for stage in stages), {s: summary[s]["seconds"] for s in stages}
+    # Each stage records its own duration in seconds: positive, and together within the run.
+    seconds = {stage: summary[stage]["seconds"] for stage in stages}
+    assert all(value > 0 for value in seconds.values()) and sum(seconds.values()) <= run_seconds, (seconds, run_seconds)
     accepted = {(c.caller_id, c.conversion_date_time, c.conversion_action) for c in sandbox.accepted()}
     assert ("+4791234567", "2026-11-27 10:00:00+01:00", "customers/1112223333/conversionActions/111") in accepted
     assert len(accepted) == 4
