@@ -45,10 +45,12 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
-# standalone starts the scheduler, api-server, dag-processor and triggerer as `airflow ...` by
-# name, so the venv's bin directory must be on PATH. AIRFLOW__API__PORT=8090 make airflow moves
-# the UI; the task runner then reaches the execution API on that port too. Conversion and sale
-# keys are HMACs under the pseudonym keyring: unless its connection is set, one kept in var/.
+# Airflow for trying the project in a browser, under the FAB auth manager (standalone would force
+# the simple one, where every user is an admin): callconv.local_airflow migrates, makes the admin
+# user (password in $(AIRFLOW_HOME)/admin-password) and each account's access_role, then starts
+# the api-server, scheduler, dag-processor and triggerer. AIRFLOW__API__PORT=8090 make airflow
+# moves the UI; the task runner then reaches the execution API on that port too. Conversion and
+# sale keys are HMACs under the pseudonym keyring: unless its connection is set, one kept in var/.
 airflow: export AIRFLOW__API__PORT ?= 8080
 airflow: export AIRFLOW__CORE__EXECUTION_API_SERVER_URL ?= http://localhost:$(AIRFLOW__API__PORT)/execution/
 airflow: $(STAMP)
@@ -56,7 +58,7 @@ airflow: $(STAMP)
 	export AIRFLOW_CONN_CALL_CONVERSIONS_PSEUDONYM="$${AIRFLOW_CONN_CALL_CONVERSIONS_PSEUDONYM:-$$($(BIN)/python \
 		-m callconv.pseudonyms local-connection --file var/pseudonym-keyring.json)}" \
 		&& $(BIN)/python -m callconv.warehouse migrate \
-		&& PATH="$(abspath $(BIN)):$$PATH" $(BIN)/airflow standalone
+		&& $(BIN)/python -m callconv.local_airflow --port $(AIRFLOW__API__PORT)
 
 clean:
 	rm -rf var $(AIRFLOW_HOME)

@@ -1,9 +1,10 @@
-"""``make airflow``, run as a new user runs it: the UI comes up, a login works, the DAGs are listed.
+"""``make airflow``, run as a new user runs it: the UI comes up under FAB, a login works, the DAGs are listed.
 
 The test runs the Makefile's own ``airflow`` target (so a change to the Makefile is what is
 tested) with a shell a new user has: no virtualenv activated, no ``airflow`` anywhere on
-``PATH``. ``airflow standalone`` starts its components as ``airflow ...`` by name, so a target
-that does not put the venv's ``bin`` on ``PATH`` never serves the UI.
+``PATH``. The components are started as ``airflow ...`` by name, so a target that does not put
+the venv's ``bin`` on ``PATH`` never serves the UI. The auth manager is FAB's (standalone would
+force the simple one): the admin's password comes from the Airflow home, and a wrong one is refused.
 
 Everything runs in a temporary Airflow home with SQLite, on a free port given by
 ``AIRFLOW__API__PORT``, with a warehouse of its own. The venv is the one running the tests,
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from airflow_cli import PROJECT, free_port, stop
 
 pytestmark = pytest.mark.integration
@@ -33,6 +35,7 @@ START_SECONDS = 240
 PROJECT_DAGS = {"call_conversions_import__nordic_plumbing", "call_conversions_rerun", "call_conversions_retention"}
 COMPONENTS = ("metadatabase", "scheduler", "triggerer", "dag_processor")
 NO_AIRFLOW_ON_PATH = "No such file or directory: 'airflow'"
+TEAM_ROLE = "plumbing_team"
 
 
 def new_user_environment(port: int) -> dict[str, str]:
@@ -116,11 +119,17 @@ def test_make_airflow_serves_a_healthy_ui_with_login_and_the_project_dags(tmp_pa
         f"AIRFLOW_HOME={home}",
         f"CALL_CONVERSIONS_WAREHOUSE_URL=sqlite:///{tmp_path / 'warehouse.db'}",
     ]
+    # The project's config, with a team role on its account: make airflow creates the role.
+    config = yaml.safe_load((PROJECT / "config" / "call_conversions.yaml").read_text(encoding="utf-8"))
+    config["accounts"][0]["access_role"] = TEAM_ROLE
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    env = new_user_environment(port)
+    env["CALL_CONVERSIONS_CONFIG"] = str(tmp_path / "config.yaml")
     log_path = tmp_path / "make-airflow.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(
             command,
-            env=new_user_environment(port),
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -137,10 +146,12 @@ def test_make_airflow_serves_a_healthy_ui_with_login_and_the_project_dags(tmp_pa
         health = startup.until("healthy /api/v2/monitor/health", healthy)
         assert {part: health[part]["status"] for part in COMPONENTS} == dict.fromkeys(COMPONENTS, "healthy")
 
-        # The simple auth manager's admin password, which standalone generated and printed.
-        password_file = home / "simple_auth_manager_passwords.json.generated"
-        password = startup.until("admin password file", lambda: json.loads(password_file.read_text()).get("admin"))
+        # The FAB admin's password, generated once into the Airflow home and printed at start.
+        password_file = home / "admin-password"
+        password = startup.until("admin password file", lambda: password_file.read_text().strip())
+        assert oct(password_file.stat().st_mode & 0o777) == "0o600"
         assert password in log_path.read_text(errors="replace")
+        assert "Forcing auth manager" not in log_path.read_text(errors="replace")
         status, _ = api(port, "POST", "/auth/token", body={"username": "admin", "password": password + "x"})
         assert status == 401
         status, answer = api(port, "POST", "/auth/token", body={"username": "admin", "password": password})
@@ -159,6 +170,14 @@ def test_make_airflow_serves_a_healthy_ui_with_login_and_the_project_dags(tmp_pa
         assert PROJECT_DAGS <= dag_ids
         status, errors = api(port, "GET", "/api/v2/importErrors", token=token)
         assert (status, errors["total_entries"]) == (200, 0), errors
+
+        # The account's role: its DAG through access_control, the pages' global reads, no global DAG access.
+        status, role = api(port, "GET", f"/auth/fab/v1/roles/{TEAM_ROLE}", token=token)
+        assert status == 200, role
+        granted = {(item["action"]["name"], item["resource"]["name"]) for item in role["actions"]}
+        assert ("can_read", "DAG:call_conversions_import__nordic_plumbing") in granted, granted
+        assert {("can_read", "Task Logs"), ("can_read", "XComs")} <= granted
+        assert ("can_read", "DAGs") not in granted and ("can_edit", "DAGs") not in granted
     finally:
         stop([process])
     assert NO_AIRFLOW_ON_PATH not in log_path.read_text(errors="replace")
