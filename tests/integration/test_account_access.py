@@ -34,7 +34,16 @@ pytestmark = pytest.mark.integration
 FAB_AUTH_MANAGER = "airflow.providers.fab.auth_manager.fab_auth_manager.FabAuthManager"
 WAREHOUSE_CONN_ID = "call_conversions_warehouse"
 # The global permissions the README's "Per-account access" gives an account's role.
-ROLE_RESOURCES = ("DAG Runs", "Task Instances", "Task Logs", "XComs", "Website")
+ROLE_RESOURCES = (
+    "DAG Runs",
+    "Task Instances",
+    "Task Logs",
+    "XComs",
+    "HITL Detail",
+    "DAG Versions",
+    "DAG Warnings",
+    "Website",
+)
 # account: (role, user, password)
 ACCOUNTS = {
     "north_shop": ("north_team", "north_user", "north-password"),
@@ -188,8 +197,18 @@ def test_a_user_reads_its_own_account(access_server, account):
     port, headers = access_server
     mine = headers[account]
 
-    status, _, text = get(port, mine, f"/api/v2/dags/{dag_id(account)}")
-    assert status == 200, text[:300]
+    # The DAG, and what the Airflow UI reads for its pages.
+    for path in (
+        f"/api/v2/dags/{dag_id(account)}",
+        f"/api/v2/dags/{dag_id(account)}/details",
+        f"/api/v2/dags/{dag_id(account)}/tasks",
+        f"/api/v2/dags/{dag_id(account)}/dagVersions",
+        f"/ui/grid/structure/{dag_id(account)}",
+        f"/ui/grid/runs/{dag_id(account)}",
+        f"/ui/dags/{dag_id(account)}/latest_run",
+    ):
+        status, _, text = get(port, mine, path)
+        assert status == 200, f"{account}'s user got {path}: {status} {text[:300]}"
     status, _, text = get(port, mine, f"/api/v2/dags/{dag_id(account)}/dagRuns")
     assert status == 200 and [run["dag_run_id"] for run in json.loads(text)["dag_runs"]] == [RUN_ID], text[:300]
     status, _, text = get(port, mine, f"/api/v2/dags/{dag_id(account)}/dagRuns/{RUN_ID}/taskInstances")
@@ -210,20 +229,34 @@ def test_a_user_is_refused_the_other_account(access_server, account):
     port, headers = access_server
     mine, theirs = headers[account], other(account)
 
-    refused = {
-        "the DAG": f"/api/v2/dags/{dag_id(theirs)}",
-        "its runs": f"/api/v2/dags/{dag_id(theirs)}/dagRuns",
-        "its run": f"/api/v2/dags/{dag_id(theirs)}/dagRuns/{RUN_ID}",
-        "its task instances": f"/api/v2/dags/{dag_id(theirs)}/dagRuns/{RUN_ID}/taskInstances",
-        "its task instance": task_path(theirs),
-        "the task log": f"{task_path(theirs)}/logs/1",
-        "the XComs": f"{task_path(theirs)}/xcomEntries",
-        "the XCom": f"{task_path(theirs)}/xcomEntries/return_value",
-    }
-    for what, path in refused.items():
-        status, _, text = get(port, mine, path)
-        assert status in (403, 404), f"{account}'s user got {what} of {theirs}: {status} {text[:300]}"
-        assert log_marker(theirs) not in text and xcom_marker(theirs) not in text
+    their_dag, their_run = dag_id(theirs), f"/api/v2/dags/{dag_id(theirs)}/dagRuns/{RUN_ID}"
+    refused = [
+        f"/api/v2/dags/{their_dag}",
+        f"/api/v2/dags/{their_dag}/details",
+        f"/api/v2/dags/{their_dag}/tasks",
+        f"/api/v2/dags/{their_dag}/dagVersions",
+        f"/api/v2/dagSources/{their_dag}",
+        f"/api/v2/dags/{their_dag}/dagRuns",
+        their_run,
+        f"{their_run}/taskInstances",
+        task_path(theirs),
+        f"{task_path(theirs)}/tries",
+        f"{task_path(theirs)}/logs/1",
+        f"{task_path(theirs)}/xcomEntries",
+        f"{task_path(theirs)}/xcomEntries/return_value",
+        # What the Airflow UI itself reads for a DAG's pages.
+        f"/ui/grid/structure/{their_dag}",
+        f"/ui/grid/runs/{their_dag}",
+        f"/ui/grid/ti_summaries/{their_dag}?run_ids={RUN_ID}",
+        f"/ui/structure/structure_data?dag_id={their_dag}",
+        f"/ui/calendar/{their_dag}",
+        f"/ui/dags/{their_dag}/latest_run",
+        f"/ui/gantt/{their_dag}/{RUN_ID}",
+        f"/ui/dags/{their_dag}/dagRuns/{RUN_ID}/stats",
+    ]
+    answers = {path: get(port, mine, path) for path in refused}
+    leaks = {path: (status, text[:200]) for path, (status, _, text) in answers.items() if status != 403}
+    assert not leaks, f"{account}'s user was not refused (403) on {theirs}: {leaks}"
     status, _, text = request(
         "POST",
         port,
@@ -234,12 +267,18 @@ def test_a_user_is_refused_the_other_account(access_server, account):
     assert status == 403, f"{account}'s user triggered {dag_id(theirs)}: {status} {text[:300]}"
 
     # The lists across DAGs hold the user's own account only.
-    status, _, text = get(port, mine, "/api/v2/dags")
-    assert status == 200 and {dag["dag_id"] for dag in json.loads(text)["dags"]} == {dag_id(account)}, text[:300]
-    status, _, text = get(port, mine, "/api/v2/dags/~/dagRuns")
-    assert status == 200 and {run["dag_id"] for run in json.loads(text)["dag_runs"]} == {dag_id(account)}
-    status, _, text = get(port, mine, "/api/v2/dags/~/dagRuns/~/taskInstances/~/xcomEntries")
-    assert status == 200 and {x["dag_id"] for x in json.loads(text)["xcom_entries"]} == {dag_id(account)}
+    for path, key in (
+        ("/api/v2/dags", "dags"),
+        ("/ui/dags", "dags"),
+        ("/api/v2/dags/~/dagRuns", "dag_runs"),
+        ("/api/v2/dags/~/dagRuns/~/taskInstances", "task_instances"),
+        ("/api/v2/dags/~/dagRuns/~/taskInstances/~/xcomEntries", "xcom_entries"),
+        ("/api/v2/dags/~/dagVersions", "dag_versions"),
+    ):
+        status, _, text = get(port, mine, path)
+        assert status == 200, f"{account}'s user got {path}: {status} {text[:300]}"
+        listed = {entry["dag_id"] for entry in json.loads(text)[key]}
+        assert listed == {dag_id(account)}, f"{path} lists {listed} to {account}'s user"
 
     status, _, text = get(port, mine, "/call-conversions/", Accept="text/html")
     assert status == 200 and theirs not in text, f"the page shows {theirs} to {account}'s user"
