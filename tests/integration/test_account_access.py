@@ -180,6 +180,12 @@ def access_server(pg_schema_url, tmp_path_factory):
         yield port, headers
 
 
+def backfill_dry_run(port: int, headers: dict, dag: str):
+    """What a backfill of two days would create; nothing is created."""
+    body = {"dag_id": dag, "from_date": "2026-11-10T00:00:00+00:00", "to_date": "2026-11-11T23:00:00+00:00"}
+    return request("POST", port, "/api/v2/backfills/dry_run", headers=headers, body=body)
+
+
 def other(account: str) -> str:
     return next(name for name in ACCOUNTS if name != account)
 
@@ -217,6 +223,10 @@ def test_a_user_reads_its_own_account(access_server, account):
     assert status == 200 and log_marker(account) in text, text[:500]
     status, _, text = get(port, mine, f"{task_path(account)}/xcomEntries/return_value")
     assert status == 200 and json.loads(text)["value"] == {"marker": xcom_marker(account)}, text[:300]
+
+    # The README's way for a team to redo its days: a backfill of its own DAG.
+    status, _, text = backfill_dry_run(port, mine, dag_id(account))
+    assert status == 200 and json.loads(text)["backfills"], f"{account}'s backfill dry run: {status} {text[:300]}"
 
     for query in ("", f"?account={account}"):
         status, _, text = get(port, mine, f"/call-conversions/{query}", Accept="text/html")
@@ -265,6 +275,8 @@ def test_a_user_is_refused_the_other_account(access_server, account):
         body={"dag_run_id": "manual__intruder", "logical_date": "2026-11-21T23:00:00+00:00", "conf": {}},
     )
     assert status == 403, f"{account}'s user triggered {dag_id(theirs)}: {status} {text[:300]}"
+    status, _, text = backfill_dry_run(port, mine, dag_id(theirs))
+    assert status == 403, f"{account}'s user may backfill {dag_id(theirs)}: {status} {text[:300]}"
 
     # The lists across DAGs hold the user's own account only.
     for path, key in (
