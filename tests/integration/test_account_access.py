@@ -92,6 +92,9 @@ def seed_task_data(env: dict, account: str) -> None:
             )
             assert updated.rowcount == 1, f"the triggered run of {account} has no {TASK_ID} task instance"
             connection.execute(
+                sa.text("update dag_run set state = 'success' where dag_id = :dag_id and run_id = :run_id"), keys
+            )
+            connection.execute(
                 sa.text(
                     "insert into xcom (dag_run_id, task_id, map_index, key, dag_id, run_id, value, timestamp)"
                     " select id, :task_id, -1, 'return_value', dag_id, run_id, :value, '2026-11-21 00:30:00'"
@@ -181,8 +184,13 @@ def access_server(pg_schema_url, tmp_path_factory):
 
 
 def backfill_dry_run(port: int, headers: dict, dag: str):
-    """What a backfill of two days would create; nothing is created."""
-    body = {"dag_id": dag, "from_date": "2026-11-10T00:00:00+00:00", "to_date": "2026-11-11T23:00:00+00:00"}
+    """What a backfill redoing the run's day would run; nothing is created."""
+    body = {
+        "dag_id": dag,
+        "from_date": "2026-11-20T00:00:00+00:00",
+        "to_date": "2026-11-21T00:00:00+00:00",
+        "reprocess_behavior": "completed",
+    }
     return request("POST", port, "/api/v2/backfills/dry_run", headers=headers, body=body)
 
 
@@ -224,9 +232,10 @@ def test_a_user_reads_its_own_account(access_server, account):
     status, _, text = get(port, mine, f"{task_path(account)}/xcomEntries/return_value")
     assert status == 200 and json.loads(text)["value"] == {"marker": xcom_marker(account)}, text[:300]
 
-    # The README's way for a team to redo its days: a backfill of its own DAG.
+    # The README's way for a team to redo a day already run: a backfill of its own DAG.
     status, _, text = backfill_dry_run(port, mine, dag_id(account))
-    assert status == 200 and json.loads(text)["backfills"], f"{account}'s backfill dry run: {status} {text[:300]}"
+    assert status == 200, f"{account}'s backfill dry run: {status} {text[:300]}"
+    assert [run["logical_date"] for run in json.loads(text)["backfills"]] == [LOGICAL_DATE.replace("+00:00", "Z")]
 
     for query in ("", f"?account={account}"):
         status, _, text = get(port, mine, f"/call-conversions/{query}", Accept="text/html")
@@ -277,6 +286,13 @@ def test_a_user_is_refused_the_other_account(access_server, account):
     assert status == 403, f"{account}'s user triggered {dag_id(theirs)}: {status} {text[:300]}"
     status, _, text = backfill_dry_run(port, mine, dag_id(theirs))
     assert status == 403, f"{account}'s user may backfill {dag_id(theirs)}: {status} {text[:300]}"
+    for method, path, body in (
+        ("PATCH", f"/api/v2/dags/{their_dag}", {"is_paused": False}),
+        ("POST", f"/api/v2/dags/{their_dag}/clearTaskInstances", {"dry_run": True, "dag_run_id": RUN_ID}),
+        ("PATCH", f"{task_path(theirs)}", {"new_state": "failed"}),
+    ):
+        status, _, text = request(method, port, path, headers=mine, body=body)
+        assert status == 403, f"{account}'s user may {method} {path}: {status} {text[:300]}"
 
     # The lists across DAGs hold the user's own account only.
     for path, key in (
