@@ -28,8 +28,8 @@ works too.
 **Access.** A run may cover several accounts, and whoever can read this DAG reads all of
 its runs' logs and XComs, so no account's role is granted it (`access_control={}`): only
 operators with global DAG permissions (Admin, Op) see or trigger it. An account's team
-reruns its own days through its own import DAG (trigger with a logical date, the
-`reimport`/`rematch`/`dry_run` Params, or a backfill), which its role is granted.
+reruns its own days through its own import DAG (trigger with a logical date, which matches
+the day afresh, with its `reimport` and `dry_run` Params; or a backfill), which its role is granted.
 """
 
 from __future__ import annotations
