@@ -38,7 +38,10 @@ FAB_AUTH_MANAGER = "airflow.providers.fab.auth_manager.fab_auth_manager.FabAuthM
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 ADMIN_USER = "admin"
 # What an account role needs beyond its DAG's access_control to open the DAG's pages.
-ACCOUNT_ROLE_RESOURCES = ("Task Instances", "Task Logs", "XComs", "Website", "DAG Runs")
+ACCOUNT_ROLE_RESOURCES = (
+    "DAG Runs", "Task Instances", "Task Logs", "XComs", "HITL Detail", "DAG Versions", "DAG Warnings", "Plugins",
+    "Website",
+)  # fmt: skip
 
 
 def airflow_environment(base: dict[str, str] | None = None) -> dict[str, str]:

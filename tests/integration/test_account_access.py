@@ -29,22 +29,14 @@ import yaml
 from airflow_cli import PROJECT, airflow, airflow_env, background, free_port, metadata_url, wait_for_port
 from test_ui_page import request
 
+from callconv.local_airflow import ACCOUNT_ROLE_RESOURCES, FAB_AUTH_MANAGER
+
 pytestmark = pytest.mark.integration
 
-FAB_AUTH_MANAGER = "airflow.providers.fab.auth_manager.fab_auth_manager.FabAuthManager"
 WAREHOUSE_CONN_ID = "call_conversions_warehouse"
-# The global permissions the README's "Per-account access" gives an account's role.
-ROLE_RESOURCES = (
-    "DAG Runs",
-    "Task Instances",
-    "Task Logs",
-    "XComs",
-    "HITL Detail",
-    "DAG Versions",
-    "DAG Warnings",
-    "Plugins",
-    "Website",
-)
+# The global permissions the README's "Per-account access" gives an account's role, and
+# make airflow gives each configured access_role: one list, so the tested one is the shipped one.
+ROLE_RESOURCES = ACCOUNT_ROLE_RESOURCES
 # account: (role, user, password)
 ACCOUNTS = {
     "north_shop": ("north_team", "north_user", "north-password"),
