@@ -173,15 +173,29 @@ def _rerun(first: date, last: date):
 
 @pytest.fixture(scope="module")
 def journey(tmp_path_factory, pg_schema_url, airflow_db, session_pseudonym_keys, sandbox_cert) -> Journey:
-    root = tmp_path_factory.mktemp("dm_dag")
     box = DataManagerSandbox([DmAction(CUSTOMER, ACTION)], cert_dir=sandbox_cert.parent, processing_polls=1)
     endpoint = box.start()
     engine = sa.create_engine(pg_schema_url)
-    calls: list[dict] = []
-    _write_landing(root / "landing", calls)
+    try:
+        yield _journey(tmp_path_factory.mktemp("dm_dag"), box, endpoint, engine, pg_schema_url, session_pseudonym_keys)
+    finally:
+        box.stop()
+        _empty(engine)
+        engine.dispose()
+
+
+def _empty(engine) -> None:
     with engine.begin() as connection:
         for table in reversed(metadata.sorted_tables):
             connection.execute(table.delete())
+
+
+def _journey(root, box, endpoint, engine, pg_schema_url, pseudonym_keys) -> Journey:
+    """The six days, each run recorded as a snapshot; then Google processes what it took."""
+    calls: list[dict] = []
+    _write_landing(root / "landing", calls)
+    _empty(engine)
+    with engine.begin() as connection:
         connection.execute(call_logs.insert(), calls)
     config = {
         "export_uri": str(root / "export"),
@@ -221,7 +235,7 @@ def journey(tmp_path_factory, pg_schema_url, airflow_db, session_pseudonym_keys,
         env.setenv(DEFAULT_KEYS_ENV_VAR, Keyring({"dm-dag": os.urandom(32)}, "dm-dag").to_text())
         env.setenv(
             "AIRFLOW_CONN_CALL_CONVERSIONS_PSEUDONYM",
-            json.dumps({"conn_type": "generic", "password": session_pseudonym_keys.to_text()}),
+            json.dumps({"conn_type": "generic", "password": pseudonym_keys.to_text()}),
         )
         env.setenv(
             "AIRFLOW_CONN_DM_DAG_WAREHOUSE",
@@ -249,9 +263,7 @@ def journey(tmp_path_factory, pg_schema_url, airflow_db, session_pseudonym_keys,
     for request_id in list(box.requests):
         box.retrieve(request_id)
     accepted = Counter(key[2] for key in box.accepted)
-    yield Journey(box, runs, list(box.received), accepted)
-    box.stop()
-    engine.dispose()
+    return Journey(box, runs, list(box.received), accepted)
 
 
 def states(snapshot: Snapshot, day_index: int) -> list[str]:
