@@ -4,8 +4,8 @@
 For analysts, from **Trigger** in the UI. Pick a date range (account-local days,
 both ends included), the accounts, and:
 
-- `dry_run`: upload with `validate_only`; nothing is recorded as uploaded (accounts
-  with `delivery: api`; a file is published as it is);
+- `dry_run`: upload with `validate_only` (`validateOnly` for `delivery: data_manager`);
+  nothing is recorded as uploaded (a file is published as it is);
 - `rematch`: match the days' sales afresh (late call logs, changed rules). Conversions
   already uploaded are frozen and never sent again, whatever the setting;
 - `reimport`: read the days' CRM files again even if already imported.
@@ -13,12 +13,14 @@ both ends included), the accounts, and:
 Airflow refuses a trigger whose form breaks the Params' schema: a missing or malformed
 date, no account, an account that is not in the config, or one chosen twice. **plan**
 then refuses, before any day runs, an end before the start and a range of more than
-366 days. **api_days** and **file_days** pick the planned days of the accounts that
-deliver each way.
+366 days. **api_days**, **file_days** and **dm_days** pick the planned days of the
+accounts that deliver each way.
 
 Each (account, day) runs the same steps as the daily import, with the day's
 local-midnight window, in a mapped task group named after the account's delivery:
-**api_day** ends in `upload_conversions`, **file_day** in `publish_conversion_file`.
+**api_day** ends in `upload_conversions`, **file_day** in `publish_conversion_file`,
+**dm_day** in `deliver_through_data_manager` (it settles the account's earlier requests
+from `requestStatus`, then sends its due events).
 A group is built only when the config has an account that delivers that way, and a
 mapped instance is labelled with its account and day. Parked and pending rows are
 shared with the daily runs through the ledger, so nothing is duplicated. For a plain
@@ -185,6 +187,13 @@ def _rerun_dag(account_ids: list[str], deliveries: dict[str, str], timezone: str
 
             return run(account_id, context, day=day)
 
+        @task(retries=3, retry_delay=timedelta(minutes=10), max_active_tis_per_dagrun=1)
+        def deliver_through_data_manager(account_id: str, day: str, **context) -> dict:
+            """Settles the account's earlier requests, then sends its due events."""
+            from callconv.steps import deliver_through_data_manager as run
+
+            return run(account_id, context, dry_run=bool(context["params"]["dry_run"]), day=day)
+
         @task_group(default_args={"map_index_template": DAY_LABEL})
         def api_day(account_id: str, day: str):
             """One day of an account that uploads through the Google Ads API."""
@@ -197,12 +206,20 @@ def _rerun_dag(account_ids: list[str], deliveries: dict[str, str], timezone: str
             delivered = publish_conversion_file(account_id=account_id, day=day)
             day_steps(account_id, day) >> delivered >> check_anomalies(account_id=account_id, day=day)
 
+        @task_group(default_args={"map_index_template": DAY_LABEL})
+        def dm_day(account_id: str, day: str):
+            """One day of an account that delivers through the Data Manager API."""
+            delivered = deliver_through_data_manager(account_id=account_id, day=day)
+            day_steps(account_id, day) >> delivered >> check_anomalies(account_id=account_id, day=day)
+
         planned = plan()
         # Only the groups some configured account needs are built.
         if "api" in deliveries.values():
             api_day.expand_kwargs(days_delivered_by.override(task_id="api_days")("api", planned))
         if "file" in deliveries.values():
             file_day.expand_kwargs(days_delivered_by.override(task_id="file_days")("file", planned))
+        if "data_manager" in deliveries.values():
+            dm_day.expand_kwargs(days_delivered_by.override(task_id="dm_days")("data_manager", planned))
 
     return call_conversions_rerun()
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import date, timedelta
 
 MAX_DAYS = 366
+# Every delivery the rerun DAG has a mapped group for (the config allows no other).
+DELIVERIES = ("api", "file", "data_manager")
 
 
 class RerunRequestError(ValueError):
@@ -34,13 +36,9 @@ def split_by_delivery(plan: list[dict], deliveries: dict[str, str]) -> dict[str,
     """The plan's (account, day) pairs by the accounts' delivery, each in the plan's order.
 
     The rerun DAG maps one task group per delivery over these lists, so each day gets only the
-    delivery task that applies to its account. Both keys are always there, empty or not.
+    delivery task that applies to its account. Every delivery's key is always there, empty or not.
     """
-    split: dict[str, list[dict]] = {"api": [], "file": []}
+    split: dict[str, list[dict]] = {delivery: [] for delivery in DELIVERIES}
     for item in plan:
-        delivery = deliveries[item["account_id"]]
-        if delivery not in split:
-            # Not yet wired into the rerun DAG: refuse rather than rerun a day without its delivery.
-            raise ValueError(f"account {item['account_id']!r}: the rerun DAG cannot yet deliver by {delivery!r}")
-        split[delivery].append(item)
+        split[deliveries[item["account_id"]]].append(item)
     return split

@@ -163,15 +163,22 @@ def test_the_rerun_maps_one_group_per_delivery_each_with_its_own_delivery_task(d
         by_group.setdefault(group, set()).add(name)
     steps = {"take_in_crm_extracts", "normalise_call_logs", "match_sales", "write_conversion_file", "check_anomalies"}
     assert by_group == {
-        "": {"plan", "api_days", "file_days"},
+        "": {"plan", "api_days", "file_days", "dm_days"},
         "api_day": steps | {"upload_conversions"},
         "file_day": steps | {"publish_conversion_file"},
+        "dm_day": steps | {"deliver_through_data_manager"},
     }
     upstream = {task_id: dag.get_task(task_id).upstream_task_ids for task_id in dag.task_ids}
     assert upstream["api_day.upload_conversions"] == {"api_days", "api_day.write_conversion_file"}
     assert upstream["file_day.check_anomalies"] == {"file_days", "file_day.publish_conversion_file"}
+    assert upstream["dm_day.deliver_through_data_manager"] == {"dm_days", "dm_day.write_conversion_file"}
+    assert upstream["dm_day.check_anomalies"] == {"dm_days", "dm_day.deliver_through_data_manager"}
     # Each delivery takes turns with the other days of the run.
-    for task_id in ("api_day.upload_conversions", "file_day.publish_conversion_file"):
+    for task_id in (
+        "api_day.upload_conversions",
+        "file_day.publish_conversion_file",
+        "dm_day.deliver_through_data_manager",
+    ):
         assert dag.get_task(task_id).max_active_tis_per_dagrun == 1
 
 
@@ -182,6 +189,7 @@ def test_a_rerun_builds_no_group_that_no_account_needs():
     groups = {task.task_id.rpartition(".")[0] for task in dag.tasks}
     assert groups == {"", "file_day"}
     assert "api_days" not in names(dag) and "upload_conversions" not in names(dag)
+    assert "dm_days" not in names(dag) and "deliver_through_data_manager" not in names(dag)
 
 
 def test_each_mapped_day_is_labelled_with_its_account_and_day(dag_bag):
@@ -199,13 +207,14 @@ def test_each_mapped_day_is_labelled_with_its_account_and_day(dag_bag):
 def test_the_split_keeps_the_plans_order_per_delivery():
     from callconv.rerun import plan_days, split_by_delivery
 
-    plan = plan_days("2026-10-24", "2026-10-25", [FILE, API], [API, FILE])
-    split = split_by_delivery(plan, {API: "api", FILE: "file"})
+    plan = plan_days("2026-10-24", "2026-10-25", [FILE, DM, API], [API, FILE, DM])
+    split = split_by_delivery(plan, {API: "api", FILE: "file", DM: "data_manager"})
     assert split == {
         "api": [{"account_id": API, "day": "2026-10-24"}, {"account_id": API, "day": "2026-10-25"}],
         "file": [{"account_id": FILE, "day": "2026-10-24"}, {"account_id": FILE, "day": "2026-10-25"}],
+        "data_manager": [{"account_id": DM, "day": "2026-10-24"}, {"account_id": DM, "day": "2026-10-25"}],
     }
-    assert split_by_delivery([], {API: "api"}) == {"api": [], "file": []}
+    assert split_by_delivery([], {API: "api"}) == {"api": [], "file": [], "data_manager": []}
 
 
 # ------------------------------------------------------------------ the rerun's trigger form

@@ -1,7 +1,7 @@
 """Any worker can run any task: tasks hand over data through the warehouse and storage, not local disk.
 
 The only XCom a task consumes is the rerun DAG's plan of (account, day) pairs, and
-its split by delivery (api_days, file_days); everything else flows through the warehouse.
+its split by delivery (api_days, file_days, dm_days); everything else flows through the warehouse.
 Paths never travel between tasks.
 """
 
@@ -16,6 +16,7 @@ ALLOWED_XCOM_PRODUCERS = {
     ("call_conversions_rerun", "plan"),
     ("call_conversions_rerun", "api_days"),
     ("call_conversions_rerun", "file_days"),
+    ("call_conversions_rerun", "dm_days"),
 }
 
 

@@ -1,6 +1,6 @@
 """Data Manager delivery and settling on PostgreSQL against the HTTPS sandbox, through the real client.
 
-(Not yet through the DAGs: the DAG wiring is still to come.)
+Through the DAGs: test_data_manager_dag.py.
 """
 
 from __future__ import annotations

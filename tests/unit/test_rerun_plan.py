@@ -76,8 +76,9 @@ def test_trigger_form_needs_dates(rerun_params):
         form(rerun_params, accounts=["nordic_plumbing"])
 
 
-def test_a_data_manager_account_is_refused_by_the_rerun_until_it_is_wired():
+def test_a_data_manager_account_gets_days_of_its_own_delivery():
     from callconv.rerun import split_by_delivery
 
-    with pytest.raises(ValueError, match="cannot yet deliver by 'data_manager'"):
-        split_by_delivery([{"account_id": "dm", "day": "2026-11-02"}], {"dm": "data_manager"})
+    plan = [{"account_id": "dm", "day": "2026-11-02"}, {"account_id": "api", "day": "2026-11-02"}]
+    split = split_by_delivery(plan, {"dm": "data_manager", "api": "api"})
+    assert split == {"api": [plan[1]], "file": [], "data_manager": [plan[0]]}

@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 
 from callconv.data_manager.hashing import UnhashablePhone, hash_phone
 from callconv.schema import data_manager_requests, upload_ledger
-from callconv.upload import due_rows_paged
+from callconv.upload import WRITE_CHUNK, due_rows_paged
 
 log = logging.getLogger(__name__)
 
@@ -131,15 +132,9 @@ def _claim(engine, account, rows, *, action_id, run_id, claim_id, now, lease, wi
         )
         if not claimed:
             return [], b""
-        events = []
-        for index, row in enumerate(claimed):
-            frozen = row.sent_payload or json.dumps(event_for(account, row)).encode()
-            events.append(json.loads(frozen))
-            connection.execute(
-                sa.update(ledger)
-                .where(ledger.c.conversion_key == row.conversion_key)
-                .values(sent_payload=frozen, record_index=index)
-            )
+        frozen = [row.sent_payload or json.dumps(event_for(account, row)).encode() for row in claimed]
+        events = [json.loads(payload) for payload in frozen]
+        _store_claimed(connection, [row.conversion_key for row in claimed], frozen)
         body = json.dumps(request_body(account, action_id, events)).encode()
         connection.execute(
             data_manager_requests.insert().values(
@@ -154,6 +149,40 @@ def _claim(engine, account, rows, *, action_id, run_id, claim_id, now, lease, wi
             )
         )
     return claimed, body
+
+
+def _store_claimed(connection, keys: list[str], payloads: list[bytes]) -> None:
+    """Write each claimed row's frozen event and its index in the request body.
+
+    On PostgreSQL one ``UPDATE ... FROM unnest(...)`` per chunk, as upload.py's
+    ``_store_payloads`` does: psycopg2 runs an executemany as a round trip per row, and a
+    request holds up to 2,000 events. SQLite's executemany stays in process.
+    """
+    if connection.dialect.name != "postgresql":
+        connection.execute(
+            sa.update(upload_ledger)
+            .where(upload_ledger.c.conversion_key == sa.bindparam("b_key"))
+            .values(sent_payload=sa.bindparam("b_payload"), record_index=sa.bindparam("b_index")),
+            [{"b_key": k, "b_payload": p, "b_index": i} for i, (k, p) in enumerate(zip(keys, payloads, strict=True))],
+        )
+        return
+    for start in range(0, len(keys), WRITE_CHUNK):
+        end = min(start + WRITE_CHUNK, len(keys))
+        connection.execute(
+            _STORE_CLAIMED_PG,
+            {"keys": keys[start:end], "payloads": payloads[start:end], "indices": list(range(start, end))},
+        )
+
+
+_STORE_CLAIMED_PG = sa.text(
+    "UPDATE upload_ledger AS ledger SET sent_payload = frozen.payload, record_index = frozen.record_index"
+    " FROM unnest(:keys, :payloads, :indices) AS frozen(conversion_key, payload, record_index)"
+    " WHERE ledger.conversion_key = frozen.conversion_key"
+).bindparams(
+    sa.bindparam("keys", type_=postgresql.ARRAY(sa.String)),
+    sa.bindparam("payloads", type_=postgresql.ARRAY(sa.LargeBinary)),
+    sa.bindparam("indices", type_=postgresql.ARRAY(sa.Integer)),
+)
 
 
 _FIELD_INDEX = re.compile(r"^events\[(\d+)\]")

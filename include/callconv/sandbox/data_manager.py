@@ -18,7 +18,8 @@ accepts a request, and behaves as Google does after:
   ``PARTIAL_SUCCESS`` or ``FAILED`` with per-reason record indices;
 - duplicates accepted without an error and counted once after processing;
 - injected faults: 503, 429, a lost response (the request is taken, the answer is not
-  sent), and records that fail in processing.
+  sent), records that fail in processing, and records refused at ingest for a reason of
+  Google's own (``ingest_rejections``, a rule the local checks do not know).
 
 Every request body received is kept (``received``) so that tests can check that no phone
 number left the process unhashed.
@@ -102,6 +103,8 @@ class DataManagerSandbox:
         self.received: list[bytes] = []  # every body, as it arrived
         self.faults: deque[str] = deque()  # '503', '429', 'lost': one per ingest request, in order
         self.processing_failures: dict[str, str] = {}  # phone hash -> reason, applied at processing
+        # phone hash -> reason, refused at ingest: a rule of Google's that we do not check locally
+        self.ingest_rejections: dict[str, str] = {}
         self.requests: dict[str, _Request] = {}
         self.accepted: dict[tuple, str] = {}  # dedup key -> request id that counted it
         self.duplicates = 0
@@ -182,6 +185,10 @@ class DataManagerSandbox:
         ]
         for index, event in enumerate(events):
             violations.extend(self._event_violations(index, event))
+            for ident in (event.get("userData") or {}).get("userIdentifiers") or []:
+                if ident.get("phoneNumber") in self.ingest_rejections:
+                    reason = self.ingest_rejections[ident["phoneNumber"]]
+                    violations.append((f"events[{index}].userData.userIdentifiers.phoneNumber", reason))
         if violations:
             raise RequestRejected(400, "INVALID_ARGUMENT", violations)
         if body.get("validateOnly"):
