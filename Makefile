@@ -57,13 +57,14 @@ airflow: $(STAMP)
 
 # The demo day in the Airflow UI: seeds it, starts the sandbox and `airflow standalone` with the
 # connections set, runs the day through the scheduler (real task logs) and waits for Ctrl-C.
-# The logic is in callconv/demo_ui.py; AIRFLOW__API__PORT=8090 make ui-demo moves the UI.
+# The logic is in callconv/demo_ui.py; AIRFLOW__API__PORT=8090 make ui-demo moves the UI. `exec`:
+# on Ctrl-C make waits for the demo itself, which stops standalone and the sandbox before it exits.
 ui-demo: export AIRFLOW__API__PORT ?= 8080
 ui-demo: export AIRFLOW__CORE__EXECUTION_API_SERVER_URL ?= http://localhost:$(AIRFLOW__API__PORT)/execution/
 ui-demo: UI_DEMO_VAR ?= $(CURDIR)/var
 ui-demo: $(STAMP)
 	@mkdir -p $(UI_DEMO_VAR) $(AIRFLOW_HOME)
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m callconv.demo ui --date $(DEMO_DATE) \
+	PATH="$(abspath $(BIN)):$$PATH" exec $(BIN)/python -m callconv.demo ui --date $(DEMO_DATE) \
 		--warehouse-url "$(CALL_CONVERSIONS_WAREHOUSE_URL)" --var-dir "$(UI_DEMO_VAR)"
 
 clean:

@@ -77,7 +77,15 @@ def test_make_ui_demo_runs_the_day_through_the_scheduler_and_stops_on_ctrl_c(tmp
     log_path = tmp_path / "make-ui-demo.log"
     launched_at = datetime.now(UTC)
     with log_path.open("w") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            # As from a terminal: Ctrl-C not ignored, even where pytest itself was started in the background.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
     try:
         startup = Startup(process, log_path, SECONDS, name="make ui-demo")
         ended = startup.until(f"end of run {RUN_ID}", lambda: the_run_ended(home))
