@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -28,8 +27,6 @@ from datetime import date, datetime, timedelta
 from pathlib import Path
 
 from callconv.config import Account, Settings
-
-log = logging.getLogger(__name__)
 
 # Migrating a fresh metadata database and starting four components takes a minute or two
 # on a small machine; a bound on waiting, after which the command gives up and says why.
@@ -199,26 +196,27 @@ def run_ui(settings: Settings, warehouse_url: str, business_date: date, var_dir:
     sandbox, loaded = start_sandbox_from_warehouse(settings, engine, business_date, var_dir / "sandbox")
     print(f"Google Ads sandbox serving on {sandbox.endpoint}, knowing {loaded} forwarded calls from the warehouse")
 
-    env = standalone_env(settings, warehouse_url, sandbox, port, var_dir)
-    home = airflow_home(env)
-    home.mkdir(parents=True, exist_ok=True)
     log_path = var_dir / "ui-demo-airflow.log"
-    print(f"Starting airflow standalone in {home} (its output: {log_path}); the first start takes a minute or two")
     # Ctrl-C and SIGTERM stop everything in order, even where the shell started us with SIGINT
     # ignored (a background job); standalone, started after this, then gets Python's own handler.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
-    with open(log_path, "w") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "airflow", "standalone"],
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C reaches this command, which then stops standalone in order
-        )
     api = Api(port)
+    process: subprocess.Popen | None = None
     code = 0
     try:
+        env = standalone_env(settings, warehouse_url, sandbox, port, var_dir)
+        home = airflow_home(env)
+        home.mkdir(parents=True, exist_ok=True)
+        print(f"Starting airflow standalone in {home} (its output: {log_path}); the first start takes a minute or two")
+        with open(log_path, "w") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "airflow", "standalone"],
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches this command, which then stops standalone in order
+            )
         wait_until("healthy api-server", lambda: _healthy(api), process, log_path)
         password_file = home / PASSWORD_FILE
         password = wait_until(
@@ -235,6 +233,9 @@ def run_ui(settings: Settings, warehouse_url: str, business_date: date, var_dir:
         print(_banner(port, password, password_file, dag_id, run_id, business_date), flush=True)
         state = wait_until(f"end of run {run_id}", lambda: _ended(api, dag_id, run_id), process, log_path, 3600)
         print(f"Run {run_id} ended: {state}")
+        if state != "success":
+            print("Open the run in the UI and read the log of its failed task.")
+            code = 1
         print(summary(engine, account, business_date))
         print(f"  sandbox holds:      {len(sandbox.accepted())} accepted conversions")
         print("Everything keeps running for you to click through; Ctrl-C stops it.", flush=True)
@@ -250,7 +251,8 @@ def run_ui(settings: Settings, warehouse_url: str, business_date: date, var_dir:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not leave processes behind
             signal.signal(sig, signal.SIG_IGN)
-        stop_standalone(process)
+        if process is not None:
+            stop_standalone(process)
         accepted = len(sandbox.accepted())
         sandbox.stop()
         engine.dispose()
