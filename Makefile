@@ -15,7 +15,7 @@ export AIRFLOW__CORE__UNIT_TEST_MODE := False
 export CALL_CONVERSIONS_WAREHOUSE_URL ?= sqlite:///$(CURDIR)/var/warehouse.db
 export AIRFLOW_CONN_CALL_CONVERSIONS_WAREHOUSE ?= {"conn_type": "generic", "extra": {"sqlalchemy_url": "$(CALL_CONVERSIONS_WAREHOUSE_URL)"}}
 
-.PHONY: install demo test lint airflow migrate clean
+.PHONY: install demo ui-demo test lint airflow migrate clean
 
 install: $(STAMP)
 
@@ -59,6 +59,18 @@ airflow: $(STAMP)
 		-m callconv.pseudonyms local-connection --file var/pseudonym-keyring.json)}" \
 		&& $(BIN)/python -m callconv.warehouse migrate \
 		&& $(BIN)/python -m callconv.local_airflow --port $(AIRFLOW__API__PORT)
+
+# The demo day in the Airflow UI: seeds it, starts the sandbox and Airflow (as make airflow) with the
+# connections set, runs the day through the scheduler (real task logs) and waits for Ctrl-C.
+# The logic is in callconv/demo_ui.py; AIRFLOW__API__PORT=8090 make ui-demo moves the UI. `exec`:
+# on Ctrl-C make waits for the demo itself, which stops Airflow and the sandbox before it exits.
+ui-demo: export AIRFLOW__API__PORT ?= 8080
+ui-demo: export AIRFLOW__CORE__EXECUTION_API_SERVER_URL ?= http://localhost:$(AIRFLOW__API__PORT)/execution/
+ui-demo: UI_DEMO_VAR ?= $(CURDIR)/var
+ui-demo: $(STAMP)
+	@mkdir -p $(UI_DEMO_VAR) $(AIRFLOW_HOME)
+	PATH="$(abspath $(BIN)):$$PATH" exec $(BIN)/python -m callconv.demo ui --date $(DEMO_DATE) \
+		--warehouse-url "$(CALL_CONVERSIONS_WAREHOUSE_URL)" --var-dir "$(UI_DEMO_VAR)"
 
 clean:
 	rm -rf var $(AIRFLOW_HOME)

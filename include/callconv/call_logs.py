@@ -39,6 +39,22 @@ def normalise_call_logs(
         call_logs.c.call_start >= window_start - lookback,
         call_logs.c.call_start < window_end,
     )
+    return _normalise(engine, pending, region, batch_size)
+
+
+def normalise_pending_call_logs(engine: sa.Engine, account_id: str, region: str, batch_size: int = 5000) -> dict:
+    """Fill caller_e164 for every call of the account never looked at, whatever its day.
+
+    The Google Ads sandbox knows a call only by its E.164 caller. A demo warehouse fresh from
+    its seed has none yet (the import DAG fills them only for its own window, when it runs),
+    so the sandbox calls this before it loads its calls. The same parse as the DAG's, and
+    only untouched rows: the DAG later finds them done and leaves them as they are.
+    """
+    pending = sa.and_(call_logs.c.account_id == account_id, call_logs.c.caller_parse_status.is_(None))
+    return _normalise(engine, pending, region, batch_size)
+
+
+def _normalise(engine: sa.Engine, pending, region: str, batch_size: int) -> dict[str, int]:
     counts = {"numbers": 0, "rows": 0, "unparseable_numbers": 0}
     parsed_numbers = sa.Table(
         "tmp_parsed_caller_numbers",

@@ -3,7 +3,9 @@
 ``python -m callconv.demo seed --date 2026-11-27`` fills the warehouse's call
 logs for the 30 days before that date and drops one CRM extract for the day in
 the landing area. ``python -m callconv.demo summary --date ...`` prints the
-outcome. Every number comes from a seeded generator, so each seed is the same.
+outcome. ``run`` does both around an ``airflow dags test`` of the day (``make
+demo``); ``ui`` runs the day in a local Airflow (scheduler, api-server, FAB) instead (``make ui-demo``,
+:mod:`callconv.demo_ui`). Every number comes from a seeded generator, so each seed is the same.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import os
 import random
 from datetime import UTC, date, datetime, time, timedelta
 
@@ -153,10 +156,17 @@ def seed(engine: sa.Engine, settings: Settings, landing_root, business_date: dat
     return {"account": account.id, "call_logs": len(calls), "extract": str(extract), "calls": calls}
 
 
-def start_sandbox(settings: Settings, calls: list[dict], business_date: date, cert_dir):
-    """Google Ads as a local sandbox that knows the seeded forwarded calls, two days after the sales."""
-    from callconv.normalise import normalise_phone
+def _sandbox(settings: Settings, business_date: date, cert_dir):
+    """Google Ads as a local sandbox whose clock stands two days after the sales, so no call is too recent."""
     from callconv.sandbox.server import SandboxServer, customers_from_settings
+
+    sandbox_now = datetime.combine(business_date + timedelta(days=2), time(12), tzinfo=settings.accounts[0].tz)
+    return SandboxServer(customers=customers_from_settings(settings), clock=lambda: sandbox_now, cert_dir=cert_dir)
+
+
+def start_sandbox(settings: Settings, calls: list[dict], business_date: date, cert_dir):
+    """The sandbox, knowing the seeded forwarded calls."""
+    from callconv.normalise import normalise_phone
 
     account = settings.accounts[0]
     forwarded = [
@@ -164,13 +174,22 @@ def start_sandbox(settings: Settings, calls: list[dict], business_date: date, ce
         for call in calls
         if call["via_google_forwarding"]
     ]
-    sandbox_now = datetime.combine(business_date + timedelta(days=2), time(12), tzinfo=account.tz)
-    return SandboxServer(
-        customers=customers_from_settings(settings),
-        calls=[(e164, start) for e164, start in forwarded if e164],
-        clock=lambda: sandbox_now,
-        cert_dir=cert_dir,
-    ).start()
+    sandbox = _sandbox(settings, business_date, cert_dir)
+    sandbox.add_calls((e164, start) for e164, start in forwarded if e164)
+    return sandbox.start()
+
+
+def start_sandbox_from_warehouse(settings: Settings, engine: sa.Engine, business_date: date, cert_dir):
+    """The sandbox, knowing the forwarded calls in the warehouse, as ``--calls-from-warehouse`` loads
+    them: the call logs not yet normalised are normalised first. Returns it and the calls loaded."""
+    from callconv.call_logs import normalise_pending_call_logs
+
+    sandbox = _sandbox(settings, business_date, cert_dir)
+    loaded = 0
+    for account in settings.accounts:
+        normalise_pending_call_logs(engine, account.id, account.default_region)
+        loaded += sandbox.add_calls_from_warehouse(engine, account.id)
+    return sandbox.start(), loaded
 
 
 def run(settings: Settings, warehouse_url: str, business_date: date, log_path) -> int:
@@ -293,14 +312,29 @@ def main(argv: list[str] | None = None) -> None:
     from callconv.warehouse import create_engine
 
     parser = argparse.ArgumentParser(prog="python -m callconv.demo")
-    parser.add_argument("command", choices=("run", "seed", "summary"))
+    parser.add_argument("command", choices=("run", "ui", "seed", "summary"))
     parser.add_argument("--date", type=date.fromisoformat, required=True, help="the account-local day")
     parser.add_argument("--warehouse-url", required=True)
     parser.add_argument("--log", default="var/demo-run.log", help="where the Airflow run's log goes")
+    parser.add_argument("--var-dir", help="ui: the keyring, sandbox certificate and Airflow output (default: var/)")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("AIRFLOW__API__PORT") or 8080),
+        help="ui: the Airflow UI's port (default: AIRFLOW__API__PORT, else 8080)",
+    )
     args = parser.parse_args(argv)
     settings = load_settings()
     if args.command == "run":
         raise SystemExit(run(settings, args.warehouse_url, args.date, args.log))
+    if args.command == "ui":
+        from pathlib import Path
+
+        from callconv.config import PROJECT_ROOT
+        from callconv.demo_ui import run_ui
+
+        var_dir = Path(args.var_dir).resolve() if args.var_dir else PROJECT_ROOT / "var"
+        raise SystemExit(run_ui(settings, args.warehouse_url, args.date, var_dir, args.port))
     engine = create_engine(args.warehouse_url)
     if args.command == "seed":
         landing = storage_root(settings.crm_source_for(settings.accounts[0]).landing_uri, settings)

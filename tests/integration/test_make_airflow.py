@@ -76,10 +76,10 @@ def api(port: int, method: str, path: str, token: str | None = None, body: dict 
 
 
 class Startup:
-    """Waits on the running ``make airflow`` within one deadline, failing early if it cannot come up."""
+    """Waits on the running ``make airflow`` (or ``name``) within one deadline, failing early if it cannot come up."""
 
-    def __init__(self, process: subprocess.Popen, log_path: Path, seconds: int):
-        self.process, self.log_path = process, log_path
+    def __init__(self, process: subprocess.Popen, log_path: Path, seconds: int, name: str = "make airflow"):
+        self.process, self.log_path, self.name = process, log_path, name
         self.deadline = time.monotonic() + seconds
         self.seconds = seconds
 
@@ -91,34 +91,41 @@ class Startup:
         last = None
         while time.monotonic() < self.deadline:
             if self.process.poll() is not None:
-                pytest.fail(f"make airflow exited with {self.process.returncode} before {what}:\n{self.log_tail()}")
+                pytest.fail(f"{self.name} exited with {self.process.returncode} before {what}:\n{self.log_tail()}")
             if NO_AIRFLOW_ON_PATH in self.log_path.read_text(errors="replace"):
-                pytest.fail(f"standalone could not start its components by name ('airflow'):\n{self.log_tail()}")
+                pytest.fail(f"{self.name} could not start Airflow's components by name ('airflow'):\n{self.log_tail()}")
             with contextlib.suppress(OSError):
                 last = probe()
                 if last:
                     return last
             time.sleep(2)
-        pytest.fail(f"no {what} within {self.seconds} s of make airflow (last answer: {last!r}):\n{self.log_tail()}")
+        pytest.fail(f"no {what} within {self.seconds} s of {self.name} (last answer: {last!r}):\n{self.log_tail()}")
 
 
-def test_make_airflow_serves_a_healthy_ui_with_login_and_the_project_dags(tmp_path):
+def make_command(target: str, home: Path, warehouse_url: str, *variables: str) -> list[str]:
+    """``make <target>`` in this project with the venv running the tests (never reinstalled), an
+    Airflow home and a warehouse of the test's own; ``variables`` are more ``NAME=value``."""
     venv = Path(sys.prefix)
     assert (venv / "bin" / "airflow").is_file(), f"the tests must run from a venv with Airflow, not {venv}"
-    port = free_port()
-    home = tmp_path / "airflow-home"
-    command = [
+    return [
         "make",
         "--no-print-directory",
         "-C",
         str(PROJECT),
         "-o",
-        str(venv / ".installed"),  # the venv running the tests: never reinstalled here
-        "airflow",
+        str(venv / ".installed"),
+        target,
         f"VENV={venv}",
         f"AIRFLOW_HOME={home}",
-        f"CALL_CONVERSIONS_WAREHOUSE_URL=sqlite:///{tmp_path / 'warehouse.db'}",
+        f"CALL_CONVERSIONS_WAREHOUSE_URL={warehouse_url}",
+        *variables,
     ]
+
+
+def test_make_airflow_serves_a_healthy_ui_with_login_and_the_project_dags(tmp_path):
+    port = free_port()
+    home = tmp_path / "airflow-home"
+    command = make_command("airflow", home, f"sqlite:///{tmp_path / 'warehouse.db'}")
     # The project's config, with a team role on its account: make airflow creates the role.
     config = yaml.safe_load((PROJECT / "config" / "call_conversions.yaml").read_text(encoding="utf-8"))
     config["accounts"][0]["access_role"] = TEAM_ROLE

@@ -214,7 +214,8 @@ def test_plaintext_clients_are_refused(sandbox):
     channel.close()
 
 
-def test_command_line_sandbox_serves_the_real_client(sandbox_cert):
+def command_line_sandbox(sandbox_cert, *options: str) -> tuple[subprocess.Popen, list[str]]:
+    """``python -m callconv.sandbox`` for customer 123-456-7890, started: the process and its lines up to Ctrl-C."""
     command = [
         sys.executable,
         "-m",
@@ -227,17 +228,23 @@ def test_command_line_sandbox_serves_the_real_client(sandbox_cert):
         str(sandbox_cert.parent),
         "--now",
         NOW.isoformat(),
+        *options,
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(["include", os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=Path(__file__).parents[2]
     )
+    lines = []
+    for line in process.stdout:
+        lines.append(line.strip())
+        if line.startswith("Ctrl-C"):
+            break
+    return process, lines
+
+
+def test_command_line_sandbox_serves_the_real_client(sandbox_cert):
+    process, lines = command_line_sandbox(sandbox_cert)
     try:
-        lines = []
-        for line in process.stdout:
-            lines.append(line.strip())
-            if line.startswith("Ctrl-C"):
-                break
         endpoint = next(line for line in lines if "serving on" in line).rsplit(" ", 1)[1]
         assert f"export {SSL_ROOTS_ENV_VAR}={sandbox_cert}" in lines
         # A new user's settings: no developer token, as with Google since 2026-09-09.
@@ -248,6 +255,45 @@ def test_command_line_sandbox_serves_the_real_client(sandbox_cert):
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def test_calls_from_a_warehouse_not_yet_normalised_are_loaded(sandbox_cert, warehouse, pg_schema_url):
+    """A demo warehouse fresh from its seed: numbers as the switchboard wrote them, no E.164 yet.
+    The sandbox normalises them first; it used to load 0 calls, and every upload got CALL_NOT_FOUND."""
+    import sqlalchemy as sa
+
+    from callconv.schema import call_logs
+
+    written = {CALL: "0047 910 00 001", SECOND_CALL: "(+47) 91.00.00.01", ("+4791000002", NOW): "910 00 002"}
+    rows = [
+        {
+            "account_id": "acme",
+            "source_call_id": f"call-{index}",
+            "caller_number": written[call],
+            "call_start": call[1],
+            "duration_seconds": 120,
+            "via_google_forwarding": index < 2,  # the third did not come through Google forwarding
+        }
+        for index, call in enumerate(written)
+    ]
+    with warehouse.begin() as connection:
+        connection.execute(call_logs.insert(), rows)
+    options = ["--calls-from-warehouse", pg_schema_url, "--account", "acme", "--region", "NO"]
+    process, lines = command_line_sandbox(sandbox_cert, *options)
+    try:
+        assert "account acme: 3 call-log rows normalised (NO)" in lines
+        assert "account acme: 2 forwarded calls loaded" in lines
+        endpoint = next(line for line in lines if "serving on" in line).rsplit(" ", 1)[1]
+        client = client_from_settings({"access_token": "sandbox-token", "endpoint": endpoint})
+        response = upload(client, [conversion(client)])
+        assert decode_partial_failure(client, response) == {}
+        assert response.results[0].caller_id == CALL[0]
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    with warehouse.connect() as connection:
+        stored = dict(connection.execute(sa.select(call_logs.c.source_call_id, call_logs.c.caller_e164)).all())
+    assert stored == {"call-0": "+4791000001", "call-1": "+4791000001", "call-2": "+4791000002"}
 
 
 # --------------------------------------------------------------- access since the developer-token sunset

@@ -43,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--action", action="append", type=_action, default=[], help="id:name, repeatable")
     parser.add_argument("--calls-from-warehouse", metavar="URL", help="load forwarded calls from call_logs")
     parser.add_argument("--account", action="append", default=[], help="account ids whose calls to load")
+    parser.add_argument(
+        "--region",
+        help="region for call-log numbers written without a country code (default: the account's default_region)",
+    )
     parser.add_argument("--now", help="fixed sandbox time, ISO 8601 with offset (default: real time)")
     parser.add_argument("--too-recent-hours", type=float, default=12.0)
     parser.add_argument(
@@ -82,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.calls_from_warehouse:
         import sqlalchemy as sa
 
+        from callconv.call_logs import normalise_pending_call_logs
         from callconv.schema import call_logs
 
         engine = sa.create_engine(args.calls_from_warehouse, hide_parameters=True)
@@ -89,7 +94,15 @@ def main(argv: list[str] | None = None) -> None:
         if not accounts:
             with engine.connect() as connection:
                 accounts = list(connection.execute(sa.select(call_logs.c.account_id).distinct()).scalars())
+        regions = {a.id: a.default_region for a in settings.accounts} if settings else {}
         for account_id in accounts:
+            # Calls are known by their E.164 caller, which the import DAG fills only when it runs.
+            region = args.region or regions.get(account_id)
+            if region:
+                normalised = normalise_pending_call_logs(engine, account_id, region)
+                print(f"account {account_id}: {normalised['rows']} call-log rows normalised ({region})")
+            else:
+                print(f"account {account_id}: no --region, so only calls already normalised are loaded")
             added = server.add_calls(load_calls_from_warehouse(engine, account_id))
             print(f"account {account_id}: {added} forwarded calls loaded")
         engine.dispose()
