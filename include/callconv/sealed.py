@@ -74,6 +74,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from tink import cleartext_keyset_handle, secret_key_access, streaming_aead
 from tink.proto import tink_pb2
 
+from callconv.crypto import CryptoError, Keyring
 from callconv.schema import sealed_generations
 
 log = logging.getLogger(__name__)
@@ -496,7 +497,7 @@ def migrate(root, account_id: str, data_class: str, handle, legacy_keyring, gene
     ``root`` is the class's storage root (``archive_uri`` and so on); the logical path of each
     file is its place under the account's folder, without ``.enc``. Files already sealed are left.
     """
-    from callconv.crypto import decrypt_bytes, is_encrypted
+    from callconv.crypto import is_encrypted, open_decrypted
 
     moved = []
     folder = Path(root) / account_id
@@ -504,8 +505,10 @@ def migrate(root, account_id: str, data_class: str, handle, legacy_keyring, gene
         if not is_encrypted(path):  # already sealed (or not ours): leave it
             continue
         logical = path.relative_to(folder).as_posix().removesuffix(".enc")
-        plaintext = decrypt_bytes(path.read_bytes(), legacy_keyring)
-        write_sealed(path, io.BytesIO(plaintext), handle, generations, account_id, data_class, logical)
+        # streamed: the old file stays in place until its sealed copy is renamed over it; an
+        # old file that does not decrypt stops the migration with the file and counter unchanged
+        with open_decrypted(path, legacy_keyring) as plaintext:
+            write_sealed(path, plaintext, handle, generations, account_id, data_class, logical)
         moved.append(logical)
     log.info("migrated %d %s files of account %s to the sealed format", len(moved), data_class, account_id)
     return moved
@@ -525,12 +528,12 @@ def main(argv: list[str] | None = None) -> int:
     mig = commands.add_parser("migrate", help="rewrite old CCENC files of one account and class as sealed, bound files")
     opened = commands.add_parser("open", help="write the plaintext of one stored file (e.g. for a manual upload)")
     seal = commands.add_parser("seal", help="seal a CRM extract for the landing area (class landing, generation 0)")
-    for command in (mig, opened):
+    for command, classes in ((mig, DATA_CLASSES - {"landing"}), (opened, DATA_CLASSES)):
         command.add_argument(
             "--url", default=url_default, help="warehouse URL (default $CALL_CONVERSIONS_WAREHOUSE_URL)"
         )
         command.add_argument("--account", required=True)
-        command.add_argument("--data-class", required=True, choices=sorted(DATA_CLASSES))
+        command.add_argument("--data-class", required=True, choices=sorted(classes))
     mig.add_argument("--root", required=True, type=Path, help="the class's storage root, e.g. var/archive")
     opened.add_argument("--logical-path", required=True, help="e.g. 2026-11-27/call_conversions_x.csv")
     opened.add_argument("input", type=Path, help="the stored .enc file")
@@ -567,8 +570,6 @@ def main(argv: list[str] | None = None) -> int:
                 with reader:
                     atomic_write(args.output, lambda out: shutil.copyfileobj(reader, out, SEGMENT))
             else:
-                from callconv.crypto import Keyring
-
                 moved = migrate(
                     args.root,
                     args.account,
@@ -578,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
                     generations,
                 )
                 print(f"migrated {len(moved)} files")
-    except SealError as error:
+    except (SealError, CryptoError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
