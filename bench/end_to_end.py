@@ -193,7 +193,7 @@ def prepare_files(size: int, work: Path) -> dict:
     key_path = work / "keyset.json"
     key_path.touch(mode=0o600)
     key_path.write_text(keyset_to_json(keyset))
-    return {"config": config_path, "keyring_path": key_path, "keyset": keyset, "landing_file": folder / extract.name}
+    return {"config": config_path, "keyset_path": key_path, "keyset": keyset, "landing_file": folder / extract.name}
 
 
 def prepare_schema(size: int, call_logs_mode: str) -> tuple[str, dict]:
@@ -358,7 +358,7 @@ def airflow_environment(work: Path, airflow_home: Path, url: str, sandbox: dict,
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
         CONFIG_ENV_VAR: str(files["config"]),
-        DEFAULT_KEYS_ENV_VAR: files["keyring_path"].read_text(),
+        DEFAULT_KEYS_ENV_VAR: files["keyset_path"].read_text(),
         SSL_ROOTS_ENV_VAR: sandbox["ssl_roots_file"],
         f"AIRFLOW_CONN_{config.PSEUDONYM_CONN_ID.upper()}": config.PSEUDONYM_CONNECTION,
         f"AIRFLOW_CONN_{WAREHOUSE_CONN_ID.upper()}": json.dumps(
@@ -814,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
         default="raw",
         help="raw: every call-log row still to normalise (default); steady: only the day's",
     )
-    parser.add_argument("--work-dir", default=str(WORK_DIR), help="landing, export, archive, keyring, log")
+    parser.add_argument("--work-dir", default=str(WORK_DIR), help="landing, export, archive, keyset, log")
     parser.add_argument("--airflow-home", default=str(AIRFLOW_HOME), help="this run's own AIRFLOW_HOME")
     parser.add_argument("--profile", metavar="PSTATS", help="run dag.test() under cProfile; stats to this file")
     parser.add_argument(

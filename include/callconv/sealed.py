@@ -411,11 +411,11 @@ class Generations:
             yield Binding(account_id, data_class, logical_path, generation)
             self._record(connection, account_id, data_class, logical_path, generation)
 
-    def readable(self, account_id: str, data_class: str, logical_path: str) -> list[Binding]:
-        """The bindings a reader accepts, newest recorded first: ``g``, then ``g + 1`` (see the module doc)."""
+    def accepted(self, account_id: str, data_class: str, logical_path: str) -> tuple[int, list[Binding]]:
+        """The recorded generation ``g`` and the bindings a reader accepts: ``g``, then ``g + 1`` (module doc)."""
         held = self.current(account_id, data_class, logical_path)
         generations = [held, held + 1] if held else [1]
-        return [Binding(account_id, data_class, logical_path, g) for g in generations]
+        return held, [Binding(account_id, data_class, logical_path, g) for g in generations]
 
     def caught_up(self, binding: Binding) -> None:
         """A read found the file one generation ahead (a write that crashed before its commit): record it."""
@@ -479,11 +479,11 @@ def read_sealed(path, handle, generations: Generations, account_id, data_class, 
     if isinstance(path, str):
         path = Path(path)
     if data_class == "landing":
-        bindings = [Binding(account_id, data_class, logical_path, 0)]
+        held, bindings = 0, [Binding(account_id, data_class, logical_path, 0)]
     else:
-        bindings = generations.readable(account_id, data_class, logical_path)
+        held, bindings = generations.accepted(account_id, data_class, logical_path)
     reader, binding = open_sealed(lambda: path.open("rb"), handle, bindings, name=str(path))
-    if binding.generation > bindings[0].generation and binding.generation > 1:
+    if binding.generation > held:  # a write that crashed before its commit (also the very first one)
         generations.caught_up(binding)
     return reader
 

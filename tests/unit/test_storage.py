@@ -229,6 +229,12 @@ def test_a_crash_between_the_rename_and_the_commit_leaves_the_file_readable(tmp_
     with pytest.raises(SealError, match="rolled back"):
         read(path, area, sealer)
 
+    first = store(area, f"{DAY}/first.csv", ROW, sealer)
+    with engine.begin() as connection:  # the very first write's commit lost: no row at all
+        connection.execute(sealed_generations.delete().where(sealed_generations.c.logical_path == f"{DAY}/first.csv"))
+    assert read(first, area, sealer) == ROW
+    assert generation(engine, area, f"{DAY}/first.csv") == 1
+
 
 def test_a_failed_write_leaves_the_file_and_its_generation_as_they_were(tmp_path, sealer, engine):
     area = export_area(tmp_path)
@@ -244,6 +250,26 @@ def test_a_failed_write_leaves_the_file_and_its_generation_as_they_were(tmp_path
     assert generation(engine, area, logical) == 1
     assert read(path, area, sealer) == ROW
     assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_within_a_transaction_the_generation_commits_or_rolls_back_with_it(tmp_path, sealer, engine):
+    """Data Docs are stored inside the intake's transaction: on SQLite a transaction of their own would
+    wait for its write lock. Rolled back, the file is one generation ahead and still reads."""
+    area = Area(tmp_path / "docs", "acme", "docs")
+    logical = f"{DAY}/index.html"
+    with engine.begin() as connection:
+        connection.execute(
+            sealed_generations.insert().values(account_id="x", data_class="docs", logical_path="y", generation=1)
+        )
+        path = store(area, logical, b"<html>1</html>", sealer.within(connection))  # the lock is already ours
+    assert generation(engine, area, logical) == 1
+
+    with pytest.raises(RuntimeError, match="extract rejected"), engine.begin() as connection:
+        store(area, logical, b"<html>2</html>", sealer.within(connection))
+        raise RuntimeError("extract rejected")  # the intake's transaction rolls back
+    assert generation(engine, area, logical) == 1
+    assert read(path, area, sealer) == b"<html>2</html>"  # generation 2 on disk, 1 recorded: accepted
+    assert generation(engine, area, logical) == 2  # and the counter caught up
 
 
 # --------------------------------------------------------------------------- key rotation
