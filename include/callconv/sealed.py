@@ -277,6 +277,7 @@ class _SealedReader(io.RawIOBase):
         super().__init__()
         self._stream, self._source, self._binding = stream, source, binding
         self._pending = memoryview(first)
+        self.at_end: Callable[[], None] | None = None  # called once the whole file has authenticated
         if name is not None:
             self.name = name
 
@@ -290,6 +291,9 @@ class _SealedReader(io.RawIOBase):
             except tink.TinkError:
                 raise _refused(self._binding, str(self._binding.generation)) from None
             if not data:
+                if self.at_end is not None:
+                    at_end, self.at_end = self.at_end, None
+                    at_end()
                 return 0
             self._pending = memoryview(data)
         count = min(len(buffer), len(self._pending))
@@ -484,7 +488,7 @@ def read_sealed(path, handle, generations: Generations, account_id, data_class, 
         held, bindings = generations.accepted(account_id, data_class, logical_path)
     reader, binding = open_sealed(lambda: path.open("rb"), handle, bindings, name=str(path))
     if binding.generation > held:  # a write that crashed before its commit (also the very first one)
-        generations.caught_up(binding)
+        reader.raw.at_end = lambda: generations.caught_up(binding)  # once all of it has authenticated
     return reader
 
 

@@ -219,11 +219,17 @@ def test_a_crash_between_the_rename_and_the_commit_leaves_the_file_readable(tmp_
     logical = f"{DAY}/conversions.csv"
     path = store(area, logical, ROW, sealer)
     older = path.read_bytes()
-    store(area, logical, ROW * 3, sealer)
+    store(area, logical, ROW * 20_000, sealer)  # two 1 MiB segments
     with engine.begin() as connection:  # as if the second write's commit never happened
         connection.execute(sealed_generations.update().values(generation=1))
 
-    assert read(path, area, sealer) == ROW * 3
+    newest = path.read_bytes()
+    path.write_bytes(newest[:-1])  # its end cut off: its first segment opens, the last is refused
+    with pytest.raises(SealError, match="does not decrypt as generation 2:"):
+        read(path, area, sealer)
+    assert generation(engine, area, logical) == 1  # and the counter did not move
+    path.write_bytes(newest)
+    assert read(path, area, sealer) == ROW * 20_000
     assert generation(engine, area, logical) == 2  # caught up by the read
     path.write_bytes(older)
     with pytest.raises(SealError, match="rolled back"):
