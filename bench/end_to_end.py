@@ -33,7 +33,7 @@ What it sets up (none of it is timed), idempotently, every run:
   autovacuum would have done to a table that size.
 * **Config**: :func:`bench.config.settings_dict` (the bench account ``bench_se``,
   Europe/Stockholm, the project's CRM columns) with every folder under the work dir,
-  ``encryption.required: true`` and a keyring freshly generated into the work dir and
+  ``encryption.required: true`` and a Tink keyset freshly generated into the work dir and
   passed in ``CALL_CONVERSIONS_ENCRYPTION_KEYS`` (as ``tests/integration/conftest.py``
   does), so every stored file is encrypted as in production. Upload batch size and
   concurrency are the production defaults.
@@ -88,7 +88,6 @@ WORK_DIR = Path("/tmp/bench-e2e")
 AIRFLOW_HOME = Path("/tmp/bench-e2e-airflow")
 WAREHOUSE_CONN_ID = "bench_e2e_warehouse"
 TARGET_SECONDS = 180.0  # the issue's target for 10^5 sales; never lowered here
-KEY_ID = "bench-e2e"
 RAW_CALL_COLUMNS = tuple(c for c in generate.CALL_LOG_COLUMNS if c not in ("caller_e164", "caller_parse_status"))
 STAGES = ("intake", "call_logs", "match", "conversion_file", "upload")
 
@@ -158,8 +157,8 @@ def ensure_data(size: int) -> dict:
 
 
 def prepare_files(size: int, work: Path) -> dict:
-    """Fresh work dir: the landing folder with the day's extract, the config, the keyring."""
-    from callconv.crypto import Keyring
+    """Fresh work dir: the landing folder with the day's extract, the config, the Tink keyset."""
+    from callconv.sealed import keyset_to_json, new_keyset
 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -190,11 +189,11 @@ def prepare_files(size: int, work: Path) -> dict:
     config_path = work / "call_conversions.yaml"
     config_path.write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False), encoding="utf-8")
 
-    keyring = Keyring({KEY_ID: os.urandom(32)}, KEY_ID)
-    key_path = work / "keyring.json"
+    keyset = new_keyset()
+    key_path = work / "keyset.json"
     key_path.touch(mode=0o600)
-    key_path.write_text(keyring.to_text())
-    return {"config": config_path, "keyring_path": key_path, "keyring": keyring, "landing_file": folder / extract.name}
+    key_path.write_text(keyset_to_json(keyset))
+    return {"config": config_path, "keyset_path": key_path, "keyset": keyset, "landing_file": folder / extract.name}
 
 
 def prepare_schema(size: int, call_logs_mode: str) -> tuple[str, dict]:
@@ -350,7 +349,7 @@ def serve_sandbox(calls_csv: str, cert_dir: str) -> None:
 def airflow_environment(work: Path, airflow_home: Path, url: str, sandbox: dict, files: dict) -> dict:
     from callconv.ads_client import SSL_ROOTS_ENV_VAR
     from callconv.config import CONFIG_ENV_VAR
-    from callconv.crypto import DEFAULT_KEYS_ENV_VAR
+    from callconv.sealed import KEYSET_ENV_VAR as DEFAULT_KEYS_ENV_VAR
 
     return {
         "AIRFLOW_HOME": str(airflow_home),
@@ -359,7 +358,7 @@ def airflow_environment(work: Path, airflow_home: Path, url: str, sandbox: dict,
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
         CONFIG_ENV_VAR: str(files["config"]),
-        DEFAULT_KEYS_ENV_VAR: files["keyring_path"].read_text(),
+        DEFAULT_KEYS_ENV_VAR: files["keyset_path"].read_text(),
         SSL_ROOTS_ENV_VAR: sandbox["ssl_roots_file"],
         f"AIRFLOW_CONN_{config.PSEUDONYM_CONN_ID.upper()}": config.PSEUDONYM_CONNECTION,
         f"AIRFLOW_CONN_{WAREHOUSE_CONN_ID.upper()}": json.dumps(
@@ -815,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
         default="raw",
         help="raw: every call-log row still to normalise (default); steady: only the day's",
     )
-    parser.add_argument("--work-dir", default=str(WORK_DIR), help="landing, export, archive, keyring, log")
+    parser.add_argument("--work-dir", default=str(WORK_DIR), help="landing, export, archive, keyset, log")
     parser.add_argument("--airflow-home", default=str(AIRFLOW_HOME), help="this run's own AIRFLOW_HOME")
     parser.add_argument("--profile", metavar="PSTATS", help="run dag.test() under cProfile; stats to this file")
     parser.add_argument(

@@ -27,7 +27,7 @@ account-local day, `[data_interval_start, data_interval_end)`:
 
 CRM files taken in are kept as encrypted copies in the archive and removed from the landing
 area; quarantined rows are exported encrypted; conversion files are written encrypted
-(`.csv.enc`, decrypt with `python -m callconv.crypto decrypt IN OUT`).
+(`.csv.enc`, read with `python -m callconv.sealed open`; README, data protection).
 
 Every task is safe to rerun, and a backfill of a day gives the same tables.
 Logs carry counts and reason codes, never a phone number.

@@ -129,10 +129,11 @@ class ValidationRules(_Strict):
 
 
 class Encryption(_Strict):
-    """Every file the pipeline stores is encrypted with the keyring from this Airflow connection
-    (its password holds the keyring JSON) or from $CALL_CONVERSIONS_ENCRYPTION_KEYS.
+    """Every file the pipeline stores is sealed with the Tink keyset from this Airflow connection
+    (its password holds the keyset JSON, or with ``kms_key_uri`` in its extras the keyset wrapped
+    by that Cloud KMS key) or from $CALL_CONVERSIONS_ENCRYPTION_KEYS (:mod:`callconv.sealed`).
 
-    With ``required: true`` a task refuses to run without a keyring; ``required: false`` (the
+    With ``required: true`` a task refuses to run without a keyset; ``required: false`` (the
     demo) stores files in plaintext when there is none, and says so in the task log.
     """
 

@@ -17,9 +17,10 @@ formulas. The phone column is the exception, since Google must read it as
 written: it gets a leading tab instead, which spreadsheets keep as text and
 Google's importer trims as whitespace.
 
-The file is stored encrypted, ``call_conversions_{account}_{day}.csv.enc`` under
-``{export_uri}/{account}/{YYYY-MM-DD}/``. For a manual upload in the Google Ads UI,
-``python -m callconv.crypto decrypt IN OUT`` writes the plaintext CSV.
+The file is stored sealed (:mod:`callconv.sealed`), ``call_conversions_{account}_{day}.csv.enc``
+under ``{export_uri}/{account}/{YYYY-MM-DD}/``. For a manual upload in the Google Ads UI,
+``python -m callconv.sealed open --account A --data-class export --logical-path DAY/NAME IN OUT``
+writes the plaintext CSV.
 """
 
 from __future__ import annotations
@@ -35,10 +36,9 @@ from decimal import Decimal
 import sqlalchemy as sa
 
 from callconv.config import Account
-from callconv.crypto import Keyring
 from callconv.match import as_utc
 from callconv.schema import matches
-from callconv.storage import store_as
+from callconv.storage import Area, sealer_for, store_as
 
 log = logging.getLogger(__name__)
 
@@ -132,16 +132,17 @@ def file_name(account_id: str, business_date: date) -> str:
 
 
 def write_conversion_file(
-    engine: sa.Engine, account: Account, business_date: date, export_root, keyring: Keyring | None = None
+    engine: sa.Engine, account: Account, business_date: date, export_root, keyset=None
 ) -> ConversionFile:
-    """Write (or replace) the day's file, encrypted with ``keyring`` as ``.csv.enc``.
+    """Write (or replace) the day's file, sealed with the Tink ``keyset`` as ``.csv.enc``.
 
     The same day always yields the same plaintext. For a manual upload in the Google Ads UI,
-    ``python -m callconv.crypto decrypt IN OUT`` gives it back. Without a keyring (only when
+    ``python -m callconv.sealed open`` gives it back. Without a keyset (only when
     the config allows plaintext) the file is written as ``.csv``; either way the day's file
     in the other form, left from before a change of settings, is removed.
     """
-    folder = export_root / account.id / business_date.isoformat()
+    area = Area(export_root, account.id, "export")
+    sealer = sealer_for(keyset, engine)
     counted = 0
 
     def counting(rows):
@@ -152,6 +153,7 @@ def write_conversion_file(
 
     with engine.connect() as connection:
         rows = connection.execute(_day_query(account.id, business_date).execution_options(yield_per=5000)).mappings()
-        target = store_as(folder, file_name(account.id, business_date), render_lines(account, counting(rows)), keyring)
+        lines = render_lines(account, counting(rows))
+        target = store_as(area, business_date.isoformat(), file_name(account.id, business_date), lines, sealer)
     log.info("conversion file: %d conversions written to %s", counted, target)
     return ConversionFile(path=str(target), rows=counted)

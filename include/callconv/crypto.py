@@ -1,62 +1,42 @@
-"""Encryption at rest for every file the pipeline stores, with key rotation and streaming reads.
+"""The retired ``CCENC`` file format: read only, for ``python -m callconv.sealed migrate``.
+
+Files are no longer written in this format: every stored file is sealed with Tink's Streaming
+AEAD and bound to what it is (:mod:`callconv.sealed`). This format authenticated its own
+header and chunks but not *which* file it was, so a copy could be swapped, moved or rolled
+back unnoticed; that is why it was replaced. What is left here reads old files once, so the
+migration can rewrite them sealed; the pipeline itself never reads them (a ``.enc`` file that
+does not decrypt as a sealed file is refused).
 
 Keys
-    A :class:`Keyring` holds named AES-256 keys and says which one is *primary*. New files are
-    always written with the primary key; the key id is recorded in each file's header, so files
-    written with an older key still decrypt as long as that key stays in the keyring. Rotating
-    means: add a new key, make it primary, keep the old ones until no stored file uses them.
-
-    The keyring is JSON, from an environment variable or an Airflow connection::
+    A :class:`Keyring` of named AES-256 keys, JSON, from ``CALL_CONVERSIONS_LEGACY_KEYS`` when
+    migrating::
 
         {"primary": "2026-11", "keys": {"2026-11": "<urlsafe base64 of 32 bytes>", "2026-01": "..."}}
-
-    Make a key with ``python -m callconv.crypto new-key``.
 
 File format (version 1)
     header  = b"CCENC\\x01" | key id length (1 byte) | key id (UTF-8) | file id (16 random bytes)
     chunk*  = ciphertext length (4 bytes, big endian) | AES-GCM ciphertext with its 16-byte tag
 
-    Each chunk holds up to 1 MiB of plaintext; there is always at least one chunk (an empty
-    plaintext gives one empty final chunk). Every file gets its own AES-256 key, derived with
-    HKDF-SHA256 from the keyring key and the file id, so the 12-byte nonce can simply be the
-    chunk counter and never repeats under one key. Each chunk's associated data is
-    ``header | chunk index (8 bytes) | final flag (1 byte)``: a changed header, a dropped,
-    duplicated or reordered chunk, a cut-off end or data appended after the final chunk all fail
-    authentication and raise :class:`DecryptionError`.
+    Each chunk held up to 1 MiB of plaintext, with at least one chunk. The file's AES-256 key is
+    derived with HKDF-SHA256 from the keyring key and the file id; the nonce is the chunk counter;
+    each chunk's associated data is ``header | chunk index (8 bytes) | final flag (1 byte)``, so a
+    changed header, a dropped, duplicated or reordered chunk, a cut-off end or data appended after
+    the final chunk raise :class:`DecryptionError`.
 
-Reading is a stream: :func:`open_decrypted` gives a file object that decrypts one chunk at a
-time, so ``pandas.read_csv(open_decrypted(path, keyring), chunksize=...)`` or
-``csv.reader(io.TextIOWrapper(open_decrypted(path, keyring), encoding="utf-8", newline=""))``
-never hold more than a couple of MiB, whatever the file size.
-
-Plaintext handed out before an error was authenticated, but a stream that ends in
-:class:`DecryptionError` is incomplete: discard what was read from it.
-
-Command line (keys from ``CALL_CONVERSIONS_ENCRYPTION_KEYS`` or an Airflow connection)::
-
-    python -m callconv.crypto decrypt conversions.csv.enc conversions.csv
-    python -m callconv.crypto decrypt var/data_docs/ACCOUNT/DAY /tmp/docs   # a folder, file by file
-    python -m callconv.crypto decrypt --conn-id call_conversions_encryption IN OUT
-    python -m callconv.crypto encrypt IN OUT
-    python -m callconv.crypto new-key [--key-id 2026-11 [--rotate]]
-
-Airflow is imported only inside :func:`keyring_from_airflow`.
+:func:`open_decrypted` reads a file as a stream, one chunk in memory at a time. Plaintext handed
+out before an error was authenticated, but a stream that ends in :class:`DecryptionError` is
+incomplete: discard what was read from it.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import binascii
 import io
 import json
 import os
 import struct
-import sys
-import tempfile
-import uuid
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import suppress
+from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePath
 from typing import Any, BinaryIO
 
@@ -75,21 +55,13 @@ __all__ = [
     "KeyringError",
     "NotEncryptedError",
     "UnknownKeyError",
-    "atomic_write",
     "decrypt_bytes",
     "decrypt_stream",
-    "encrypt_bytes",
-    "encrypt_stream",
-    "generate_key",
     "is_encrypted",
-    "keyring_from_airflow",
-    "main",
     "open_decrypted",
-    "register_with_log_masker",
-    "write_encrypted",
 ]
 
-DEFAULT_KEYS_ENV_VAR = "CALL_CONVERSIONS_ENCRYPTION_KEYS"
+DEFAULT_KEYS_ENV_VAR = "CALL_CONVERSIONS_LEGACY_KEYS"
 
 MAGIC = b"CCENC\x01"
 _MAGIC_PREFIX = MAGIC[:-1]
@@ -102,7 +74,7 @@ _MAX_CIPHERTEXT = CHUNK_SIZE + TAG_BYTES
 _LENGTH = struct.Struct(">I")
 _INDEX = struct.Struct(">Q")
 _HKDF_INFO = b"callconv.crypto v1 file key"
-_NEW_KEY_HINT = "make one with: python -m callconv.crypto new-key"
+_NEW_KEY_HINT = "the keys are those the old files were written with"
 
 
 class CryptoError(Exception):
@@ -128,13 +100,8 @@ class NotEncryptedError(DecryptionError):
 # --------------------------------------------------------------------------- keys
 
 
-def generate_key() -> str:
-    """A new random AES-256 key as urlsafe base64 text, ready to paste into a keyring."""
-    return base64.urlsafe_b64encode(AESGCM.generate_key(bit_length=256)).decode("ascii")
-
-
 class Keyring:
-    """Named AES-256 keys; ``primary`` is the one new files are written with."""
+    """Named AES-256 keys of the old format; ``primary`` is the one old files were last written with."""
 
     __slots__ = ("_keys", "_primary")
 
@@ -245,28 +212,10 @@ class Keyring:
             raise KeyringError(f"environment variable {var} is not set; it must hold the keyring JSON {_SHAPE}")
         return cls.from_text(text, source=f"keyring in environment variable {var}")
 
-    # ---- rotation helpers
-
-    def rotated(self, key_id: str, key: bytes | None = None) -> Keyring:
-        """This keyring plus a new key (random unless given) that becomes primary."""
-        if key_id in self._keys:
-            raise KeyringError(f"key id {key_id!r} is already in the keyring; pick a new one")
-        new_key = key if key is not None else AESGCM.generate_key(bit_length=256)
-        return Keyring({**self._keys, key_id: new_key}, key_id)
-
     def to_text(self) -> str:
         """The keyring as JSON (contains the keys: treat it as a secret)."""
         keys = {key_id: base64.urlsafe_b64encode(key).decode("ascii") for key_id, key in sorted(self._keys.items())}
         return json.dumps({"primary": self._primary, "keys": keys}, indent=2)
-
-    def _secret_texts(self) -> set[str]:
-        """Every spelling a key is likely to have had in the source, for the log masker."""
-        texts = set()
-        for key in self._keys.values():
-            for encoded in (base64.urlsafe_b64encode(key), base64.standard_b64encode(key)):
-                text = encoded.decode("ascii")
-                texts.update((text, text.rstrip("=")))
-        return texts
 
 
 _SHAPE = '{"primary": "<key id>", "keys": {"<key id>": "<urlsafe base64 of 32 bytes>"}}'
@@ -296,48 +245,6 @@ def _decode_key(key_id: str, text: Any, source: str) -> bytes:
             f"({_NEW_KEY_HINT})"
         )
     return key
-
-
-def keyring_from_airflow(conn_id: str) -> Keyring:
-    """The keyring held by Airflow connection ``conn_id``, its keys registered with the log masker.
-
-    The connection's password holds the keyring JSON; or, with no password, its extras hold
-    ``keys`` (an object, or a JSON string of one) and ``primary``.
-    """
-    from airflow.sdk import Connection
-
-    conn = Connection.get(conn_id)
-    source = f"keyring in Airflow connection {conn_id!r}"
-    if conn.password:
-        keyring = Keyring.from_text(conn.password, source=f"{source} (password)")
-    else:
-        extra = conn.extra_dejson or {}
-        if not extra.get("keys"):
-            raise KeyringError(
-                f"Airflow connection {conn_id!r} holds no keyring: put the keyring JSON {_SHAPE} in its "
-                "password, or 'keys' and 'primary' in its extras"
-            )
-        fields = {name: extra[name] for name in ("keys", "primary") if name in extra}
-        keyring = Keyring.from_mapping(fields, source=f"{source} (extras)")
-    _mask_secrets(keyring._secret_texts())
-    return keyring
-
-
-def register_with_log_masker(keyring: Keyring) -> None:
-    """Have Airflow's log masker hide the keyring's keys (a no-op outside Airflow)."""
-    _mask_secrets(keyring._secret_texts())
-
-
-def _mask_secrets(texts: set[str]) -> None:
-    try:
-        from airflow.sdk.log import mask_secret
-    except ImportError:
-        try:
-            from airflow.sdk.execution_time.secrets_masker import mask_secret
-        except ImportError:  # outside Airflow there is no masker to feed
-            return
-    for text in sorted(texts):
-        mask_secret(text)
 
 
 # --------------------------------------------------------------------------- format
@@ -372,24 +279,6 @@ def _read_exactly(src: BinaryIO, size: int) -> bytes:
         parts.append(more)
         missing -= len(more)
     return b"".join(parts)
-
-
-class _Encryptor:
-    def __init__(self, dst: BinaryIO, keyring: Keyring):
-        key_id = keyring.primary.encode("utf-8")
-        file_id = os.urandom(FILE_ID_BYTES)
-        self._header = MAGIC + bytes([len(key_id)]) + key_id + file_id
-        self._aead = _file_aead(keyring.key(keyring.primary), file_id)
-        self._dst = dst
-        self._index = 0
-        dst.write(self._header)
-
-    def write_chunk(self, plaintext: bytes, final: bool) -> None:
-        ad = _associated_data(self._header, self._index, final)
-        ciphertext = self._aead.encrypt(_nonce(self._index), plaintext, ad)
-        self._dst.write(_LENGTH.pack(len(ciphertext)))
-        self._dst.write(ciphertext)
-        self._index += 1
 
 
 class _Decryptor:
@@ -470,28 +359,10 @@ class _Decryptor:
 # --------------------------------------------------------------------------- streams
 
 
-def encrypt_stream(src: BinaryIO, dst: BinaryIO, keyring: Keyring) -> None:
-    """Encrypt everything readable from ``src`` into ``dst`` with the keyring's primary key."""
-    encryptor = _Encryptor(dst, keyring)
-    pending = _read_exactly(src, CHUNK_SIZE)
-    while True:
-        following = _read_exactly(src, CHUNK_SIZE) if len(pending) == CHUNK_SIZE else b""
-        encryptor.write_chunk(pending, final=not following)
-        if not following:
-            return
-        pending = following
-
-
 def decrypt_stream(src: BinaryIO, dst: BinaryIO, keyring: Keyring) -> None:
     """Decrypt ``src`` into ``dst`` chunk by chunk. On :class:`DecryptionError` discard ``dst``."""
     for plaintext in _Decryptor(src, keyring).chunks():
         dst.write(plaintext)
-
-
-def encrypt_bytes(data: bytes, keyring: Keyring) -> bytes:
-    out = io.BytesIO()
-    encrypt_stream(io.BytesIO(data), out, keyring)
-    return out.getvalue()
 
 
 def decrypt_bytes(blob: bytes, keyring: Keyring) -> bytes:
@@ -602,193 +473,3 @@ def is_encrypted(path_or_bytes) -> bool:
     src, _ = _open_source(path_or_bytes)
     with src:
         return _read_exactly(src, len(MAGIC)) == MAGIC
-
-
-def write_encrypted(path, data: bytes | BinaryIO, keyring: Keyring) -> None:
-    """Encrypt ``data`` (bytes, or a binary file object streamed chunk by chunk) to ``path`` atomically.
-
-    The ciphertext goes to a temporary sibling first and is renamed over ``path`` only once
-    complete, so readers never see a partial file. ``path`` is a str, ``pathlib.Path``, or a
-    UPath-like object (``open``, ``with_name``, ``rename``, ``unlink``) such as ObjectStoragePath.
-    """
-    source = data if hasattr(data, "read") else io.BytesIO(data)
-    atomic_write(path, lambda out: encrypt_stream(source, out, keyring))
-
-
-def atomic_write(path, fill: Callable[[BinaryIO], None]) -> None:
-    """Have ``fill`` write a temporary sibling of ``path``, then rename it over ``path``.
-
-    On any error the temporary file is removed and ``path`` is left as it was. A local file is
-    created readable by its owner only.
-    """
-    if isinstance(path, str):
-        path = Path(path)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    local = isinstance(path, Path)
-    try:
-        if local:
-            out = os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
-        else:
-            out = temporary.open("wb")
-        with out:
-            fill(out)
-            if local:
-                out.flush()
-                os.fsync(out.fileno())
-        if local:
-            os.replace(temporary, path)
-            _fsync_directory(path.parent)
-        else:
-            temporary.rename(path)
-    except BaseException:
-        with suppress(Exception):
-            temporary.unlink()
-        raise
-
-
-def _fsync_directory(directory: Path) -> None:
-    with suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def _keyring_for_cli(args) -> Keyring:
-    if args.conn_id:
-        return keyring_from_airflow(args.conn_id)
-    return Keyring.from_env(args.env)
-
-
-def _transform(args, operation) -> None:
-    keyring = _keyring_for_cli(args)
-    if operation is decrypt_stream and args.input != "-" and Path(args.input).is_dir():
-        _decrypt_tree(Path(args.input), Path(args.output), keyring, force=args.force)
-        return
-    if args.input != "-" and args.output != "-":
-        if Path(args.input).resolve() == Path(args.output).resolve():
-            raise CryptoError("input and output are the same file")
-    if args.output != "-" and Path(args.output).exists() and not args.force:
-        raise CryptoError(f"{args.output} exists; use --force to overwrite it")
-    src = sys.stdin.buffer if args.input == "-" else open(args.input, "rb")  # noqa: SIM115
-    try:
-        if args.output == "-":
-            operation(src, sys.stdout.buffer, keyring)
-            sys.stdout.buffer.flush()
-            return
-        output = Path(args.output)
-        # a private temporary file: decrypted output holds personal data, and a failed run leaves nothing
-        fd, temporary = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                operation(src, out, keyring)
-            os.replace(temporary, output)
-        except BaseException:
-            with suppress(OSError):
-                os.unlink(temporary)
-            raise
-    finally:
-        if src is not sys.stdin.buffer:
-            src.close()
-
-
-def _decrypt_tree(source: Path, target: Path, keyring: Keyring, *, force: bool) -> None:
-    """Decrypt every encrypted file under ``source`` into the same place under ``target``, minus ``.enc``.
-
-    For folders such as a day's Great Expectations Data Docs; files that are not encrypted are left out.
-    """
-    if target.exists() and not force:
-        raise CryptoError(f"{target} exists; use --force to write into it")
-    if target.resolve().is_relative_to(source.resolve()):
-        raise CryptoError("OUT must not be inside IN")
-    decrypted = skipped = 0
-    for path in sorted(p for p in source.rglob("*") if p.is_file()):
-        if not is_encrypted(path):
-            skipped += 1
-            continue
-        relative = path.relative_to(source)
-        output = target / relative.parent / relative.name.removesuffix(".enc")
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("rb") as src:
-            atomic_write(output, lambda out, src=src: decrypt_stream(src, out, keyring))
-        decrypted += 1
-    print(f"decrypted {decrypted} files into {target} ({skipped} not encrypted, left out)", file=sys.stderr)
-
-
-def _new_key(args) -> None:
-    if args.rotate:
-        if not args.key_id:
-            raise CryptoError("--rotate needs --key-id for the new key")
-        print(_keyring_for_cli(args).rotated(args.key_id).to_text())
-    elif args.key_id:
-        print(Keyring({args.key_id: AESGCM.generate_key(bit_length=256)}, args.key_id).to_text())
-    else:
-        print(generate_key())
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m callconv.crypto",
-        description="Encrypt or decrypt call-conversion pipeline files, or make a new key.",
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    def keys_options(command: argparse.ArgumentParser) -> None:
-        command.add_argument(
-            "--conn-id", help="read the keyring from this Airflow connection instead of the environment"
-        )
-        command.add_argument(
-            "--env",
-            default=DEFAULT_KEYS_ENV_VAR,
-            help=f"environment variable holding the keyring JSON (default {DEFAULT_KEYS_ENV_VAR})",
-        )
-
-    for name, text in (
-        (
-            "decrypt",
-            "decrypt IN into OUT (for example to upload a conversion file by hand); a folder IN "
-            "(a day's Data Docs) is decrypted file by file into the folder OUT",
-        ),
-        ("encrypt", "encrypt IN into OUT with the keyring's primary key"),
-    ):
-        command = commands.add_parser(name, help=text, description=text)
-        command.add_argument("input", metavar="IN", help="file to read, or - for stdin")
-        command.add_argument("output", metavar="OUT", help="file to write, or - for stdout")
-        command.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
-        keys_options(command)
-
-    new_key = commands.add_parser(
-        "new-key",
-        help="print a new random key",
-        description="Print a new random AES-256 key; with --key-id a whole keyring JSON; "
-        "with --rotate the current keyring plus the new key as primary.",
-    )
-    new_key.add_argument("--key-id", help="print a keyring JSON with the new key under this id, as primary")
-    new_key.add_argument(
-        "--rotate", action="store_true", help="add the new key to the current keyring (env or --conn-id) as primary"
-    )
-    keys_options(new_key)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        if args.command == "new-key":
-            _new_key(args)
-        elif args.command == "decrypt":
-            _transform(args, decrypt_stream)
-        else:
-            _transform(args, encrypt_stream)
-    except (CryptoError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

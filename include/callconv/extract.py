@@ -1,11 +1,12 @@
 """Stage 1: find and read one day's CRM extracts, as a stream.
 
 Files land under ``{landing_uri}/{account_id}/{YYYY-MM-DD}/`` as ``*.csv`` or
-``*.csv.gz``, in plaintext or already encrypted by :mod:`callconv.crypto` (then
-optionally named ``*.enc``; encryption is recognised by the file's header). Each
+``*.csv.gz``, in plaintext, or sealed by the exporter (``python -m callconv.sealed seal``,
+class ``landing``, generation 0) and then named ``*.enc``: the name decides, and a ``.enc``
+file that does not decrypt is refused, never read as plaintext. Each
 is read as text only (no cell is ever evaluated), its CRM column names mapped to
 ours, and identified by the SHA-256 of its plaintext bytes (decrypted, still
-gzipped), so a file dropped again is recognised, encrypted or not.
+gzipped), so a file dropped again is recognised, sealed or not.
 
 Hostile input: a file name, or a symlink, that leads out of its day folder, or out of
 its account's folder, is refused. A file is never held whole in memory: :class:`CrmFileReader` first scans
@@ -37,9 +38,17 @@ import pandas as pd
 import sqlalchemy as sa
 
 from callconv.config import CrmSource
-from callconv.crypto import DecryptionError, Keyring
 from callconv.schema import crm_imports
-from callconv.storage import OutsideAccountFolder, StorageError, check_in_account, open_for_read, plain_name
+from callconv.sealed import SealError
+from callconv.storage import (
+    Area,
+    OutsideAccountFolder,
+    Sealer,
+    StorageError,
+    check_in_account,
+    open_for_read,
+    plain_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +139,10 @@ class CrmFileReader:
     ``crm_source.chunk_rows`` rows at a time, and checks it is still the file scanned.
     """
 
-    def __init__(self, path, source: CrmSource, keyring: Keyring | None = None):
+    def __init__(self, path, source: CrmSource, sealer: Sealer | None = None, area: Area | None = None):
         self.path = Path(path) if isinstance(path, str) else path
         self.source = source
-        self.keyring = keyring
+        self.sealer, self.area = sealer, area
         self.label = self.path.name
         self._gzipped = plain_name(self.path.name).lower().endswith(".gz")
 
@@ -215,7 +224,7 @@ class CrmFileReader:
     def _opened(self):
         """(hashing stream of the stored plaintext, metered and guarded stream the parser reads)."""
         limit = self.source.max_file_mb * MIB
-        with open_for_read(self.path, self.keyring) as raw:
+        with open_for_read(self.path, self.area, self.sealer) as raw:
             if self._gzipped:
                 stored = _Meter(raw, self.label, digest=True)
                 feed = _Meter(gzip.GzipFile(fileobj=stored, mode="rb"), self.label, limit=limit, line_guard=True)
@@ -239,13 +248,13 @@ class CrmFileReader:
             if "field larger than field limit" in reason:
                 reason = f"a field longer than {csv.field_size_limit()} characters: an unterminated quote?"
             raise ExtractError(f"{label}: not a readable CSV ({reason})") from None
-        except (DecryptionError, StorageError) as error:
+        except (SealError, StorageError) as error:
             raise ExtractError(f"{label}: {error}") from None
 
 
-def read_crm_file(path, source: CrmSource, keyring: Keyring | None = None) -> CrmExtract:
+def read_crm_file(path, source: CrmSource, sealer: Sealer | None = None, area: Area | None = None) -> CrmExtract:
     """One file, whole: see :meth:`CrmFileReader.read`."""
-    return CrmFileReader(path, source, keyring).read()
+    return CrmFileReader(path, source, sealer, area).read()
 
 
 class _Meter(io.RawIOBase):

@@ -7,14 +7,14 @@ normalised and stored ``crm_source.chunk_rows`` rows at a time inside that
 transaction, so memory does not grow with its size (see :mod:`callconv.extract`).
 
 After a landing file is taken in, or recognised by its checksum in
-``crm_imports`` as imported before, an encrypted copy is kept in the archive,
+``crm_imports`` as imported before, a sealed copy is kept in the archive,
 ``{archive_uri}/{account}/{YYYY-MM-DD}/{name}.enc``, and the plaintext landing
 file is removed. A file dropped again is still recognised by its checksum; a
 reimport reads the day's archived copies. A file that fails (unreadable,
 rejected) stays in the landing area, so it can be fixed and taken in again.
 
 After the day's files, the day's quarantined rows (reason codes and the raw
-record) are written as one encrypted CSV for debugging,
+record) are written as one sealed CSV for debugging,
 ``{quarantine_uri}/{account}/{YYYY-MM-DD}/quarantine_{account}_{day}.csv.enc``.
 
 A row that repeats an earlier row of the same extract exactly (a CRM that
@@ -44,12 +44,21 @@ import sqlalchemy as sa
 from callconv import normalise
 from callconv.config import Account, Settings
 from callconv.conversion_file import safe_text
-from callconv.crypto import Keyring
 from callconv.extract import CrmFileReader, frame_from_query, imported_checksums, landing_files
 from callconv.match import as_utc, conversion_sent
 from callconv.pseudonyms import PseudonymKey, PseudonymKeys, crm_text, require_current, sale_text
 from callconv.schema import crm_imports, crm_sales, delivery_conflicts, quarantine
-from callconv.storage import check_in_account, open_for_read, plain_name, remove, store_as, stored_name
+from callconv.storage import (
+    Area,
+    Sealer,
+    check_in_account,
+    open_for_read,
+    plain_name,
+    remove,
+    sealer_for,
+    store_as,
+    stored_name,
+)
 from callconv.validate import ExtractRejected, ExtractValidator
 from callconv.validate_prepare import CANONICAL_COLUMNS, CRM_ID_MAX_LENGTH, IdenticalRows
 
@@ -107,7 +116,8 @@ class _Day:
     window_end: datetime
     run_id: str
     docs_dir: object
-    keyring: Keyring | None
+    docs_area: Area | None
+    sealer: Sealer | None
     keys: PseudonymKeys
 
 
@@ -130,16 +140,17 @@ def take_in_day(
     *,
     archive_root=None,
     quarantine_root=None,
-    keyring: Keyring | None = None,
+    keyset=None,
     keys: PseudonymKeys,
 ) -> IntakeOutcome:
     """Take in the day's extracts: files from the landing area, or one CRM query's result.
 
     ``query_crm`` runs the configured query with the window as parameters; the
     DAG passes one built on the CRM's Airflow connection (common-sql). Every file
-    stored (archive copies, the quarantine export, Data Docs) is encrypted with
-    ``keyring``; without one (allowed only by ``encryption.required: false``) in
-    plaintext. Without ``archive_root`` landing files stay where they are. A sale
+    stored (archive copies, the quarantine export, Data Docs) is sealed with the Tink
+    ``keyset``, bound to the account, its class and path, with its generation kept in the
+    warehouse (:mod:`callconv.sealed`); without one (allowed only by
+    ``encryption.required: false``) in plaintext. Without ``archive_root`` landing files stay where they are. A sale
     without CRM id is keyed by an HMAC of its content under ``keys.primary``.
     """
     business_date = business_date_of(account, window_start)
@@ -153,7 +164,9 @@ def take_in_day(
             check_in_account(root / account.id / business_date.isoformat(), root, account.id, what)
     outcome = IntakeOutcome()
     docs_dir = data_docs_root / account.id / business_date.isoformat() if data_docs_root is not None else None
-    day = _Day(engine, settings, account, business_date, window_end, run_id, docs_dir, keyring, keys)
+    docs_area = Area(data_docs_root, account.id, "docs") if data_docs_root is not None else None
+    sealer = sealer_for(keyset, engine)
+    day = _Day(engine, settings, account, business_date, window_end, run_id, docs_dir, docs_area, sealer, keys)
     crm_source = settings.crm_source_for(account)
     if crm_source.kind == "sql":
         if query_crm is None:
@@ -180,7 +193,10 @@ def take_in_day(
             if not in_landing and not reimport:
                 outcome.files_skipped += 1  # archived only once taken in
                 continue
-            reader = CrmFileReader(path, crm_source, keyring)
+            area = (
+                Area(landing_root, account.id, "landing") if in_landing else Area(archive_root, account.id, "archive")
+            )
+            reader = CrmFileReader(path, crm_source, sealer, area)
             scan = reader.scan(settings.validation.max_rows)
             seen = _already_imported(engine, account, scan.checksum)
             if seen and not reimport:
@@ -192,11 +208,11 @@ def take_in_day(
                 _take_in_first_copies(day, extract, outcome)
             if in_landing and archive_root is not None:
                 _archive(
-                    path, scan.checksum, landing_root, archive_root, account, business_date, keyring, replace=not seen
+                    path, scan.checksum, landing_root, archive_root, account, business_date, sealer, replace=not seen
                 )
                 outcome.archived += 1
     if quarantine_root is not None:
-        outcome.quarantine_export_rows = export_quarantine(engine, account, business_date, quarantine_root, keyring)
+        outcome.quarantine_export_rows = export_quarantine(engine, account, business_date, quarantine_root, sealer)
     if not outcome.files_seen and settings.validation.expect_data:
         outcome.warnings.append(f"no CRM extract for {business_date} in the landing area")
     for warning in outcome.warnings:
@@ -275,11 +291,13 @@ def _take_in(day: _Day, extract: _Extract, outcome: IntakeOutcome) -> None:
         rules=rules,
         data_docs_dir=day.docs_dir,
         run_name=extract.checksum[:12],
-        keyring=day.keyring,
+        sealer=day.sealer,
+        docs_area=day.docs_area,
     ) as validator:
         validator.check_table(extract.columns, extract.row_count)
         rows_read = 0
         with day.engine.begin() as connection:
+            validator.seal_within(connection)
             require_current(connection, account.id, day.keys)
             for chunk in extract.chunks():
                 part = f"rows_{chunk.index[0]}-{chunk.index[-1]}" if several_chunks and len(chunk) else None
@@ -339,9 +357,9 @@ def _take_in(day: _Day, extract: _Extract, outcome: IntakeOutcome) -> None:
 
 
 def _archive(
-    path, checksum: str, landing_root, archive_root, account: Account, business_date: date, keyring, *, replace: bool
+    path, checksum: str, landing_root, archive_root, account: Account, business_date: date, sealer, *, replace: bool
 ):
-    """Keep the landing file's (encrypted) copy in the archive, then remove the landing file.
+    """Keep the landing file's (sealed) copy in the archive, then remove the landing file.
 
     The copy is checked against the checksum the file was taken in with. A file that was
     imported before (``replace=False``) does not replace an archived copy of the same name.
@@ -350,11 +368,12 @@ def _archive(
     folder = archive_root / account.id / business_date.isoformat()
     check_in_account(folder, archive_root, account.id, "archive folder")
     check_in_account(path, landing_root, account.id, "landing file")
-    target = folder / stored_name(plain_name(path.name), keyring)
+    target = folder / stored_name(plain_name(path.name), sealer)
     if replace or not target.exists():
-        with open_for_read(path, keyring) as plaintext:
+        with open_for_read(path, Area(landing_root, account.id, "landing"), sealer) as plaintext:
             checked = io.BufferedReader(_Checked(plaintext, checksum, path.name), buffer_size=1024 * 1024)
-            store_as(folder, plain_name(path.name), checked, keyring)
+            archive = Area(archive_root, account.id, "archive")
+            store_as(archive, business_date.isoformat(), plain_name(path.name), checked, sealer)
     remove(path)
     log.info("intake: %s archived as %s and removed from the landing area", path.name, target.name)
 
@@ -388,8 +407,8 @@ def quarantine_export_name(account_id: str, business_date: date) -> str:
     return f"quarantine_{account_id}_{business_date.isoformat()}.csv"
 
 
-def export_quarantine(engine: sa.Engine, account: Account, business_date: date, quarantine_root, keyring) -> int:
-    """Write the day's quarantined rows as one CSV (encrypted with ``keyring``); the number of rows.
+def export_quarantine(engine: sa.Engine, account: Account, business_date: date, quarantine_root, sealer) -> int:
+    """Write the day's quarantined rows as one CSV (sealed with ``sealer``); the number of rows.
 
     Columns: the file's checksum, its data row, the first reason, all reasons, and the raw
     record's cells. Cells a spreadsheet would run as a formula get a leading apostrophe.
@@ -402,7 +421,9 @@ def export_quarantine(engine: sa.Engine, account: Account, business_date: date, 
         return 0
     folder = quarantine_root / account.id / business_date.isoformat()
     check_in_account(folder, quarantine_root, account.id, "quarantine folder")
-    target = store_as(folder, quarantine_export_name(account.id, business_date), _quarantine_csv(engine, day), keyring)
+    area = Area(quarantine_root, account.id, "quarantine")
+    name = quarantine_export_name(account.id, business_date)
+    target = store_as(area, business_date.isoformat(), name, _quarantine_csv(engine, day), sealer)
     log.info("intake: %d quarantined rows of the day exported to %s", count, target.name)
     return count
 

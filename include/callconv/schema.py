@@ -252,4 +252,15 @@ pseudonym_key_state = sa.Table(
     sa.Column("key_id", sa.String(32), nullable=False),
 )
 
+# The newest generation of every sealed file (callconv.sealed): a file's associated data
+# names its generation, so an older copy put back in its place does not decrypt.
+sealed_generations = sa.Table(
+    "sealed_generations",
+    metadata,
+    sa.Column("account_id", sa.String(64), primary_key=True),
+    sa.Column("data_class", sa.String(16), primary_key=True),
+    sa.Column("logical_path", sa.String(512), primary_key=True),
+    sa.Column("generation", sa.BigInteger, nullable=False),
+)
+
 LEDGER_STATES = ("pending", "sending", "uploaded", "parked", "failed", "delivered")

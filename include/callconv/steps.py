@@ -62,12 +62,12 @@ def _record(scope, stage: str, counts: dict) -> dict:
 
 def take_in_crm_extracts(account_id: str, context, reimport: bool = False, day: str | None = None) -> dict:
     from callconv.intake import take_in_day
-    from callconv.storage import keyring_for
+    from callconv.storage import keyset_for
     from callconv.warehouse import serialised_session
 
     scope = task_scope(account_id, context, day)
     settings = scope.settings
-    keyring = keyring_for(settings)  # refuses to run without one when encryption is required
+    keyset = keyset_for(settings)  # refuses to run without one when encryption is required
     # The daily import and a rerun of the same account take turns: one lists, reads and
     # archives the landing files while the other waits, then finds them taken in.
     with (
@@ -87,7 +87,7 @@ def take_in_crm_extracts(account_id: str, context, reimport: bool = False, day: 
             query_crm=crm_query_runner(settings.crm_source_for(scope.account)),
             archive_root=storage_root(settings.archive_uri, settings),
             quarantine_root=storage_root(settings.quarantine_uri, settings),
-            keyring=keyring,
+            keyset=keyset,
             keys=pseudonym_keys(settings),
         )
     return _record(scope, "intake", outcome.as_counts())
@@ -153,17 +153,17 @@ def match_sales(account_id: str, context, day: str | None = None, rematch: bool 
 def write_conversion_file(account_id: str, context, day: str | None = None) -> dict:
     from callconv.conversion_file import write_conversion_file as write
     from callconv.intake import business_date_of
-    from callconv.storage import keyring_for
+    from callconv.storage import keyset_for
 
     scope = task_scope(account_id, context, day)
-    keyring = keyring_for(scope.settings)  # refuses to run without one when encryption is required
+    keyset = keyset_for(scope.settings)  # refuses to run without one when encryption is required
     with log_group(f"conversion file {account_id}"):
         written = write(
             scope.engine,
             scope.account,
             business_date_of(scope.account, scope.window.start),
             storage_root(scope.settings.export_uri, scope.settings),
-            keyring=keyring,
+            keyset=keyset,
         )
     return _record(scope, "conversion_file", {"written": written.rows, "path": written.path})
 

@@ -1,21 +1,26 @@
-"""Every file the pipeline stores is written and read here, so every one is encrypted at rest.
+"""Every file the pipeline stores is written and read here, so every one is sealed at rest.
 
 Where files go, each under ``{root}/{account}/{YYYY-MM-DD}/``:
 
-* ``archive_uri``: the CRM extracts as taken in, ``{name}.enc``. After a file is taken in (or
-  recognised by its checksum as already imported) its plaintext landing copy is removed;
-* ``quarantine_uri``: the day's quarantined rows, ``quarantine_{account}_{day}.csv.enc``;
-* ``export_uri``: the conversion file, ``call_conversions_{account}_{day}.csv.enc``;
-* ``data_docs_uri``: Great Expectations Data Docs, every file with ``.enc`` appended.
+* ``archive_uri`` (data class ``archive``): the CRM extracts as taken in, ``{name}.enc``.
+  After a file is taken in (or recognised by its checksum as already imported) its landing
+  copy is removed;
+* ``quarantine_uri`` (``quarantine``): the day's quarantined rows, ``quarantine_{account}_{day}.csv.enc``;
+* ``export_uri`` (``export``): the conversion file, ``call_conversions_{account}_{day}.csv.enc``;
+* ``data_docs_uri`` (``docs``): Great Expectations Data Docs, every file with ``.enc`` appended.
 
-Files are written with the keyring's primary key (see :mod:`callconv.crypto`) and atomically:
-a temporary sibling renamed over the target. Reading is a stream that decrypts one chunk at a
-time, and a file that is not encrypted (a CRM export dropped in plaintext) is read as it is,
-unless it is named ``.enc``: that name promises encryption, so such a file is refused.
-Without a keyring (only when the config says ``encryption.required: false``) files are stored
-in plaintext under their plain names.
+Files are sealed with Tink's Streaming AEAD (:mod:`callconv.sealed`), bound to the account,
+the data class and the logical path (the place under the account's folder without ``.enc``,
+``2026-11-27/call_conversions_x.csv``) and a generation kept in the warehouse, and written
+atomically: a temporary sibling renamed over the target. Reading is a stream checked one
+segment at a time. A ``.enc`` file that does not decrypt under its binding is refused, never
+read as plaintext or in the old format (old files: ``python -m callconv.sealed migrate``).
 
-``python -m callconv.crypto decrypt IN OUT`` gives back the plaintext of one file, or of a folder.
+Landing files (``landing``) are written by the CRM: read as dropped, plaintext, or sealed by
+the exporter (``python -m callconv.sealed seal``) if named ``.enc``.
+
+Without a keyset (only when the config says ``encryption.required: false``) files are stored in
+plaintext under their plain names, with a warning.
 """
 
 from __future__ import annotations
@@ -25,23 +30,25 @@ import logging
 import os
 import shutil
 from collections.abc import Iterable, Iterator
-from pathlib import Path
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from callconv.crypto import (
-    DEFAULT_KEYS_ENV_VAR,
-    Keyring,
+from callconv.sealed import (
+    KEYSET_ENV_VAR,
+    Generations,
+    SealError,
     atomic_write,
-    is_encrypted,
-    keyring_from_airflow,
-    open_decrypted,
-    register_with_log_masker,
-    write_encrypted,
+    keyset_from_airflow,
+    keyset_from_env,
+    read_sealed,
+    write_sealed,
 )
 
 log = logging.getLogger(__name__)
 
 ENCRYPTED_SUFFIX = ".enc"
+_OLD_FORMAT_MAGIC = b"CCENC\x01"
 
 
 class StorageError(RuntimeError):
@@ -49,7 +56,7 @@ class StorageError(RuntimeError):
 
 
 class EncryptionKeyMissing(StorageError):
-    """Encryption is required by the config, but no keyring is set."""
+    """Encryption is required by the config, but no keyset is set."""
 
 
 class OutsideAccountFolder(StorageError):
@@ -80,121 +87,166 @@ def check_in_account(path, root, account_id: str, what: str) -> None:
         )
 
 
-def keyring_for(settings) -> Keyring | None:
-    """The keyring to store files with: from the Airflow connection, else the environment variable.
+@dataclass(frozen=True)
+class Sealer:
+    """What sealing a file needs: the Tink keyset and the warehouse's generation counter."""
+
+    keyset: object
+    generations: Generations
+
+    def within(self, connection) -> Sealer:
+        """The same keyset, its counter advanced in ``connection``'s transaction (see :class:`Generations`)."""
+        return replace(self, generations=Generations(connection))
+
+
+def sealer_for(keyset, warehouse) -> Sealer | None:
+    """A :class:`Sealer` over the warehouse engine (or a connection); ``None`` without a keyset (plaintext)."""
+    return None if keyset is None else Sealer(keyset, Generations(warehouse))
+
+
+@dataclass(frozen=True)
+class Area:
+    """One account's folder of one data class: ``{root}/{account_id}``; logical paths are relative to it."""
+
+    root: object
+    account_id: str
+    data_class: str
+
+    @property
+    def folder(self):
+        root = Path(self.root) if isinstance(self.root, str) else self.root
+        return root / self.account_id
+
+    def logical(self, path) -> str:
+        """The logical path of a stored ``path`` in this area: relative to the account's folder, no ``.enc``."""
+        base, full = PurePosixPath(str(self.folder)), PurePosixPath(str(path))
+        try:
+            relative = full.relative_to(base)
+        except ValueError:
+            raise StorageError(
+                f"{full.name!r} is not in the {self.data_class} folder of account {self.account_id!r}"
+            ) from None
+        return plain_name(relative.as_posix())
+
+
+def keyset_for(settings):
+    """The Tink keyset to store files with: from the Airflow connection, else the environment variable.
 
     ``None`` only when the config allows plaintext (``encryption.required: false``) and no
-    keyring is set; that is logged as a warning on every call. A keyring that is set but
-    malformed is always an error (:class:`callconv.crypto.KeyringError`).
+    keyset is set; that is logged as a warning on every call. A keyset that is set but
+    malformed is always an error (:class:`callconv.sealed.SealError`).
     """
     encryption = settings.encryption
-    keyring = _keyring_from_connection(encryption.keys_conn_id)
-    if keyring is None and os.environ.get(DEFAULT_KEYS_ENV_VAR, "").strip():
-        keyring = Keyring.from_env(DEFAULT_KEYS_ENV_VAR)
-        register_with_log_masker(keyring)
-    if keyring is not None:
-        return keyring
+    keyset = keyset_from_airflow(encryption.keys_conn_id)
+    if keyset is None and os.environ.get(KEYSET_ENV_VAR, "").strip():
+        keyset = keyset_from_env(KEYSET_ENV_VAR)
+    if keyset is not None:
+        return keyset
     if encryption.required:
         raise EncryptionKeyMissing(
-            f"encryption is required (encryption.required: true) but no keyring is set: put the keyring JSON "
+            f"encryption is required (encryption.required: true) but no keyset is set: put the Tink keyset JSON "
             f"in the password of Airflow connection {encryption.keys_conn_id!r} or in the environment variable "
-            f"{DEFAULT_KEYS_ENV_VAR} (make one with: python -m callconv.crypto new-key --key-id <id>)"
+            f"{KEYSET_ENV_VAR} (make one with: python -m callconv.sealed new-keyset)"
         )
     log.warning(
         "storage: files are stored in plaintext because encryption is disabled in the config "
-        "(encryption.required: false) and no keyring is set (Airflow connection %r or %s)",
+        "(encryption.required: false) and no keyset is set (Airflow connection %r or %s)",
         encryption.keys_conn_id,
-        DEFAULT_KEYS_ENV_VAR,
+        KEYSET_ENV_VAR,
     )
     return None
 
 
-def _keyring_from_connection(conn_id: str) -> Keyring | None:
-    try:
-        from airflow.sdk.exceptions import AirflowNotFoundException
-    except ImportError:  # outside Airflow there are no connections
-        return None
-    try:
-        return keyring_from_airflow(conn_id)
-    except AirflowNotFoundException:
-        return None
-
-
-def stored_name(name: str, keyring: Keyring | None) -> str:
-    """The name a file is stored under: ``.enc`` appended when it is encrypted."""
-    return f"{name}{ENCRYPTED_SUFFIX}" if keyring is not None else name
+def stored_name(name: str, sealer: Sealer | None) -> str:
+    """The name a file is stored under: ``.enc`` appended when it is sealed."""
+    return f"{name}{ENCRYPTED_SUFFIX}" if sealer is not None else name
 
 
 def plain_name(name: str) -> str:
-    """The name without the ``.enc`` that storing it encrypted added."""
+    """The name without the ``.enc`` that storing it sealed added."""
     return name.removesuffix(ENCRYPTED_SUFFIX)
 
 
-def store(path, data: bytes | BinaryIO | Iterable[bytes], keyring: Keyring | None) -> None:
-    """Write ``data`` to ``path`` atomically: encrypted with ``keyring``, or as it is without one.
+def _as_stream(data) -> BinaryIO:
+    if isinstance(data, bytes | bytearray | memoryview):
+        return io.BytesIO(data)
+    if hasattr(data, "read"):
+        return data
+    return io.BufferedReader(_IterableReader(data), buffer_size=1024 * 1024)
+
+
+def store(area: Area, logical_path: str, data: bytes | BinaryIO | Iterable[bytes], sealer: Sealer | None):
+    """Write ``data`` at ``logical_path`` of ``area`` atomically, sealed (``.enc``) or, without a sealer, as it is.
 
     ``data`` is bytes, a binary file object, or an iterable of bytes (both streamed, never
-    held whole). ``path`` is a ``pathlib.Path`` or an ObjectStoragePath; its folder is created.
+    held whole). The folder is created. Returns the path written.
     """
-    if isinstance(path, str):
-        path = Path(path)
-    if isinstance(data, bytes | bytearray | memoryview):
-        source: BinaryIO = io.BytesIO(data)
-    elif hasattr(data, "read"):
-        source = data
+    if area.data_class == "landing":
+        raise StorageError("the landing area is the CRM's: the pipeline never writes it")
+    logical = PurePosixPath(logical_path)
+    target = area.folder.joinpath(*logical.parent.parts) / stored_name(logical.name, sealer)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    source = _as_stream(data)
+    if sealer is None:
+        atomic_write(target, lambda out: shutil.copyfileobj(source, out, 1024 * 1024))
     else:
-        source = io.BufferedReader(_IterableReader(data), buffer_size=1024 * 1024)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if keyring is not None:
-        write_encrypted(path, source, keyring)
-    else:
-        atomic_write(path, lambda out: shutil.copyfileobj(source, out, 1024 * 1024))
+        write_sealed(
+            target, source, sealer.keyset, sealer.generations, area.account_id, area.data_class, logical.as_posix()
+        )
+    return target
 
 
-def store_as(folder, name: str, data: bytes | BinaryIO | Iterable[bytes], keyring: Keyring | None):
-    """:func:`store` under ``folder / stored_name(name, keyring)``; the path written.
+def store_as(area: Area, folder: str, name: str, data, sealer: Sealer | None):
+    """:func:`store` at ``folder/name`` of the area (``folder`` a day, ``2026-11-27``); the path written.
 
     The same file in the other form (plaintext left from before encryption was turned
     on, say) is removed, so a folder never holds both.
     """
-    target = folder / stored_name(name, keyring)
-    store(target, data, keyring)
-    remove(folder / (name if keyring is not None else f"{name}{ENCRYPTED_SUFFIX}"))
+    target = store(area, f"{folder}/{name}", data, sealer)
+    remove(target.parent / (name if sealer is not None else f"{name}{ENCRYPTED_SUFFIX}"))
     return target
 
 
-def open_for_read(path, keyring: Keyring | None) -> BinaryIO:
-    """The file's plaintext as a binary stream: decrypted chunk by chunk if it is encrypted.
+def open_for_read(path, area: Area | None, sealer: Sealer | None) -> BinaryIO:
+    """The plaintext of the stored file ``path`` of ``area``, as a binary stream.
 
-    A file that is not encrypted is opened as it is, unless its name ends in ``.enc``: such a
-    file (plaintext, or cut short before its header) is refused, never read as plaintext.
-    An encrypted one without a keyring, or with a keyring lacking its key, is a clear error
-    (:class:`callconv.crypto.DecryptionError`).
+    A file named ``.enc`` is opened only if it decrypts under its binding (account, class,
+    logical path, newest generation; generation 0 for landing files), checked one segment at a
+    time: anything else (plaintext, the old format, another file's ciphertext, an older copy)
+    is refused with a one-line :class:`callconv.sealed.SealError` naming no content. A file with
+    a plain name is plaintext, opened as it is.
     """
     if isinstance(path, str):
         path = Path(path)
-    if is_encrypted(path):
-        if keyring is None:
-            raise StorageError(
-                f"{path.name} is encrypted but no encryption keyring is set "
-                f"(Airflow connection of encryption.keys_conn_id, or {DEFAULT_KEYS_ENV_VAR})"
-            )
-        return open_decrypted(path, keyring)
-    if path.name.endswith(ENCRYPTED_SUFFIX):
+    if not path.name.endswith(ENCRYPTED_SUFFIX):
+        return path.open("rb")
+    if sealer is None:
         raise StorageError(
-            f"{path.name} is named as encrypted but is not an encrypted file (plaintext, or cut short); "
-            "a .enc file is never read as plaintext"
+            f"{path.name} is sealed but no encryption keyset is set "
+            f"(Airflow connection of encryption.keys_conn_id, or {KEYSET_ENV_VAR})"
         )
-    return path.open("rb")
+    if area is None:
+        raise StorageError(f"{path.name} is sealed, but it was not read as a file of a known account and class")
+    logical = area.logical(path)
+    try:
+        return read_sealed(path, sealer.keyset, sealer.generations, area.account_id, area.data_class, logical)
+    except SealError as error:
+        with path.open("rb") as head:
+            if head.read(len(_OLD_FORMAT_MAGIC)) == _OLD_FORMAT_MAGIC:
+                raise SealError(
+                    f"{area.data_class} file {logical!r} of account {area.account_id!r} is in the old CCENC format, "
+                    "which is no longer read here: convert it once with python -m callconv.sealed migrate"
+                ) from None
+        raise error from None
 
 
-def store_tree(source: Path, target, keyring: Keyring | None) -> int:
-    """Store every file under the local folder ``source`` at the same place under ``target``."""
+def store_tree(source: Path, area: Area, folder: str, sealer: Sealer | None) -> int:
+    """Store every file under the local folder ``source`` at the same place under ``folder`` of the area."""
     count = 0
     for path in sorted(p for p in source.rglob("*") if p.is_file()):
         relative = path.relative_to(source)
         with path.open("rb") as handle:
-            store_as(target.joinpath(*relative.parent.parts), relative.name, handle, keyring)
+            store_as(area, PurePosixPath(folder, *relative.parent.parts).as_posix(), relative.name, handle, sealer)
         count += 1
     return count
 
@@ -230,11 +282,14 @@ class _IterableReader(io.RawIOBase):
 
 __all__ = [
     "ENCRYPTED_SUFFIX",
+    "Area",
+    "Sealer",
+    "sealer_for",
+    "keyset_for",
     "EncryptionKeyMissing",
     "OutsideAccountFolder",
     "StorageError",
     "check_in_account",
-    "keyring_for",
     "open_for_read",
     "plain_name",
     "remove",

@@ -53,7 +53,7 @@ from callconv.validate_prepare import (
 
 if TYPE_CHECKING:
     from callconv.config import ValidationRules
-    from callconv.crypto import Keyring
+    from callconv.storage import Area, Sealer
 
 log = logging.getLogger(__name__)
 
@@ -137,14 +137,15 @@ def validate_extract(
     rules: ValidationRules,
     data_docs_dir: Path | None = None,
     run_name: str = "run",
-    keyring: Keyring | None = None,
+    sealer: Sealer | None = None,
+    docs_area: Area | None = None,
 ) -> ValidationReport:
     """Validate one extract held whole; raise :class:`ExtractRejected` if it must not be used at all.
 
     ``rules`` is a :class:`callconv.config.ValidationRules` (or anything with
     ``min_rows``, ``max_rows``, ``max_bad_row_share`` and ``expect_data``).
-    With ``data_docs_dir`` set, GX Data Docs for this run are stored there (encrypted
-    with ``keyring``, see :func:`callconv.storage.store`), also when the extract is
+    With ``data_docs_dir`` set, GX Data Docs for this run are stored there (sealed with
+    ``sealer`` as files of ``docs_area``, see :func:`callconv.storage.store`), also when the extract is
     rejected (the exception then carries ``data_docs_path``). The intake validates
     chunk by chunk with :class:`ExtractValidator` instead.
     """
@@ -152,7 +153,7 @@ def validate_extract(
         raise ValueError(f"decimal separator must be '.' or ',', got {decimal!r}")
     if not frame.index.is_unique:
         raise ValueError("the extract's index must be unique source row numbers")
-    with ExtractValidator(known_outcomes, decimal, rules, data_docs_dir, run_name, keyring) as validator:
+    with ExtractValidator(known_outcomes, decimal, rules, data_docs_dir, run_name, sealer, docs_area) as validator:
         validator.check_table(list(frame.columns), len(frame))
         row_reasons = validator.check_rows(frame)
         report = replace(validator.finish(), row_reasons=row_reasons)
@@ -185,7 +186,8 @@ class ExtractValidator:
         rules: ValidationRules,
         data_docs_dir=None,
         run_name: str = "run",
-        keyring: Keyring | None = None,
+        sealer: Sealer | None = None,
+        docs_area: Area | None = None,
     ) -> None:
         if decimal not in (".", ","):
             raise ValueError(f"decimal separator must be '.' or ',', got {decimal!r}")
@@ -193,12 +195,17 @@ class ExtractValidator:
         self._decimal = decimal
         self._rules = rules
         self._run_name = run_name
-        self._runner = _GxRunner(data_docs_dir, run_name, keyring)
+        self._runner = _GxRunner(data_docs_dir, run_name, sealer, docs_area)
         self._row_count = 0
         self._warnings: list[str] = []
         self._counts = {reason: 0 for reason in REASON_CODES}
         self._bad_rows = 0
         self._earlier_ids = np.empty(0, dtype=np.uint64)
+
+    def seal_within(self, connection) -> None:
+        """Advance the Data Docs' generations in ``connection``'s transaction (the intake's), not one of
+        their own: on SQLite that transaction holds the only write lock until it commits."""
+        self._runner.seal_within(connection)
 
     def __enter__(self) -> ExtractValidator:
         return self
@@ -450,11 +457,11 @@ class _GxRunner:
 
     GX renders the site into a private temporary folder; :meth:`build_docs` then stores
     every file of it under ``data_docs_dir`` through :func:`callconv.storage.store_tree`
-    (encrypted when there is a keyring), so the Data Docs, which show sample values,
-    are never stored in plaintext. :meth:`close` removes the temporary folder.
+    (sealed when there is a sealer, bound to ``docs_area``), so the Data Docs, which show
+    sample values, are never stored in plaintext. :meth:`close` removes the temporary folder.
     """
 
-    def __init__(self, data_docs_dir, run_name: str, keyring: Keyring | None = None) -> None:
+    def __init__(self, data_docs_dir, run_name: str, sealer: Sealer | None = None, docs_area: Area | None = None):
         _quiet_gx()
         import great_expectations as gx
         from great_expectations.data_context.types.base import (
@@ -465,7 +472,9 @@ class _GxRunner:
 
         self._gx = gx
         self._docs_dir = Path(data_docs_dir) if isinstance(data_docs_dir, str) else data_docs_dir
-        self._keyring = keyring
+        if sealer is not None and data_docs_dir is not None and docs_area is None:
+            raise ValueError("sealed Data Docs need the docs area they belong to (account and class)")
+        self._sealer, self._docs_area = sealer, docs_area
         self._render_dir = Path(tempfile.mkdtemp(prefix="callconv-docs-")) if data_docs_dir is not None else None
         sites = {}
         if self._render_dir is not None:
@@ -533,14 +542,22 @@ class _GxRunner:
         if self._render_dir is None:
             return None
         if self._docs_path is None:
-            from callconv.storage import store_tree, stored_name
+            from callconv.storage import Area, store_tree, stored_name
 
             self._context.build_data_docs(site_names=[_SITE_NAME])
             if not (self._render_dir / "index.html").is_file():
                 return None
-            store_tree(self._render_dir, self._docs_dir, self._keyring)
-            self._docs_path = str(self._docs_dir / stored_name("index.html", self._keyring))
+            if self._docs_area is None:  # plaintext docs in a folder of their own
+                area, folder = Area(self._docs_dir.parent, self._docs_dir.name, "docs"), "."
+            else:
+                area, folder = self._docs_area, self._docs_area.logical(self._docs_dir)
+            store_tree(self._render_dir, area, folder, self._sealer)
+            self._docs_path = str(self._docs_dir / stored_name("index.html", self._sealer))
         return self._docs_path
+
+    def seal_within(self, connection) -> None:
+        if self._sealer is not None:
+            self._sealer = self._sealer.within(connection)
 
     def reject(self, message: str, *, kind: str) -> None:
         docs = self.build_docs()

@@ -1,7 +1,8 @@
-"""Integration tests run as production does: encryption required, with a test keyring.
+"""Integration tests run as production does: encryption required, with a test Tink keyset.
 
-Every test gets the keyring in ``CALL_CONVERSIONS_ENCRYPTION_KEYS`` (a test that
-wants none removes it); ``test_keyring`` is the same keyring, to decrypt with.
+Every test gets the session's keyset in ``CALL_CONVERSIONS_ENCRYPTION_KEYS`` (a test that
+wants none removes it); ``test_keyset`` is the same keyset, to decrypt with
+(:func:`stored.read_stored`).
 
 Also shared here: the Google Ads sandbox and its certificate, the settings file,
 and the Airflow connections the DAGs look up.
@@ -18,10 +19,11 @@ import pytest
 import yaml
 
 from callconv.ads_client import SSL_ROOTS_ENV_VAR, client_from_settings
-from callconv.crypto import DEFAULT_KEYS_ENV_VAR, Keyring
 from callconv.sandbox import SandboxServer, ensure_certificate
+from callconv.sealed import KEYSET_ENV_VAR, keyset_to_json, new_keyset
 
-_SESSION_KEYRING = Keyring({"test-2026-11": os.urandom(32)}, "test-2026-11")
+_SESSION_KEYSET = new_keyset()
+_SESSION_KEYSET_JSON = keyset_to_json(_SESSION_KEYSET)
 
 # gRPC reads its trusted roots once per process, when the first TLS channel is
 # made, so the sandbox certificate is trusted before any test runs.
@@ -36,13 +38,13 @@ REQUIRED_COLUMNS = {"caller_phone": "p", "conversion_time": "t", "outcome": "o"}
 
 
 @pytest.fixture()
-def test_keyring() -> Keyring:
-    return _SESSION_KEYRING
+def test_keyset():
+    return _SESSION_KEYSET
 
 
 @pytest.fixture(autouse=True)
 def _encryption_keys(monkeypatch) -> None:
-    monkeypatch.setenv(DEFAULT_KEYS_ENV_VAR, _SESSION_KEYRING.to_text())
+    monkeypatch.setenv(KEYSET_ENV_VAR, _SESSION_KEYSET_JSON)
 
 
 # ------------------------------------------------------------------ the Google Ads sandbox

@@ -90,7 +90,7 @@ def land(root, account_id: str, day: date, name: str, payload: bytes) -> None:
 
 
 def test_a_norwegian_and_a_us_account_with_different_crm_files_share_one_config(
-    tmp_path, monkeypatch, warehouse, test_keyring
+    tmp_path, monkeypatch, warehouse, test_keyset
 ):
     settings = write_config(tmp_path, monkeypatch)
     oslo, austin = settings.account("oslo"), settings.account("austin")
@@ -120,7 +120,7 @@ def test_a_norwegian_and_a_us_account_with_different_crm_files_share_one_config(
             data_docs_root=tmp_path / "docs",
             archive_root=tmp_path / "archive",
             quarantine_root=tmp_path / "quarantine",
-            keyring=test_keyring,
+            keyset=test_keyset,
             keys=keys_from_airflow(DEFAULT_CONN_ID),
         )
         assert outcome.files_seen == 1, account.id

@@ -1,10 +1,10 @@
-"""Encryption at rest, end to end: the import DAG with encryption required and a test keyring.
+"""Encryption at rest, end to end: the import DAG with encryption required and a test Tink keyset.
 
 Reuses the known data set of ``test_import_dag``. After a run, every file under the
-landing, archive, quarantine, export and Data Docs roots is scanned: each starts with
-the encrypted-file magic and none holds a known phone number, in E.164 or as the CRM
-wrote it. Decrypting with the key gives the expected rows back. The task log holds
-no number either.
+landing, archive, quarantine, export and Data Docs roots is scanned: each is named
+``.enc``, is a Tink Streaming AEAD ciphertext (its header-length byte) and holds no known
+phone number, in E.164 or as the CRM wrote it. Reading it bound to its account, class and
+path gives the expected rows back. The task log holds no number either.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from datetime import datetime
 import pytest
 import sqlalchemy as sa
 import yaml
+from stored import read_stored
 from test_import_dag import (  # the known data set and its fixtures
     ACCOUNT,
     CALLS,
@@ -30,13 +31,13 @@ from test_import_dag import (  # the known data set and its fixtures
     sandbox,  # noqa: F401 - a fixture
 )
 
-from callconv.crypto import MAGIC, decrypt_bytes
 from callconv.normalise import normalise_phone
-from callconv.schema import crm_imports, crm_sales, run_summary
+from callconv.schema import crm_imports, crm_sales, run_summary, sealed_generations
 
 pytestmark = pytest.mark.integration
 
 ROOTS = ("landing", "archive", "quarantine", "export", "docs")
+TINK_HEADER_LENGTH = 40  # AES256_GCM_HKDF_1MB: 1 length byte, 32 bytes of salt, 7 of nonce prefix
 RUN_DATE = datetime(2026, 11, 28, tzinfo=OSLO)
 
 
@@ -59,7 +60,7 @@ def stored_files(project_dir) -> dict[str, list]:
 def test_every_stored_file_is_encrypted_and_no_number_is_in_plaintext_or_the_log(
     project,  # noqa: F811
     warehouse,
-    test_keyring,
+    test_keyset,
     caplog,
     capfd,
 ):
@@ -80,15 +81,19 @@ def test_every_stored_file_is_encrypted_and_no_number_is_in_plaintext_or_the_log
     assert any(p.name == "index.html.enc" for p in files["docs"]) and len(files["docs"]) > 10
     for path in (path for paths in files.values() for path in paths):
         blob = path.read_bytes()
-        assert blob.startswith(MAGIC), path
+        assert blob[0] == TINK_HEADER_LENGTH and not blob.startswith(b"CCENC"), path
         assert path.name.endswith(".enc"), path
         leaked = sorted(number for number in numbers if number.encode() in blob)
         assert leaked == [], path
 
-    # With the key, each file gives back what it holds.
+    # With the keyset, each file read as what it is gives back what it holds.
     [archived], [quarantined], [exported] = files["archive"], files["quarantine"], files["export"]
-    assert decrypt_bytes(archived.read_bytes(), test_keyring) == original
-    lines = list(csv.reader(io.StringIO(decrypt_bytes(exported.read_bytes(), test_keyring).decode("utf-8"))))
+
+    def read(path, data_class):
+        return read_stored(warehouse, test_keyset, path, project / data_class, ACCOUNT, data_class)
+
+    assert read(archived, "archive") == original
+    lines = list(csv.reader(io.StringIO(read(exported, "export").decode("utf-8"))))
     assert lines[0] == ["Parameters:TimeZone=Europe/Oslo"]
     rows = {(row[0], row[3], row[4], row[5]) for row in lines[2:]}
     expected = {
@@ -96,11 +101,17 @@ def test_every_stored_file_is_encrypted_and_no_number_is_in_plaintext_or_the_log
         for e164, _, _, conversion_time, value, currency, _ in EXPECTED_CONVERSIONS
     }
     assert rows == expected
-    quarantine_rows = list(csv.DictReader(io.StringIO(decrypt_bytes(quarantined.read_bytes(), test_keyring).decode())))
+    quarantine_rows = list(csv.DictReader(io.StringIO(read(quarantined, "quarantine").decode())))
     assert {int(row["source_row"]): row["reason"] for row in quarantine_rows} == EXPECTED_QUARANTINE
     assert quarantine_rows[0]["caller_phone"] in {"12", "91234567"}  # debug data: the raw record, decrypted
     docs_index = next(p for p in files["docs"] if p.name == "index.html.enc")
-    assert b"callconv_extract_rows" in decrypt_bytes(docs_index.read_bytes(), test_keyring)
+    assert b"callconv_extract_rows" in read(docs_index, "docs")
+    with warehouse.connect() as connection:  # one generation per sealed file, each written once
+        generations = connection.execute(
+            sa.select(sealed_generations.c.data_class, sealed_generations.c.generation)
+        ).all()
+    assert sorted({data_class for data_class, _ in generations}) == ["archive", "docs", "export", "quarantine"]
+    assert len(generations) == sum(len(files[root]) for root in ROOTS) and {g for _, g in generations} == {1}
 
     logged = caplog.text + "".join(capfd.readouterr())
     assert sorted(number for number in numbers if number in logged) == []
@@ -120,13 +131,13 @@ def test_every_stored_file_is_encrypted_and_no_number_is_in_plaintext_or_the_log
     assert counts["intake"]["files_already_imported"] == 1 and counts["intake"]["read"] == 0
 
 
-def test_without_a_keyring_required_encryption_refuses_to_run(project, warehouse, monkeypatch, capfd):  # noqa: F811
+def test_without_a_keyset_required_encryption_refuses_to_run(project, warehouse, monkeypatch, capfd):  # noqa: F811
     monkeypatch.delenv("CALL_CONVERSIONS_ENCRYPTION_KEYS")
     dag_run = run_import_dag(RUN_DATE)
     assert dag_run.state == "failed"
     output = "".join(capfd.readouterr())
     assert (
-        "encryption is required (encryption.required: true) but no keyring is set: put the keyring JSON in the "
+        "encryption is required (encryption.required: true) but no keyset is set: put the Tink keyset JSON in the "
         "password of Airflow connection 'call_conversions_encryption' or in the environment variable "
         "CALL_CONVERSIONS_ENCRYPTION_KEYS"
     ) in output

@@ -1,8 +1,8 @@
 """Hostile and awkward CRM files through the real intake, on PostgreSQL and real files.
 
 Formula cells stay text all the way; files are taken in chunk by chunk with the same
-result as whole; landing files go to the encrypted archive and are still recognised
-when dropped again, encrypted or not.
+result as whole; landing files go to the sealed archive and are still recognised
+when dropped again, sealed or not.
 """
 
 from __future__ import annotations
@@ -14,16 +14,17 @@ from decimal import Decimal
 
 import pytest
 import sqlalchemy as sa
+from stored import read_stored
 
 from callconv.call_logs import normalise_call_logs
 from callconv.config import parse_settings
 from callconv.conversion_file import TEMPLATE_HEADER, write_conversion_file
-from callconv.crypto import MAGIC, decrypt_bytes, write_encrypted
 from callconv.extract import ExtractError
 from callconv.intake import take_in_day
 from callconv.match import match_day
 from callconv.pseudonyms import DEFAULT_CONN_ID, keys_from_airflow
 from callconv.schema import call_logs, crm_imports, crm_sales, quarantine
+from callconv.sealed import Binding, seal_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -87,7 +88,7 @@ def drop(tmp_path, name: str, payload: bytes):
     return folder / name
 
 
-def take_in(settings, tmp_path, warehouse, keyring, **kwargs):
+def take_in(settings, tmp_path, warehouse, keyset, **kwargs):
     return take_in_day(
         warehouse,
         settings,
@@ -98,7 +99,7 @@ def take_in(settings, tmp_path, warehouse, keyring, **kwargs):
         data_docs_root=tmp_path / "docs",
         archive_root=tmp_path / "archive",
         quarantine_root=tmp_path / "quarantine",
-        keyring=keyring,
+        keyset=keyset,
         keys=keys_from_airflow(DEFAULT_CONN_ID),
         **kwargs,
     )
@@ -113,7 +114,7 @@ FORMULA_ROWS = [
 ]
 
 
-def test_formula_cells_stay_text_and_every_spreadsheet_file_neutralises_them(tmp_path, warehouse, test_keyring):
+def test_formula_cells_stay_text_and_every_spreadsheet_file_neutralises_them(tmp_path, warehouse, test_keyset):
     settings = make_settings(tmp_path)
     drop(tmp_path, "deals.csv", csv_bytes(FORMULA_ROWS))
     with warehouse.begin() as connection:
@@ -131,7 +132,7 @@ def test_formula_cells_stay_text_and_every_spreadsheet_file_neutralises_them(tmp
             ],
         )
 
-    outcome = take_in(settings, tmp_path, warehouse, test_keyring)
+    outcome = take_in(settings, tmp_path, warehouse, test_keyset)
 
     assert outcome.rows_read == 4 and outcome.sales == 1
     with warehouse.connect() as connection:
@@ -145,7 +146,8 @@ def test_formula_cells_stay_text_and_every_spreadsheet_file_neutralises_them(tmp
     # The quarantine export: the raw text, each formula-like cell behind an apostrophe.
     [export] = (tmp_path / "quarantine" / ACCOUNT / DAY.isoformat()).iterdir()
     assert export.name == f"quarantine_{ACCOUNT}_{DAY}.csv.enc"
-    rows = list(csv.DictReader(io.StringIO(decrypt_bytes(export.read_bytes(), test_keyring).decode("utf-8"))))
+    text = read_stored(warehouse, test_keyset, export, tmp_path / "quarantine", ACCOUNT, "quarantine").decode("utf-8")
+    rows = list(csv.DictReader(io.StringIO(text)))
     assert [(row["source_row"], row["reason"]) for row in rows] == [
         ("2", "phone_unparseable"),
         ("3", "time_unparseable"),
@@ -160,16 +162,17 @@ def test_formula_cells_stay_text_and_every_spreadsheet_file_neutralises_them(tmp
     # The conversion file: the formula-like action name is neutralised, the phone is tab-prefixed text.
     normalise_call_logs(warehouse, ACCOUNT, "NO", *WINDOW, timedelta(days=60))
     match_day(warehouse, ACCOUNT, DAY, settings.match, "run-1", keys=keys_from_airflow(DEFAULT_CONN_ID))
-    written = write_conversion_file(warehouse, settings.account(ACCOUNT), DAY, tmp_path / "export", test_keyring)
+    written = write_conversion_file(warehouse, settings.account(ACCOUNT), DAY, tmp_path / "export", test_keyset)
     assert written.rows == 1 and written.path.endswith(".csv.enc")
-    lines = list(csv.reader(io.StringIO(decrypt_bytes(open(written.path, "rb").read(), test_keyring).decode())))
+    text = read_stored(warehouse, test_keyset, written.path, tmp_path / "export", ACCOUNT, "export").decode()
+    lines = list(csv.reader(io.StringIO(text)))
     assert lines[1] == list(TEMPLATE_HEADER)
     cells = dict(zip(TEMPLATE_HEADER, lines[2], strict=True))
     assert cells["Conversion Name"] == f"'{FORMULA_ACTION_NAME}"
     assert cells["Caller's Phone Number"] == "\t+4791234567"
 
 
-def test_a_file_read_in_small_chunks_gives_the_same_tables_as_read_whole(tmp_path, warehouse, test_keyring):
+def test_a_file_read_in_small_chunks_gives_the_same_tables_as_read_whole(tmp_path, warehouse, test_keyset):
     rows = [[f"S{n}", f"9123456{n % 10}", "2026-11-27 10:00:00", "sale", f"{n}.5", "NOK"] for n in range(10)]
     rows[3][1] = "12"  # phone too short
     rows[6][2] = "whenever"  # time unparseable
@@ -183,7 +186,7 @@ def test_a_file_read_in_small_chunks_gives_the_same_tables_as_read_whole(tmp_pat
             for table in (crm_sales, quarantine, crm_imports):
                 connection.execute(table.delete())
         drop(tmp_path, "deals.csv", payload)
-        outcome = take_in(make_settings(tmp_path, chunk_rows=chunk_rows), tmp_path, warehouse, test_keyring)
+        outcome = take_in(make_settings(tmp_path, chunk_rows=chunk_rows), tmp_path, warehouse, test_keyset)
         with warehouse.connect() as connection:
             sales = connection.execute(
                 sa.select(crm_sales.c.crm_id, crm_sales.c.source_row, crm_sales.c.caller_e164).order_by("source_row")
@@ -206,52 +209,53 @@ def test_a_file_read_in_small_chunks_gives_the_same_tables_as_read_whole(tmp_pat
 
 
 def test_landing_files_move_to_the_encrypted_archive_and_are_recognised_when_dropped_again(
-    tmp_path, warehouse, test_keyring
+    tmp_path, warehouse, test_keyset
 ):
     settings = make_settings(tmp_path)
     payload = csv_bytes([["S1", "91234567", "2026-11-27 10:00:00", "sale", "1", "NOK"]])
     landing = drop(tmp_path, "deals.csv", payload)
     archived = tmp_path / "archive" / ACCOUNT / DAY.isoformat() / "deals.csv.enc"
 
-    first = take_in(settings, tmp_path, warehouse, test_keyring)
+    first = take_in(settings, tmp_path, warehouse, test_keyset)
     assert (first.files_seen, first.files_skipped, first.archived, first.rows_read) == (1, 0, 1, 1)
     assert not landing.exists()
-    assert archived.read_bytes().startswith(MAGIC)
-    assert decrypt_bytes(archived.read_bytes(), test_keyring) == payload
+    assert payload not in archived.read_bytes()
+    assert read_stored(warehouse, test_keyset, archived, tmp_path / "archive", ACCOUNT, "archive") == payload
 
-    # The same file dropped again, this time already encrypted by the CRM: recognised, archived, removed.
+    # The same file dropped again, this time sealed by the CRM's exporter: recognised, archived, removed.
     encrypted_drop = landing.with_name("deals-again.csv.enc")
-    write_encrypted(encrypted_drop, payload, test_keyring)
-    again = take_in(settings, tmp_path, warehouse, test_keyring)
+    landing_binding = Binding(ACCOUNT, "landing", f"{DAY.isoformat()}/deals-again.csv", 0)
+    encrypted_drop.write_bytes(seal_bytes(payload, test_keyset, landing_binding))
+    again = take_in(settings, tmp_path, warehouse, test_keyset)
     assert (again.files_seen, again.files_skipped, again.rows_read) == (2, 2, 0)  # the drop and the archived copy
     assert not encrypted_drop.exists()
     assert sorted(p.name for p in archived.parent.iterdir()) == ["deals-again.csv.enc", "deals.csv.enc"]
 
     # A rerun with nothing in the landing area: the archive says the day was taken in, no warning.
-    rerun = take_in(settings, tmp_path, warehouse, test_keyring)
+    rerun = take_in(settings, tmp_path, warehouse, test_keyset)
     assert (rerun.files_seen, rerun.files_skipped, rerun.warnings) == (2, 2, [])
 
     # A reimport reads the archived copies again, decrypting them as a stream.
-    reimport = take_in(settings, tmp_path, warehouse, test_keyring, reimport=True)
+    reimport = take_in(settings, tmp_path, warehouse, test_keyset, reimport=True)
     assert (reimport.files_seen, reimport.files_skipped, reimport.rows_read) == (2, 0, 2)
     with warehouse.connect() as connection:
         assert connection.scalar(sa.select(sa.func.count()).select_from(crm_sales)) == 1
         assert connection.scalar(sa.select(sa.func.count()).select_from(crm_imports)) == 1  # one checksum
 
 
-def test_a_rejected_file_stays_in_the_landing_area_and_nothing_is_stored(tmp_path, warehouse, test_keyring):
+def test_a_rejected_file_stays_in_the_landing_area_and_nothing_is_stored(tmp_path, warehouse, test_keyset):
     settings = make_settings(tmp_path, max_file_mb=1)
     row = ["S1", "91234567", "2026-11-27 10:00:00", "sale", "1", "NOK"]
     landing = drop(tmp_path, "huge.csv", csv_bytes([row] * 40_000))
     with pytest.raises(ExtractError, match=r"^huge\.csv: larger than 1 MiB once decrypted and unzipped"):
-        take_in(settings, tmp_path, warehouse, test_keyring)
+        take_in(settings, tmp_path, warehouse, test_keyset)
     assert landing.exists()
     assert not (tmp_path / "archive").exists()
     with warehouse.connect() as connection:
         assert connection.scalar(sa.select(sa.func.count()).select_from(crm_imports)) == 0
 
 
-def test_identical_copies_of_rows_are_dropped_not_counted_as_bad_rows(tmp_path, warehouse, test_keyring):
+def test_identical_copies_of_rows_are_dropped_not_counted_as_bad_rows(tmp_path, warehouse, test_keyset):
     """A CRM that exports rows twice: 30% of the file are copies, and the default 0.2 limit lets it in."""
     distinct = [
         [f"S{n}", f"9123{n:04d}", f"2026-11-27 {8 + n % 10:02d}:00:00", "sale", f"{n}.5", "NOK"] for n in range(13)
@@ -272,7 +276,7 @@ def test_identical_copies_of_rows_are_dropped_not_counted_as_bad_rows(tmp_path, 
         drop(tmp_path, "deals.csv", payload)
         settings = make_settings(tmp_path, validation={}, chunk_rows=chunk_rows)
         assert settings.validation.max_bad_row_share == 0.2  # the default
-        outcome = take_in(settings, tmp_path, warehouse, test_keyring)
+        outcome = take_in(settings, tmp_path, warehouse, test_keyset)
         with warehouse.connect() as connection:
             sales = connection.execute(
                 sa.select(crm_sales.c.crm_id, crm_sales.c.source_row, crm_sales.c.conversion_value).order_by(

@@ -16,8 +16,8 @@ from zoneinfo import ZoneInfo
 import pytest
 import sqlalchemy as sa
 import yaml
+from stored import read_stored
 
-from callconv.crypto import decrypt_bytes
 from callconv.normalise import normalise_phone
 from callconv.sandbox import ActionSpec
 from callconv.schema import call_logs, crm_imports, crm_sales, matches, quarantine, run_summary, upload_ledger
@@ -187,7 +187,7 @@ def snapshot(engine) -> dict:
     return tables
 
 
-def test_one_day_gives_the_known_matches_quarantine_and_reasons(project, warehouse, sandbox, test_keyring):
+def test_one_day_gives_the_known_matches_quarantine_and_reasons(project, warehouse, sandbox, test_keyset):
     started = time.monotonic()
     dag_run = run_import_dag(datetime(2026, 11, 28, tzinfo=OSLO))
     run_seconds = time.monotonic() - started
@@ -237,7 +237,8 @@ def test_one_day_gives_the_known_matches_quarantine_and_reasons(project, warehou
     assert len(accepted) == 4
 
     exported = project / "export" / ACCOUNT / DAY.isoformat() / f"call_conversions_{ACCOUNT}_{DAY}.csv.enc"
-    lines = decrypt_bytes(exported.read_bytes(), test_keyring).decode("utf-8").splitlines()
+    lines = read_stored(warehouse, test_keyset, exported, project / "export", ACCOUNT, "export")
+    lines = lines.decode("utf-8").splitlines()
     assert lines[0] == "Parameters:TimeZone=Europe/Oslo"
     assert lines[1].startswith("Caller's Phone Number,Call Start Time,Conversion Name,Conversion Time")
     assert (
@@ -247,17 +248,18 @@ def test_one_day_gives_the_known_matches_quarantine_and_reasons(project, warehou
     assert len(lines) == 2 + len(EXPECTED_CONVERSIONS)
 
 
-def test_running_the_same_day_twice_leaves_identical_tables(project, warehouse, sandbox, test_keyring):
+def test_running_the_same_day_twice_leaves_identical_tables(project, warehouse, sandbox, test_keyset):
     logical_date = datetime(2026, 11, 28, tzinfo=OSLO)
     assert run_import_dag(logical_date).state == "success"
     first = snapshot(warehouse)
     exported = project / "export" / ACCOUNT / DAY.isoformat() / f"call_conversions_{ACCOUNT}_{DAY}.csv.enc"
-    first_file = decrypt_bytes(exported.read_bytes(), test_keyring)
+    first_file = read_stored(warehouse, test_keyset, exported, project / "export", ACCOUNT, "export")
 
     assert run_import_dag(logical_date).state == "success"
     second = snapshot(warehouse)
     assert second == first
-    assert decrypt_bytes(exported.read_bytes(), test_keyring) == first_file  # the same plaintext, freshly encrypted
+    # the same plaintext, freshly sealed under the path's next generation
+    assert read_stored(warehouse, test_keyset, exported, project / "export", ACCOUNT, "export") == first_file
     assert len(first["matches"]) == len(EXPECTED_CONVERSIONS)
     assert len(sandbox.accepted()) == len(EXPECTED_CONVERSIONS)  # nothing sent twice
 

@@ -94,7 +94,7 @@ def sale_rows() -> list[list[str]]:
     return rows
 
 
-def take_in(engine, settings, tmp_path, keys, keyring, reimport=False):
+def take_in(engine, settings, tmp_path, keys, keyset, reimport=False):
     return take_in_day(
         engine,
         settings,
@@ -103,7 +103,7 @@ def take_in(engine, settings, tmp_path, keys, keyring, reimport=False):
         "run-1",
         landing_root=tmp_path / "landing",
         archive_root=tmp_path / "archive",
-        keyring=keyring,
+        keyset=keyset,
         keys=keys,
         reimport=reimport,
     )
@@ -114,7 +114,7 @@ def match(engine, settings, keys):
 
 
 @pytest.fixture()
-def day(tmp_path, warehouse, pseudonym_keys, test_keyring):
+def day(tmp_path, warehouse, pseudonym_keys, test_keyset):
     settings = make_settings(tmp_path)
     with warehouse.begin() as connection:
         connection.execute(
@@ -134,7 +134,7 @@ def day(tmp_path, warehouse, pseudonym_keys, test_keyring):
             ],
         )
     drop_extract(tmp_path, sale_rows())
-    assert take_in(warehouse, settings, tmp_path, pseudonym_keys, test_keyring).sales == len(CALLERS)
+    assert take_in(warehouse, settings, tmp_path, pseudonym_keys, test_keyset).sales == len(CALLERS)
     outcome = match(warehouse, settings, pseudonym_keys)
     assert (outcome.matched, outcome.conversions) == (len(CALLERS), len(CALLERS))
     return settings
@@ -195,7 +195,7 @@ def test_no_stored_key_gives_its_number_back_without_the_key(day, warehouse, pse
     assert len(found) == len(targets) and set(found.values()) == set(CALLERS)
 
 
-def test_keys_are_the_keyed_recipes_and_stable_across_reruns(day, warehouse, pseudonym_keys, tmp_path, test_keyring):
+def test_keys_are_the_keyed_recipes_and_stable_across_reruns(day, warehouse, pseudonym_keys, tmp_path, test_keyset):
     def snapshot():
         with warehouse.connect() as connection:
             return {
@@ -228,14 +228,14 @@ def test_keys_are_the_keyed_recipes_and_stable_across_reruns(day, warehouse, pse
         assert set(connection.scalars(sa.select(upload_ledger.c.conversion_key_id))) == {key.key_id}
         assert connection.execute(sa.select(pseudonym_key_state)).all() == [(ACCOUNT, key.key_id)]
 
-    take_in(warehouse, day, tmp_path, pseudonym_keys, test_keyring, reimport=True)
+    take_in(warehouse, day, tmp_path, pseudonym_keys, test_keyset, reimport=True)
     match(warehouse, day, pseudonym_keys)
     match(warehouse, day, pseudonym_keys)
     assert snapshot() == first
 
 
 def test_a_rotation_rekeys_the_account_and_deduplication_holds(
-    day, warehouse, pseudonym_keys, tmp_path, test_keyring, monkeypatch
+    day, warehouse, pseudonym_keys, tmp_path, test_keyset, monkeypatch
 ):
     old = pseudonym_keys.primary
     sent_at = datetime(2026, 11, 28, 6, tzinfo=UTC)
@@ -268,7 +268,7 @@ def test_a_rotation_rekeys_the_account_and_deduplication_holds(
     with pytest.raises(PseudonymKeyRotated, match="re-key them first"):
         match(warehouse, day, rotated)
     with pytest.raises(PseudonymKeyRotated, match="re-key them first"):
-        take_in(warehouse, day, tmp_path, rotated, test_keyring, reimport=True)
+        take_in(warehouse, day, tmp_path, rotated, test_keyset, reimport=True)
 
     [outcome] = rekey(warehouse, rotated)
     assert (outcome.sale_keys, outcome.conversion_keys, outcome.wrapped) == (4, 4, 0)
@@ -290,7 +290,7 @@ def test_a_rotation_rekeys_the_account_and_deduplication_holds(
     # sales again adds no sale, a rematch no conversion, and the sent one stays as sent.
     keys = rotated.without(old.key_id)
     drop_extract(tmp_path, sale_rows()[:-1], "again.csv")
-    assert take_in(warehouse, day, tmp_path, keys, test_keyring).sales == len(CALLERS) - 1
+    assert take_in(warehouse, day, tmp_path, keys, test_keyset).sales == len(CALLERS) - 1
     again = match(warehouse, day, keys)
     assert again.new_pending == 0
     with warehouse.connect() as connection:
@@ -304,7 +304,7 @@ def test_a_rotation_rekeys_the_account_and_deduplication_holds(
         [sale_rows()[0][:1] + [f"{call_start(0) + timedelta(hours=3):%Y-%m-%d %H:%M:%S}", "sale", "5.00"]],
         "late.csv",
     )
-    take_in(warehouse, day, tmp_path, keys, test_keyring)
+    take_in(warehouse, day, tmp_path, keys, test_keyset)
     late = match(warehouse, day, keys)
     assert late.conflicts == {"late_sale_on_delivered_call": 1} and late.new_pending == 0
     with warehouse.connect() as connection:

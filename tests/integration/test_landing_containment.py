@@ -62,7 +62,7 @@ def make_settings(tmp_path):
     )
 
 
-def take_in(tmp_path, warehouse, keyring, account_id: str, **kwargs):
+def take_in(tmp_path, warehouse, keyset, account_id: str, **kwargs):
     settings = make_settings(tmp_path)
     return take_in_day(
         warehouse,
@@ -74,7 +74,7 @@ def take_in(tmp_path, warehouse, keyring, account_id: str, **kwargs):
         data_docs_root=tmp_path / "docs",
         archive_root=tmp_path / "archive",
         quarantine_root=tmp_path / "quarantine",
-        keyring=keyring,
+        keyset=keyset,
         keys=keys_from_airflow(DEFAULT_CONN_ID),
         **kwargs,
     )
@@ -87,10 +87,10 @@ def acme_landing_file(tmp_path):
     return path
 
 
-def refused_for_other(tmp_path, warehouse, keyring, error=ExtractError, **kwargs) -> str:
+def refused_for_other(tmp_path, warehouse, keyset, error=ExtractError, **kwargs) -> str:
     """Other's intake fails with a one-line error naming other's folder, and reads nothing."""
     with pytest.raises(error) as caught:
-        take_in(tmp_path, warehouse, keyring, "other", **kwargs)
+        take_in(tmp_path, warehouse, keyset, "other", **kwargs)
     message = str(caught.value)
     assert "\n" not in message
     assert "the folder of account 'other'" in message and "refusing" in message
@@ -101,47 +101,47 @@ def refused_for_other(tmp_path, warehouse, keyring, error=ExtractError, **kwargs
     return message
 
 
-def test_a_day_folder_symlinked_into_another_account_is_refused(tmp_path, warehouse, test_keyring):
+def test_a_day_folder_symlinked_into_another_account_is_refused(tmp_path, warehouse, test_keyset):
     acme_file = acme_landing_file(tmp_path)
     (tmp_path / "landing" / "other").mkdir()
     (tmp_path / "landing" / "other" / DAY.isoformat()).symlink_to(f"../acme/{DAY}", target_is_directory=True)
 
-    message = refused_for_other(tmp_path, warehouse, test_keyring)
+    message = refused_for_other(tmp_path, warehouse, test_keyset)
 
     assert message.startswith(f"refusing day folder '{DAY}'")
     assert acme_file.read_bytes() == ACME_FILE  # not deleted from acme's landing folder
     # acme's own intake still takes its file in
-    assert take_in(tmp_path, warehouse, test_keyring, "acme").sales == 1
+    assert take_in(tmp_path, warehouse, test_keyset, "acme").sales == 1
 
 
-def test_a_file_symlinked_into_another_account_is_refused(tmp_path, warehouse, test_keyring):
+def test_a_file_symlinked_into_another_account_is_refused(tmp_path, warehouse, test_keyset):
     acme_file = acme_landing_file(tmp_path)
     folder = tmp_path / "landing" / "other" / DAY.isoformat()
     folder.mkdir(parents=True)
     (folder / "deals.csv").symlink_to(f"../../acme/{DAY}/deals.csv")
 
-    message = refused_for_other(tmp_path, warehouse, test_keyring)
+    message = refused_for_other(tmp_path, warehouse, test_keyset)
 
     assert message.startswith("refusing landing file 'deals.csv'")
     assert acme_file.read_bytes() == ACME_FILE
     assert (folder / "deals.csv").is_symlink()  # left as found, for whoever looks into it
 
 
-def test_an_account_folder_symlinked_to_another_account_is_refused(tmp_path, warehouse, test_keyring):
+def test_an_account_folder_symlinked_to_another_account_is_refused(tmp_path, warehouse, test_keyset):
     acme_file = acme_landing_file(tmp_path)
     (tmp_path / "landing" / "other").symlink_to("acme", target_is_directory=True)
 
-    refused_for_other(tmp_path, warehouse, test_keyring)
+    refused_for_other(tmp_path, warehouse, test_keyset)
 
     assert acme_file.read_bytes() == ACME_FILE
 
 
 def test_an_archive_day_folder_symlinked_into_another_account_is_refused_before_anything_is_read(
-    tmp_path, warehouse, test_keyring
+    tmp_path, warehouse, test_keyset
 ):
     """Other's own landing file would otherwise be archived over acme's archived copy of the same name."""
     acme_landing_file(tmp_path)
-    take_in(tmp_path, warehouse, test_keyring, "acme")
+    take_in(tmp_path, warehouse, test_keyset, "acme")
     acme_archived = tmp_path / "archive" / "acme" / DAY.isoformat() / "deals.csv.enc"
     archived_bytes = acme_archived.read_bytes()
     with warehouse.begin() as connection:
@@ -154,7 +154,7 @@ def test_an_archive_day_folder_symlinked_into_another_account_is_refused_before_
     (tmp_path / "archive" / "other" / DAY.isoformat()).symlink_to(f"../acme/{DAY}", target_is_directory=True)
 
     with pytest.raises(OutsideAccountFolder) as caught:
-        take_in(tmp_path, warehouse, test_keyring, "other")
+        take_in(tmp_path, warehouse, test_keyset, "other")
 
     message = str(caught.value)
     assert "\n" not in message and message.startswith(f"refusing archive folder '{DAY}'")

@@ -109,7 +109,7 @@ def production_engine(pg_schema_url, warehouse):
     engine.dispose()
 
 
-def take_in(tmp_path, engine, keyring):
+def take_in(tmp_path, engine, keyset):
     settings = make_settings(tmp_path)
     return take_in_day(
         engine,
@@ -121,7 +121,7 @@ def take_in(tmp_path, engine, keyring):
         data_docs_root=tmp_path / "docs",
         archive_root=tmp_path / "archive",
         quarantine_root=tmp_path / "quarantine",
-        keyring=keyring,
+        keyset=keyset,
         keys=keys_from_airflow(DEFAULT_CONN_ID),
     )
 
@@ -147,12 +147,12 @@ def numbers_in(text: str) -> list[str]:
     ids=["crm_id_129_characters", "nul_in_crm_id", "year_0001", "year_9999_negative_offset", "year_1899"],
 )
 def test_a_cell_the_warehouse_cannot_hold_is_one_quarantined_row(
-    cells, reason, tmp_path, production_engine, test_keyring, caplog
+    cells, reason, tmp_path, production_engine, test_keyset, caplog
 ):
     caplog.set_level(logging.DEBUG)
     landing_file = drop_file(tmp_path, [*good_rows(), bad_row(**cells)])
 
-    outcome = take_in(tmp_path, production_engine, test_keyring)
+    outcome = take_in(tmp_path, production_engine, test_keyset)
 
     assert (outcome.rows_read, outcome.sales, outcome.quarantined) == (6, 5, {reason: 1})
     with production_engine.connect() as connection:
@@ -166,12 +166,12 @@ def test_a_cell_the_warehouse_cannot_hold_is_one_quarantined_row(
 
 
 def test_a_call_start_that_overflows_is_dropped_as_a_hint_and_the_sale_kept(
-    tmp_path, production_engine, test_keyring, caplog
+    tmp_path, production_engine, test_keyset, caplog
 ):
     caplog.set_level(logging.DEBUG)
     drop_file(tmp_path, [*good_rows(), bad_row(call_at="9999-12-31 23:30:00-05:00")])
 
-    outcome = take_in(tmp_path, production_engine, test_keyring)
+    outcome = take_in(tmp_path, production_engine, test_keyset)
 
     assert (outcome.sales, outcome.quarantined) == (6, {})
     with production_engine.connect() as connection:
@@ -188,9 +188,9 @@ def _no_row_checks(monkeypatch) -> None:
     monkeypatch.setattr(ExtractValidator, "check_rows", lambda self, chunk, part=None: {})
 
 
-def _fails_without_numbers(tmp_path, engine, keyring, caplog) -> BaseException:
+def _fails_without_numbers(tmp_path, engine, keyset, caplog) -> BaseException:
     with pytest.raises(Exception) as caught:  # noqa: PT011 - the class is checked by the caller
-        take_in(tmp_path, engine, keyring)
+        take_in(tmp_path, engine, keyset)
     shown = "".join(traceback.format_exception(caught.value)) + caplog.text
     assert numbers_in(shown) == [], "a database error showed phone numbers"
     return caught.value
@@ -203,27 +203,25 @@ def _nothing_taken_in(engine, landing_file) -> None:
     assert landing_file.exists()  # a file that fails stays in the landing area
 
 
-def test_a_value_too_long_for_its_column_names_no_number(
-    tmp_path, production_engine, test_keyring, caplog, monkeypatch
-):
+def test_a_value_too_long_for_its_column_names_no_number(tmp_path, production_engine, test_keyset, caplog, monkeypatch):
     caplog.set_level(logging.DEBUG)
     _no_row_checks(monkeypatch)
     landing_file = drop_file(tmp_path, [*good_rows(), bad_row(id="C" * 129)])
 
-    error = _fails_without_numbers(tmp_path, production_engine, test_keyring, caplog)
+    error = _fails_without_numbers(tmp_path, production_engine, test_keyset, caplog)
 
     assert isinstance(error, sa.exc.DataError) and "value too long" in str(error)
     assert "parameters hidden" in str(error)
     _nothing_taken_in(production_engine, landing_file)
 
 
-def test_a_numeric_overflow_names_no_number(tmp_path, production_engine, test_keyring, caplog, monkeypatch):
+def test_a_numeric_overflow_names_no_number(tmp_path, production_engine, test_keyset, caplog, monkeypatch):
     caplog.set_level(logging.DEBUG)
     _no_row_checks(monkeypatch)
     monkeypatch.setattr(normalise, "_MAX_MONEY", Decimal(10) ** 30)  # the guard for Numeric(18, 4), off
     landing_file = drop_file(tmp_path, [*good_rows(), bad_row(amount="1000000000000000")])
 
-    error = _fails_without_numbers(tmp_path, production_engine, test_keyring, caplog)
+    error = _fails_without_numbers(tmp_path, production_engine, test_keyset, caplog)
 
     assert isinstance(error, sa.exc.DataError) and "numeric field overflow" in str(error)
     assert "parameters hidden" in str(error)
@@ -231,7 +229,7 @@ def test_a_numeric_overflow_names_no_number(tmp_path, production_engine, test_ke
 
 
 def test_a_unique_clash_with_a_concurrent_writer_names_no_number(
-    tmp_path, production_engine, warehouse, test_keyring, caplog
+    tmp_path, production_engine, warehouse, test_keyset, caplog
 ):
     """Another writer holds an uncommitted sale with the key of the file's first sale: the
     intake's insert waits for it, and fails on the key once that writer commits."""
@@ -257,7 +255,7 @@ def test_a_unique_clash_with_a_concurrent_writer_names_no_number(
 
     def run() -> None:
         try:
-            take_in(tmp_path, production_engine, test_keyring)
+            take_in(tmp_path, production_engine, test_keyset)
         except BaseException as error:  # noqa: BLE001 - handed to the test thread
             failure.append(error)
 

@@ -1,8 +1,8 @@
 """A file named ``.enc`` is never read as plaintext, in the landing area or in the archive.
 
-The name promises a file encrypted with our keyring. A plaintext file under that name (put
-over an archived copy, or dropped by a CRM export that was never encrypted) is refused with
-a one-line error, nothing of it is taken in, and it is left where it was.
+The name promises a file sealed with our keyset and bound to its place. A plaintext file
+under that name (put over an archived copy, or dropped by a CRM export that was never
+sealed) is refused with a one-line error, nothing of it is taken in, and it is left where it was.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ PAYLOAD = b"id;phone;sold_at;outcome\r\nA-1;+47 912 34 567;2026-11-27 10:00:00;s
 FORGED = b"id;phone;sold_at;outcome\r\nF-1;+47 913 45 678;2026-11-27 11:00:00;sale\r\n"
 
 
-def take_in(tmp_path, warehouse, keyring, **kwargs):
+def take_in(tmp_path, warehouse, keyset, **kwargs):
     settings = parse_settings(
         {
             "export_uri": str(tmp_path / "export"),
@@ -66,7 +66,7 @@ def take_in(tmp_path, warehouse, keyring, **kwargs):
         data_docs_root=tmp_path / "docs",
         archive_root=tmp_path / "archive",
         quarantine_root=tmp_path / "quarantine",
-        keyring=keyring,
+        keyset=keyset,
         keys=keys_from_airflow(DEFAULT_CONN_ID),
         **kwargs,
     )
@@ -77,36 +77,38 @@ def sale_ids(warehouse) -> list[str]:
         return sorted(connection.execute(sa.select(crm_sales.c.crm_id)).scalars())
 
 
-def test_a_plaintext_landing_file_named_enc_is_refused_and_left_in_place(tmp_path, warehouse, test_keyring):
+def test_a_plaintext_landing_file_named_enc_is_refused_and_left_in_place(tmp_path, warehouse, test_keyset):
     dropped = tmp_path / "landing" / ACCOUNT / DAY.isoformat() / "deals.csv.enc"
     dropped.parent.mkdir(parents=True)
     dropped.write_bytes(PAYLOAD)
 
     with pytest.raises(ExtractError) as caught:
-        take_in(tmp_path, warehouse, test_keyring)
+        take_in(tmp_path, warehouse, test_keyset)
 
     message = str(caught.value)
-    assert message == (
-        "deals.csv.enc: deals.csv.enc is named as encrypted but is not an encrypted file (plaintext, or cut "
-        "short); a .enc file is never read as plaintext"
+    assert message.startswith(
+        "deals.csv.enc: landing file '2026-11-27/deals.csv' of account 'acme' does not decrypt as generation 0: "
+        "tampered, truncated, not encrypted"
     )
+    assert "\n" not in message and "912" not in message
     assert sale_ids(warehouse) == []
     with warehouse.connect() as connection:
         assert connection.scalar(sa.select(sa.func.count()).select_from(crm_imports)) == 0
     assert dropped.read_bytes() == PAYLOAD
 
 
-def test_a_plaintext_file_put_over_an_archived_copy_is_refused_on_reimport(tmp_path, warehouse, test_keyring):
+def test_a_plaintext_file_put_over_an_archived_copy_is_refused_on_reimport(tmp_path, warehouse, test_keyset):
     landing = tmp_path / "landing" / ACCOUNT / DAY.isoformat() / "deals.csv"
     landing.parent.mkdir(parents=True)
     landing.write_bytes(PAYLOAD)
-    take_in(tmp_path, warehouse, test_keyring)
+    take_in(tmp_path, warehouse, test_keyset)
     archived = tmp_path / "archive" / ACCOUNT / DAY.isoformat() / "deals.csv.enc"
     assert sale_ids(warehouse) == ["A-1"] and archived.exists()
     archived.write_bytes(FORGED)  # someone replaces the encrypted copy with a plaintext one
 
-    with pytest.raises(ExtractError, match=r"^deals\.csv\.enc: deals\.csv\.enc is named as encrypted but is not"):
-        take_in(tmp_path, warehouse, test_keyring, reimport=True)
+    refused = r"^deals\.csv\.enc: archive file '2026-11-27/deals\.csv' of account 'acme' does not decrypt"
+    with pytest.raises(ExtractError, match=refused):
+        take_in(tmp_path, warehouse, test_keyset, reimport=True)
 
     assert sale_ids(warehouse) == ["A-1"]  # the forged sale was not taken in
     assert archived.read_bytes() == FORGED

@@ -1,4 +1,6 @@
-"""Encryption at rest: keyring parsing, the chunked file format, tamper detection, streaming, CLI."""
+"""The retired CCENC format's reader (kept for ``python -m callconv.sealed migrate`` only): keyring
+parsing, the chunked file format, tamper detection, streaming. Old files are made by the test-only
+writer :mod:`ccenc_writer`; the pipeline no longer writes this format."""
 
 from __future__ import annotations
 
@@ -13,11 +15,10 @@ import subprocess
 import sys
 import tracemalloc
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
+from ccenc_writer import encrypt_bytes, encrypt_stream, write_encrypted
 
-from callconv import crypto
 from callconv.crypto import (
     CHUNK_SIZE,
     MAGIC,
@@ -28,13 +29,8 @@ from callconv.crypto import (
     UnknownKeyError,
     decrypt_bytes,
     decrypt_stream,
-    encrypt_bytes,
-    encrypt_stream,
-    generate_key,
     is_encrypted,
-    main,
     open_decrypted,
-    write_encrypted,
 )
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -159,16 +155,6 @@ def test_rotation_old_files_decrypt_and_new_files_use_new_key():
     assert decrypt_bytes(new_blob, rotated) == b"written in November"
     with pytest.raises(UnknownKeyError):
         decrypt_bytes(new_blob, old_ring)
-
-
-def test_rotated_helper_adds_a_new_primary(keyring):
-    rotated = keyring.rotated("2026-11")
-    assert rotated.primary == "2026-11"
-    assert rotated.key_ids == ["2026-01", "2026-11"]
-    assert Keyring.from_text(rotated.to_text()) == rotated
-    assert decrypt_bytes(encrypt_bytes(b"x", keyring), rotated) == b"x"
-    with pytest.raises(KeyringError, match="already in the keyring"):
-        rotated.rotated("2026-01")
 
 
 def test_unknown_key_id(keyring):
@@ -422,37 +408,10 @@ def test_open_decrypted_checks_the_key_at_open(tmp_path, keyring):
         open_decrypted(path, Keyring({"other": NEW_KEY}, "other"))
 
 
-# --------------------------------------------------------------------------- files on disk
+# --------------------------------------------------------------------------- files on disk (made by the test writer)
 
 
-def test_write_encrypted_is_atomic_and_leaves_no_temporaries(tmp_path, keyring):
-    path = tmp_path / "quarantine.csv.enc"
-    path.write_bytes(b"previous version")
-    write_encrypted(path, b"new version", keyring)
-    assert decrypt_bytes(path.read_bytes(), keyring) == b"new version"
-    assert [p.name for p in tmp_path.iterdir()] == ["quarantine.csv.enc"]
-
-    class Exploding(io.RawIOBase):
-        def __init__(self):
-            self._calls = 0
-
-        def readable(self):
-            return True
-
-        def readinto(self, buffer):
-            self._calls += 1
-            if self._calls > 3:
-                raise OSError("disk went away")
-            buffer[:] = b"a" * len(buffer)
-            return len(buffer)
-
-    with pytest.raises(OSError, match="disk went away"):
-        write_encrypted(path, io.BufferedReader(Exploding()), keyring)
-    assert decrypt_bytes(path.read_bytes(), keyring) == b"new version"  # old file untouched
-    assert [p.name for p in tmp_path.iterdir()] == ["quarantine.csv.enc"]
-
-
-def test_write_encrypted_streams_from_a_file_object(tmp_path, keyring):
+def test_a_streamed_old_file_decrypts(tmp_path, keyring):
     data = multi_chunk_data()
     path = tmp_path / "landing.enc"
     write_encrypted(path, io.BytesIO(data), keyring)
@@ -485,7 +444,7 @@ def test_keyring_from_text_and_env(monkeypatch):
     assert ring.key_ids == ["2026-01", "2026-11"]
     assert ring.key("2026-01") == OLD_KEY
 
-    monkeypatch.setenv("CALL_CONVERSIONS_ENCRYPTION_KEYS", text)
+    monkeypatch.setenv("CALL_CONVERSIONS_LEGACY_KEYS", text)
     assert Keyring.from_env() == ring
     monkeypatch.setenv("OTHER_KEYS", text)
     assert Keyring.from_env("OTHER_KEYS") == ring
@@ -501,13 +460,6 @@ def test_keyring_accepts_standard_and_unpadded_base64():
 
 def test_single_key_needs_no_primary():
     assert Keyring.from_text(json.dumps({"keys": {"only": b64(OLD_KEY)}})).primary == "only"
-
-
-def test_generate_key():
-    key = generate_key()
-    assert len(base64.urlsafe_b64decode(key)) == 32
-    assert key != generate_key()
-    assert Keyring.from_text(json.dumps({"keys": {"k": key}})).primary == "k"
 
 
 def test_repr_hides_keys():
@@ -560,61 +512,12 @@ def test_keyring_constructor_errors():
 
 
 def test_missing_env_var(monkeypatch):
-    monkeypatch.delenv("CALL_CONVERSIONS_ENCRYPTION_KEYS", raising=False)
-    with pytest.raises(KeyringError, match="environment variable CALL_CONVERSIONS_ENCRYPTION_KEYS is not set"):
+    monkeypatch.delenv("CALL_CONVERSIONS_LEGACY_KEYS", raising=False)
+    with pytest.raises(KeyringError, match="environment variable CALL_CONVERSIONS_LEGACY_KEYS is not set"):
         Keyring.from_env()
-    monkeypatch.setenv("CALL_CONVERSIONS_ENCRYPTION_KEYS", '{"keys": {"a": "' + SECRET_TEXT + '"}}')
-    with pytest.raises(KeyringError, match="in environment variable CALL_CONVERSIONS_ENCRYPTION_KEYS") as caught:
+    monkeypatch.setenv("CALL_CONVERSIONS_LEGACY_KEYS", '{"keys": {"a": "' + SECRET_TEXT + '"}}')
+    with pytest.raises(KeyringError, match="in environment variable CALL_CONVERSIONS_LEGACY_KEYS") as caught:
         Keyring.from_env()
-    assert SECRET_TEXT not in str(caught.value)
-
-
-# --------------------------------------------------------------------------- Airflow connection
-
-
-@pytest.fixture()
-def airflow_connections(monkeypatch):
-    """Connection.get answers from a dict; mask_secret calls are recorded."""
-    import airflow.sdk
-    import airflow.sdk.log
-
-    connections: dict[str, SimpleNamespace] = {}
-    masked: list[str] = []
-    monkeypatch.setattr(airflow.sdk.Connection, "get", classmethod(lambda cls, conn_id: connections[conn_id]))
-    monkeypatch.setattr(airflow.sdk.log, "mask_secret", lambda secret, name=None: masked.append(secret))
-    return connections, masked
-
-
-def test_keyring_from_airflow_password(airflow_connections):
-    connections, masked = airflow_connections
-    text = keyring_json("2026-11", {"2026-11": NEW_KEY, "2026-01": OLD_KEY})
-    connections["enc"] = SimpleNamespace(password=text, extra_dejson={})
-    ring = crypto.keyring_from_airflow("enc")
-    assert ring == Keyring.from_text(text)
-    assert b64(OLD_KEY) in masked and b64(NEW_KEY) in masked
-
-
-def test_keyring_from_airflow_extras(airflow_connections):
-    connections, masked = airflow_connections
-    connections["enc"] = SimpleNamespace(
-        password=None, extra_dejson={"primary": "2026-01", "keys": {"2026-01": b64(OLD_KEY)}}
-    )
-    assert crypto.keyring_from_airflow("enc").primary == "2026-01"
-    assert b64(OLD_KEY) in masked
-    # 'keys' as a JSON string, as a UI text field would hold it
-    connections["enc2"] = SimpleNamespace(password="", extra_dejson={"keys": json.dumps({"k": b64(NEW_KEY)})})
-    assert crypto.keyring_from_airflow("enc2").key("k") == NEW_KEY
-
-    connections["empty"] = SimpleNamespace(password=None, extra_dejson={})
-    with pytest.raises(KeyringError, match="Airflow connection 'empty' holds no keyring"):
-        crypto.keyring_from_airflow("empty")
-
-
-def test_keyring_from_airflow_error_names_the_connection(airflow_connections):
-    connections, _ = airflow_connections
-    connections["enc"] = SimpleNamespace(password=json.dumps({"keys": {"a": SECRET_TEXT}}), extra_dejson={})
-    with pytest.raises(KeyringError, match="Airflow connection 'enc'") as caught:
-        crypto.keyring_from_airflow("enc")
     assert SECRET_TEXT not in str(caught.value)
 
 
@@ -629,83 +532,3 @@ def test_module_does_not_import_airflow():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
-
-
-# --------------------------------------------------------------------------- command line
-
-
-@pytest.fixture()
-def keys_env(monkeypatch):
-    monkeypatch.setenv("CALL_CONVERSIONS_ENCRYPTION_KEYS", keyring_json("2026-01", {"2026-01": OLD_KEY}))
-
-
-def test_cli_encrypt_decrypt_round_trip(tmp_path, keys_env, capsys):
-    plain = tmp_path / "conversions.csv"
-    data = b"Google Click ID,Caller's Phone Number,Conversion Name\n," + PHONE + b",Phone sale\n"
-    plain.write_bytes(data)
-    sealed_path, back = tmp_path / "conversions.csv.enc", tmp_path / "for-upload.csv"
-
-    assert main(["encrypt", str(plain), str(sealed_path)]) == 0
-    assert is_encrypted(sealed_path)
-    assert PHONE not in sealed_path.read_bytes()
-    assert header_key_id(sealed_path.read_bytes()) == "2026-01"
-
-    assert main(["decrypt", str(sealed_path), str(back)]) == 0
-    assert back.read_bytes() == data
-    assert capsys.readouterr().err == ""
-
-
-def test_cli_refuses_to_overwrite_and_cleans_up_on_failure(tmp_path, keys_env, monkeypatch, capsys):
-    plain, sealed_path, out = tmp_path / "a.csv", tmp_path / "a.enc", tmp_path / "out.csv"
-    plain.write_bytes(b"x" * (CHUNK_SIZE + 10))
-    assert main(["encrypt", str(plain), str(sealed_path)]) == 0
-
-    out.write_bytes(b"keep me")
-    assert main(["decrypt", str(sealed_path), str(out)]) == 1
-    assert "exists; use --force" in capsys.readouterr().err
-    assert out.read_bytes() == b"keep me"
-
-    sealed_path.write_bytes(sealed_path.read_bytes()[:-1])  # truncated: chunk 0 decrypts, chunk 1 does not
-    assert main(["decrypt", "--force", str(sealed_path), str(out)]) == 1
-    assert "truncated" in capsys.readouterr().err
-    assert out.read_bytes() == b"keep me"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "a.enc", "out.csv"]
-
-    monkeypatch.setenv("CALL_CONVERSIONS_ENCRYPTION_KEYS", keyring_json("x", {"x": NEW_KEY}))
-    assert main(["decrypt", "--force", str(sealed_path), str(out)]) == 1
-    assert "file was written with key '2026-01', which is not in the keyring" in capsys.readouterr().err
-
-
-def test_cli_missing_keys(tmp_path, monkeypatch, capsys):
-    monkeypatch.delenv("CALL_CONVERSIONS_ENCRYPTION_KEYS", raising=False)
-    assert main(["encrypt", str(tmp_path / "in"), str(tmp_path / "out")]) == 1
-    assert "CALL_CONVERSIONS_ENCRYPTION_KEYS is not set" in capsys.readouterr().err
-
-
-def test_cli_new_key(capsys, keys_env):
-    assert main(["new-key"]) == 0
-    assert len(base64.urlsafe_b64decode(capsys.readouterr().out.strip())) == 32
-
-    assert main(["new-key", "--key-id", "2026-11"]) == 0
-    ring = Keyring.from_text(capsys.readouterr().out)
-    assert ring.primary == "2026-11" and ring.key_ids == ["2026-11"]
-
-    assert main(["new-key", "--key-id", "2026-11", "--rotate"]) == 0
-    rotated = Keyring.from_text(capsys.readouterr().out)
-    assert rotated.primary == "2026-11" and rotated.key("2026-01") == OLD_KEY
-
-
-def test_cli_as_module(tmp_path):
-    plain, sealed_path = tmp_path / "a.csv", tmp_path / "a.enc"
-    plain.write_bytes(PHONE)
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(PROJECT_ROOT / "include"),
-        "CALL_CONVERSIONS_ENCRYPTION_KEYS": keyring_json("k", {"k": OLD_KEY}),
-    }
-    run = [sys.executable, "-m", "callconv.crypto"]
-    encrypted = subprocess.run([*run, "encrypt", str(plain), str(sealed_path)], env=env, capture_output=True)
-    assert encrypted.returncode == 0, encrypted.stderr
-    decrypted = subprocess.run([*run, "decrypt", str(sealed_path), "-"], env=env, capture_output=True)
-    assert decrypted.returncode == 0, decrypted.stderr
-    assert decrypted.stdout == PHONE

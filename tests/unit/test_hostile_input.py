@@ -19,13 +19,15 @@ from pathlib import Path
 
 import pytest
 
+from callconv import sealed
 from callconv.config import CrmColumns, CrmSource
-from callconv.crypto import Keyring, write_encrypted
 from callconv.extract import CrmFileReader, ExtractError, landing_files, read_crm_file
+from callconv.storage import Area, sealer_for
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DAY = date(2026, 11, 27)
-KEYRING = Keyring({"k1": bytes(range(32))}, "k1")
+KEYSET = sealed.new_keyset()
+SEALER = sealer_for(KEYSET, None)  # landing files have no generation counter: no warehouse needed
 COLUMNS = CrmColumns(caller_phone="Telefon", conversion_time="Salgstidspunkt", outcome="Utfall", crm_id="Sak")
 HEADER = "Sak;Telefon;Salgstidspunkt;Utfall\r\n"
 ROW = "S-1;+47 912 34 567;2026-11-27 10:00:00;sale\r\n"
@@ -41,9 +43,19 @@ def day_folder(root: Path) -> Path:
     return folder
 
 
+def seal_landing(path: Path, data: bytes, keyset=KEYSET) -> None:
+    """As the CRM's exporter does (``python -m callconv.sealed seal``): class landing, generation 0."""
+    logical = f"{path.parent.name}/{path.name.removesuffix('.enc')}"
+    path.write_bytes(sealed.seal_bytes(data, keyset, sealed.Binding("acme", "landing", logical, 0)))
+
+
+def landing_area(path: Path) -> Area:
+    return Area(path.parents[2], "acme", "landing")
+
+
 def one_line_error(path, **overrides) -> str:
     with pytest.raises(ExtractError) as caught:
-        read_crm_file(path, source(**overrides), KEYRING)
+        read_crm_file(path, source(**overrides), SEALER, landing_area(path))
     message = str(caught.value)
     assert "\n" not in message
     return message
@@ -161,20 +173,24 @@ def test_a_gzip_bomb_is_stopped_at_the_size_limit(tmp_path):
     assert one_line_error(path, max_file_mb=1).startswith("bomb.csv.gz: larger than 1 MiB once decrypted and unzipped")
 
 
-def test_encrypted_files_that_do_not_decrypt(tmp_path):
-    path = tmp_path / "deals.csv.enc"
-    write_encrypted(path, (HEADER + ROW).encode(), Keyring({"other": bytes(32)}, "other"))
-    assert "file was written with key 'other', which is not in the keyring" in one_line_error(path)
-    write_encrypted(path, (HEADER + ROW * 100_000).encode(), KEYRING)
+def test_sealed_files_that_do_not_decrypt(tmp_path):
+    path = day_folder(tmp_path / "landing") / "deals.csv.enc"
+    seal_landing(path, (HEADER + ROW).encode(), keyset=sealed.new_keyset())
+    refused = "deals.csv.enc: landing file '2026-11-27/deals.csv' of account 'acme' does not decrypt as generation 0"
+    assert one_line_error(path).startswith(refused)
+    seal_landing(path, (HEADER + ROW * 100_000).encode())
     path.write_bytes(path.read_bytes()[:-100])
-    assert "truncated" in one_line_error(path)
+    message = one_line_error(path)
+    assert message.startswith(refused) and "truncated" in message and "912" not in message
 
 
-def test_an_encrypted_drop_reads_like_its_plaintext(tmp_path):
-    plain, sealed = tmp_path / "deals.csv", tmp_path / "deals-sealed.csv.enc"
+def test_a_sealed_drop_reads_like_its_plaintext(tmp_path):
+    folder = day_folder(tmp_path / "landing")
+    plain, sealed_drop = folder / "deals.csv", folder / "deals-sealed.csv.enc"
     plain.write_text(HEADER + ROW * 5)
-    write_encrypted(sealed, plain.read_bytes(), KEYRING)
-    from_plain, from_sealed = read_crm_file(plain, source()), read_crm_file(sealed, source(), KEYRING)
+    seal_landing(sealed_drop, plain.read_bytes())
+    from_plain = read_crm_file(plain, source())
+    from_sealed = read_crm_file(sealed_drop, source(), SEALER, landing_area(sealed_drop))
     assert from_sealed.checksum == from_plain.checksum  # the plaintext's, so a second drop is recognised
     assert from_sealed.frame.equals(from_plain.frame)
 
@@ -237,13 +253,14 @@ MEMORY_PROBE = textwrap.dedent(
     from pathlib import Path
     import sqlalchemy as sa
     from callconv.config import parse_settings
-    from callconv.crypto import Keyring
     from callconv.extract import CrmFileReader, ExtractError
+    from callconv.sealed import keyset_from_json
+    from callconv.storage import Area, sealer_for
     from callconv.intake import take_in_day
     from callconv.pseudonyms import PseudonymKeys
 
     root, rows = Path(sys.argv[1]), int(sys.argv[2])
-    keyring = Keyring.from_text(sys.argv[3])
+    keyset = keyset_from_json(sys.argv[3])
 
     def settings(**limits):
         return parse_settings({
@@ -261,7 +278,7 @@ MEMORY_PROBE = textwrap.dedent(
         try:
             take_in_day(sa.create_engine("sqlite://"), config, config.account("acme"),
                         datetime(2026, 11, 27, tzinfo=UTC), datetime(2026, 11, 28, tzinfo=UTC), "run",
-                        landing_root=landing, keyring=keyring, keys=PseudonymKeys.generate("unit"))
+                        landing_root=landing, keyset=keyset, keys=PseudonymKeys.generate("unit"))
         except ExtractError as error:
             return str(error)
         return None
@@ -273,7 +290,8 @@ MEMORY_PROBE = textwrap.dedent(
     by_size = take_in(root / "plain", max_file_mb=150)
     scan_growth_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024
     # the second pass, which the intake validates and stores: pandas chunks of chunk_rows rows
-    reader = CrmFileReader(next((root / "encrypted").rglob("*.enc")), settings().crm_source, keyring)
+    reader = CrmFileReader(next((root / "encrypted").rglob("*.enc")), settings().crm_source,
+                           sealer_for(keyset, None), Area(root / "encrypted", "acme", "landing"))
     chunked_rows = sum(len(chunk) for chunk in reader.chunks())
     growth_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024
     print(json.dumps({"by_rows": by_rows, "by_size": by_size, "scan_growth_mb": scan_growth_mb,
@@ -294,11 +312,12 @@ def test_a_200_mb_file_is_streamed_in_bounded_memory_and_refused_by_its_limits(t
             rows += 20_000
     encrypted = tmp_path / "encrypted" / "acme" / DAY.isoformat() / "big.csv.enc"
     encrypted.parent.mkdir(parents=True)
-    with plain.open("rb") as stream:
-        write_encrypted(encrypted, stream, KEYRING)
+    binding = sealed.Binding("acme", "landing", f"{DAY.isoformat()}/big.csv", 0)
+    with plain.open("rb") as stream, encrypted.open("wb") as out:  # streamed, as the exporter would
+        sealed.seal_stream(stream, out, KEYSET, binding)
 
     result = subprocess.run(
-        [sys.executable, "-c", MEMORY_PROBE, str(tmp_path), str(rows), KEYRING.to_text()],
+        [sys.executable, "-c", MEMORY_PROBE, str(tmp_path), str(rows), sealed.keyset_to_json(KEYSET)],
         capture_output=True,
         text=True,
         timeout=120,
