@@ -121,6 +121,11 @@ def access_server(pg_schema_url, tmp_path_factory):
         AIRFLOW__API__SECRET_KEY="secret-key-for-the-access-test-only",
         CALL_CONVERSIONS_CONFIG=str(write_config(home / "call_conversions.yaml")),
     )
+    # The warehouse as an environment connection: it wins over one in the metadata DB, and so
+    # over whatever the caller's environment (make test exports the demo's) names.
+    env[f"AIRFLOW_CONN_{WAREHOUSE_CONN_ID.upper()}"] = json.dumps(
+        {"conn_type": "generic", "extra": {"sqlalchemy_url": pg_schema_url}}
+    )
     roles = [role for role, _, _ in ACCOUNTS.values()]
     airflow(env, "db", "migrate")
     # The README's steps: the roles first (access_control may name no unknown role), then the DAGs.
@@ -145,16 +150,6 @@ def access_server(pg_schema_url, tmp_path_factory):
             "-e",
             f"{user}@example.com",
         )
-    airflow(
-        env,
-        "connections",
-        "add",
-        WAREHOUSE_CONN_ID,
-        "--conn-type",
-        "generic",
-        "--conn-extra",
-        json.dumps({"sqlalchemy_url": pg_schema_url}),
-    )
     logs = home / "logs"
     with background(env, logs, {"api-server": ["api-server", "--host", "127.0.0.1", "--port", str(port)]}) as procs:
         wait_for_port(port, procs, logs)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,10 +33,10 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from callconv.crypto import DEFAULT_KEYS_ENV_VAR, Keyring
 from callconv.data_manager.hashing import hash_phone
 from callconv.sandbox.data_manager import DataManagerSandbox, DmAction
 from callconv.schema import call_logs, data_manager_requests, metadata, run_summary, upload_ledger
+from callconv.sealed import KEYSET_ENV_VAR, keyset_to_json, new_keyset
 
 pytestmark = pytest.mark.integration
 
@@ -232,7 +231,7 @@ def _journey(root, box, endpoint, engine, pg_schema_url, pseudonym_keys) -> Jour
 
     with pytest.MonkeyPatch.context() as env:
         env.setenv("CALL_CONVERSIONS_CONFIG", str(root / "config.yaml"))
-        env.setenv(DEFAULT_KEYS_ENV_VAR, Keyring({"dm-dag": os.urandom(32)}, "dm-dag").to_text())
+        env.setenv(KEYSET_ENV_VAR, keyset_to_json(new_keyset()))
         env.setenv(
             "AIRFLOW_CONN_CALL_CONVERSIONS_PSEUDONYM",
             json.dumps({"conn_type": "generic", "password": pseudonym_keys.to_text()}),

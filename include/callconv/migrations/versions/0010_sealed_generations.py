@@ -5,7 +5,7 @@ account, the data class, the logical path and a generation number (callconv.seal
 This table holds each path's newest generation, outside the file area, so an older
 copy of a file put back in its place does not decrypt. One row per sealed path.
 
-Revision ID: 0011
+Revision ID: 0010
 Revises: 0009 (rechained after 0010 at merge)
 Create Date: 2026-12-05 08:00:00
 """
@@ -13,7 +13,7 @@ Create Date: 2026-12-05 08:00:00
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0011"
+revision = "0010"
 down_revision = "0009"
 branch_labels = None
 depends_on = None
