@@ -639,7 +639,8 @@ def _store_sales(connection, account_id: str, records: list[dict], run_id: str, 
         for record in part:
             old = stored.get(record["sale_key"])
             if old is None:
-                replace.append(record)
+                # Every row of one executemany needs the same keys: a new sale's match state is empty.
+                replace.append({**dict.fromkeys(MATCH_STATE), **record})
             elif old.sent:
                 frozen.append(
                     {
