@@ -56,7 +56,7 @@ airflow: export AIRFLOW__CORE__EXECUTION_API_SERVER_URL ?= http://localhost:$(AI
 airflow: $(STAMP)
 	@mkdir -p var $(AIRFLOW_HOME)
 	export AIRFLOW_CONN_CALL_CONVERSIONS_PSEUDONYM="$${AIRFLOW_CONN_CALL_CONVERSIONS_PSEUDONYM:-$$($(BIN)/python \
-		-m callconv.pseudonyms local-connection --file var/pseudonym-keyring.json)}" \
+		-m callconv.protection.pseudonyms local-connection --file var/pseudonym-keyring.json)}" \
 		&& $(BIN)/python -m callconv.warehouse migrate \
 		&& $(BIN)/python -m callconv.local_airflow --port $(AIRFLOW__API__PORT)
 

@@ -41,7 +41,7 @@ os.environ.setdefault(f"AIRFLOW_CONN_{PSEUDONYM_CONN_ID.upper()}", PSEUDONYM_CON
 
 
 def pseudonym_keys():
-    from callconv.pseudonyms import PseudonymKeys
+    from callconv.protection.pseudonyms import PseudonymKeys
 
     return PseudonymKeys.from_text(PSEUDONYM_KEYRING)
 

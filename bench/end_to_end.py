@@ -158,7 +158,7 @@ def ensure_data(size: int) -> dict:
 
 def prepare_files(size: int, work: Path) -> dict:
     """Fresh work dir: the landing folder with the day's extract, the config, the Tink keyset."""
-    from callconv.sealed import keyset_to_json, new_keyset
+    from callconv.protection.sealed import keyset_to_json, new_keyset
 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -238,7 +238,7 @@ def prepare_schema(size: int, call_logs_mode: str) -> tuple[str, dict]:
 
     prior = None
     if call_logs_mode == "steady":
-        from callconv.call_logs import normalise_call_logs
+        from callconv.matching.call_logs import normalise_call_logs
 
         started = time.perf_counter()
         day_start = local_midnight(config.BUSINESS_DATE)
@@ -347,9 +347,9 @@ def serve_sandbox(calls_csv: str, cert_dir: str) -> None:
 
 
 def airflow_environment(work: Path, airflow_home: Path, url: str, sandbox: dict, files: dict) -> dict:
-    from callconv.ads_client import SSL_ROOTS_ENV_VAR
     from callconv.config import CONFIG_ENV_VAR
-    from callconv.sealed import KEYSET_ENV_VAR as DEFAULT_KEYS_ENV_VAR
+    from callconv.delivery.ads_client import SSL_ROOTS_ENV_VAR
+    from callconv.protection.sealed import KEYSET_ENV_VAR as DEFAULT_KEYS_ENV_VAR
 
     return {
         "AIRFLOW_HOME": str(airflow_home),

@@ -338,8 +338,8 @@ def generate(size: int) -> dict:
     """Write the data set for ``size`` CRM rows; returns its meta."""
     import pandas as pd
 
-    from callconv.intake import sale_key
-    from callconv.normalise import normalise_distinct, normalise_phone
+    from callconv.intake.normalise import normalise_distinct, normalise_phone
+    from callconv.intake.take_in import sale_key
 
     started = timer.perf_counter()
     rng = np.random.default_rng([SEED, size])

@@ -148,8 +148,8 @@ def stage_read_validate(size: int, **_) -> dict:
     import great_expectations  # noqa: F401 - a one-off import per process, not per extract
 
     from bench.generate import crm_file
-    from callconv.extract import read_crm_file
-    from callconv.validate import validate_extract
+    from callconv.intake.extract import read_crm_file
+    from callconv.intake.validate import validate_extract
 
     settings = config.settings()
     account = settings.accounts[0]
@@ -175,14 +175,14 @@ def stage_read_validate(size: int, **_) -> dict:
 
 def _crm_frame(size: int):
     from bench.generate import crm_file
-    from callconv.extract import read_crm_file
+    from callconv.intake.extract import read_crm_file
 
     return read_crm_file(crm_file(size), config.settings().crm_source).frame
 
 
 def stage_normalise(size: int, **_) -> dict:
     """intake.normalise_sales over the extract (all rows: the planted bad ones get reasons)."""
-    from callconv.intake import normalise_sales
+    from callconv.intake.take_in import normalise_sales
 
     settings = config.settings()
     account = settings.accounts[0]
@@ -210,7 +210,7 @@ def stage_normalise_phones(size: int, **_) -> dict:
     ``first_pass_*``. The ratios are of the per-row work after it: the best of three
     passes below 10^6 rows, where a pass takes milliseconds and any pause shows.
     """
-    from callconv import normalise
+    from callconv.intake import normalise
 
     raw = _crm_frame(size)["caller_phone"]
     values = raw.tolist()
@@ -251,8 +251,8 @@ def stage_normalise_phones(size: int, **_) -> dict:
 
 def _phone_paths(raw) -> dict:
     """How many distinct numbers (as phonenumbers is given them) the fast path answers, and how many fall back."""
-    from callconv import normalise
-    from callconv.phone_fast import read_plain
+    from callconv.intake import normalise
+    from callconv.intake.phone_fast import read_plain
 
     texts = {normalise._fold(key) for key in normalise._keys(raw).unique().tolist() if key}
     fast = sum(read_plain(text, config.HOME_REGION) is not None for text in texts)
@@ -319,7 +319,7 @@ def stage_phone_repeats(size: int, **_) -> dict:
     import numpy as np
     import pandas as pd
 
-    from callconv.normalise import clear_phone_cache, normalise_phones
+    from callconv.intake.normalise import clear_phone_cache, normalise_phones
 
     frame = _crm_frame(size)
     pool = frame["caller_phone"].dropna().astype(str).str.strip().unique()
@@ -363,7 +363,7 @@ def stage_phone_repeats(size: int, **_) -> dict:
 
 
 def stage_match(size: int, **_) -> dict:
-    from callconv.match import match_day
+    from callconv.matching.match import match_day
 
     settings = config.settings()
     account = settings.accounts[0]
@@ -438,7 +438,7 @@ def stage_match_pandas(size: int, **_) -> dict:
 
 
 def stage_write_file(size: int, **_) -> dict:
-    from callconv.conversion_file import write_conversion_file
+    from callconv.delivery.conversion_file import write_conversion_file
 
     settings = config.settings()
     account = settings.accounts[0]
@@ -451,8 +451,8 @@ def stage_write_file(size: int, **_) -> dict:
 
 
 def stage_upload(size: int, endpoint: str = "", cert: str = "", **_) -> dict:
-    from callconv.ads_client import client_from_settings
-    from callconv.upload import upload_pending
+    from callconv.delivery.ads_client import client_from_settings
+    from callconv.delivery.upload import upload_pending
 
     settings = config.settings()
     account = settings.accounts[0]
@@ -483,7 +483,7 @@ def stage_upload(size: int, endpoint: str = "", cert: str = "", **_) -> dict:
 
 def stage_normalise_call_logs(size: int, **_) -> dict:
     """call_logs.normalise_call_logs over ``size`` never normalised call-log rows (loaded by the harness)."""
-    from callconv.call_logs import normalise_call_logs
+    from callconv.matching.call_logs import normalise_call_logs
 
     engine = _engine(schema=CALL_LOG_SCHEMA)
     start, end = config.day_window()

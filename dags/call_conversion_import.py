@@ -27,7 +27,7 @@ account-local day, `[data_interval_start, data_interval_end)`:
 
 CRM files taken in are kept as encrypted copies in the archive and removed from the landing
 area; quarantined rows are exported encrypted; conversion files are written encrypted
-(`.csv.enc`, read with `python -m callconv.sealed open`; README, data protection).
+(`.csv.enc`, read with `python -m callconv.protection.sealed open`; README, data protection).
 
 Every task is safe to rerun, and a backfill of a day gives the same tables.
 Logs carry counts and reason codes, never a phone number.
@@ -40,8 +40,8 @@ from zoneinfo import ZoneInfo
 
 from airflow.sdk import CronDataIntervalTimetable, Param, dag, task
 
-from callconv.alerts import failure_notifier
 from callconv.config import Settings, load_settings
+from callconv.monitoring.alerts import failure_notifier
 
 DEFAULT_ARGS = {
     "owner": "data-engineering",
@@ -163,7 +163,7 @@ def build_import_dag(account_id: str, timezone: str, settings: Settings | None =
         @task
         def check_anomalies(**context) -> dict:
             """Compares the run with the account's history and alerts; fails only if alerting fails."""
-            from callconv.alerts import check_anomalies as run
+            from callconv.monitoring.alerts import check_anomalies as run
 
             return run(account_id, context)
 

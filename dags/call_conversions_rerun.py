@@ -41,8 +41,8 @@ from zoneinfo import ZoneInfo
 
 from airflow.sdk import Param, dag, task, task_group
 
-from callconv.alerts import failure_notifier
 from callconv.config import load_settings
+from callconv.monitoring.alerts import failure_notifier
 
 # The rendered map index of each task in a day's group: "<account> <day>", from the task's own
 # arguments (passed by keyword, so they are in op_kwargs before and after the task runs).
@@ -168,7 +168,7 @@ def _rerun_dag(account_ids: list[str], deliveries: dict[str, str], timezone: str
 
         @task
         def check_anomalies(account_id: str, day: str, **context) -> dict:
-            from callconv.alerts import check_anomalies as run
+            from callconv.monitoring.alerts import check_anomalies as run
 
             return run(account_id, context, day=day)
 

@@ -34,7 +34,7 @@ from datetime import UTC, datetime, timedelta
 
 from airflow.sdk import CronDataIntervalTimetable, TriggerRule, dag, task
 
-from callconv.alerts import failure_notifier
+from callconv.monitoring.alerts import failure_notifier
 
 DATA_CLASSES = ("landing", "data_docs", "conversion_files", "quarantine", "warehouse", "airflow_stores")
 

@@ -149,7 +149,7 @@ def permitted_accounts(user, account_ids: list[str]) -> list[str]:
     from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
     from airflow.models.dag import DagModel
 
-    from callconv.report_queries import import_dag_id
+    from callconv.monitoring.report_queries import import_dag_id
 
     dag_ids = {account_id: import_dag_id(account_id) for account_id in account_ids}
     teams = DagModel.get_dag_id_to_team_name_mapping(list(dag_ids.values()))
@@ -182,7 +182,7 @@ def load_page_data(conn_id: str, account_ids: list[str], last_day: date, days: i
     ``airflow_runs`` reads the runs from Airflow's database (:func:`load_airflow_runs`); if it
     fails, the page shows the counts and says that the days' states could not be read.
     """
-    from callconv import report_queries as q
+    from callconv.monitoring import report_queries as q
 
     first_day, last_day = q.default_window(last_day, days)
     engine = warehouse_engine(conn_id)
@@ -224,14 +224,14 @@ def load_airflow_runs(account_ids: list[str], timezones: dict, first_day: date, 
     """The runs of the accounts' import DAGs and of the rerun DAG that may cover days in the window.
 
     Read from Airflow's own database (the api-server's session), with each run's task states,
-    for :func:`callconv.report_queries.apply_airflow_runs`.
+    for :func:`callconv.monitoring.report_queries.apply_airflow_runs`.
     """
     import sqlalchemy as sa
     from airflow.models.dagrun import DagRun
     from airflow.models.taskinstance import TaskInstance
     from airflow.utils.session import create_session
 
-    from callconv import report_queries as q
+    from callconv.monitoring import report_queries as q
 
     # A day's window starts at most 14 hours before its UTC midnight, and ends at most 14 after.
     since = datetime.combine(first_day - timedelta(days=1), time(0), tzinfo=UTC)
@@ -328,7 +328,7 @@ def _templates():
 
 def _run_href(root: str, dag_id: str | None, run_id: str, account_id: str) -> str:
     """A run's page in the Airflow UI; a run whose DAG is unknown is taken for the account's import DAG."""
-    from callconv.report_queries import import_dag_id
+    from callconv.monitoring.report_queries import import_dag_id
 
     dag_id = dag_id or import_dag_id(account_id)
     return f"{root}dags/{quote(dag_id, safe='')}/runs/{quote(run_id, safe='')}"

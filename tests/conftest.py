@@ -34,7 +34,7 @@ def warehouse_test_url() -> str:
 @pytest.fixture(scope="session")
 def session_pseudonym_keys():
     """A random pseudonym keyring for the session: what keys a test's conversions and sales."""
-    from callconv.pseudonyms import PseudonymKeys
+    from callconv.protection.pseudonyms import PseudonymKeys
 
     return PseudonymKeys.generate("test-2026-12")
 

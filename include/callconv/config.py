@@ -34,7 +34,7 @@ class _Strict(BaseModel):
 
 
 def _known_currency(code: str) -> str:
-    from callconv.currencies import ISO_4217
+    from callconv.intake.currencies import ISO_4217
 
     code = code.strip().upper()
     if code not in ISO_4217:
@@ -117,7 +117,7 @@ class MatchRules(_Strict):
     # How several sales on one call under one action become one conversion.
     merge_rule: Literal["sum", "latest"] = "sum"
     # A sale that reaches a conversion already sent to Google (which can never be changed
-    # or retracted): a recorded conflict, or a conversion of its own. See callconv.match.
+    # or retracted): a recorded conflict, or a conversion of its own. See callconv.matching.match.
     late_sale: Literal["conflict", "new_conversion"] = "conflict"
 
 
@@ -131,7 +131,7 @@ class ValidationRules(_Strict):
 class Encryption(_Strict):
     """Every file the pipeline stores is sealed with the Tink keyset from this Airflow connection
     (its password holds the keyset JSON, or with ``kms_key_uri`` in its extras the keyset wrapped
-    by that Cloud KMS key) or from $CALL_CONVERSIONS_ENCRYPTION_KEYS (:mod:`callconv.sealed`).
+    by that Cloud KMS key) or from $CALL_CONVERSIONS_ENCRYPTION_KEYS (:mod:`callconv.protection.sealed`).
 
     With ``required: true`` a task refuses to run without a keyset; ``required: false`` (the
     demo) stores files in plaintext when there is none, and says so in the task log.
@@ -169,7 +169,7 @@ class FileDelivery(_Strict):
     click-through conversion window, at most 90 days). The file carries every conversion not
     yet confirmed whose call started within that many days before the run's data-interval end;
     a published conversion counts as delivered once its call falls out of it
-    (see callconv.file_delivery).
+    (see callconv.delivery.file_delivery).
     """
 
     conn_id: str = "call_conversions_sftp"
@@ -178,7 +178,7 @@ class FileDelivery(_Strict):
 
 
 class DataManager(_Strict):
-    """The Data Manager API, for accounts with delivery 'data_manager' (callconv.data_manager).
+    """The Data Manager API, for accounts with delivery 'data_manager' (callconv.delivery.data_manager).
 
     ``conn_id``: an Airflow Google connection (service account, or authorised user with the
     datamanager scope). ``api_endpoint``: empty for Google; the local sandbox in the demo and
@@ -322,7 +322,7 @@ class Settings(_Strict):
     # Secrets, each from an Airflow connection's password (or AIRFLOW_CONN_* env var).
     # The retention key: replaces a redacted caller's number with its HMAC (caller_hmac).
     hmac_conn_id: str = "call_conversions_hmac"
-    # The pseudonym keyring: conversion and sale keys are HMACs under it (callconv.pseudonyms).
+    # The pseudonym keyring: conversion and sale keys are HMACs under it (callconv.protection.pseudonyms).
     pseudonym_conn_id: str = "call_conversions_pseudonym"
     export_uri: str = "var/export"
     data_docs_uri: str = "var/data_docs"

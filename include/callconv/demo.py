@@ -166,7 +166,7 @@ def _sandbox(settings: Settings, business_date: date, cert_dir):
 
 def start_sandbox(settings: Settings, calls: list[dict], business_date: date, cert_dir):
     """The sandbox, knowing the seeded forwarded calls."""
-    from callconv.normalise import normalise_phone
+    from callconv.intake.normalise import normalise_phone
 
     account = settings.accounts[0]
     forwarded = [
@@ -182,7 +182,7 @@ def start_sandbox(settings: Settings, calls: list[dict], business_date: date, ce
 def start_sandbox_from_warehouse(settings: Settings, engine: sa.Engine, business_date: date, cert_dir):
     """The sandbox, knowing the forwarded calls in the warehouse, as ``--calls-from-warehouse`` loads
     them: the call logs not yet normalised are normalised first. Returns it and the calls loaded."""
-    from callconv.call_logs import normalise_pending_call_logs
+    from callconv.matching.call_logs import normalise_pending_call_logs
 
     sandbox = _sandbox(settings, business_date, cert_dir)
     loaded = 0
@@ -199,9 +199,9 @@ def run(settings: Settings, warehouse_url: str, business_date: date, log_path) -
     import subprocess
     import sys
 
-    from callconv.ads_client import SSL_ROOTS_ENV_VAR
     from callconv.config import PROJECT_ROOT
-    from callconv.pseudonyms import local_connection
+    from callconv.delivery.ads_client import SSL_ROOTS_ENV_VAR
+    from callconv.protection.pseudonyms import local_connection
     from callconv.runtime import storage_root
     from callconv.warehouse import create_engine, migrate
 

@@ -67,9 +67,9 @@ class Api:
 
 def airflow_env(settings: Settings, warehouse_url: str, sandbox, port: int, var_dir: Path) -> dict[str, str]:
     """The environment the Airflow components get, and they pass to each task."""
-    from callconv.ads_client import SSL_ROOTS_ENV_VAR
     from callconv.config import PROJECT_ROOT
-    from callconv.pseudonyms import local_connection
+    from callconv.delivery.ads_client import SSL_ROOTS_ENV_VAR
+    from callconv.protection.pseudonyms import local_connection
 
     env = dict(os.environ)
     # The components are started as `airflow ...` by name: this venv's bin comes first.

@@ -54,7 +54,7 @@ crm_imports = sa.Table(
 )
 
 # Normalised sales, one per CRM record; the sale_key is an HMAC of the CRM id when
-# it has one, else of the row's content (callconv.pseudonyms), so a re-import
+# it has one, else of the row's content (callconv.protection.pseudonyms), so a re-import
 # upserts in place. A *_key_id names the pseudonym key an HMAC is under.
 crm_sales = sa.Table(
     "crm_sales",
@@ -170,7 +170,7 @@ upload_ledger = sa.Table(
     sa.Column("lease_until", UTC_TIME),
     sa.Column("sends", sa.Integer, nullable=False, server_default="0"),
     # Delivery by file: the data-interval end of the latest publication that carried the row
-    # (sent_at is the first). See callconv.file_delivery for when such a row counts as delivered.
+    # (sent_at is the first). See callconv.delivery.file_delivery for when such a row counts as delivered.
     sa.Column("last_published_at", UTC_TIME),
     # Delivery through the Data Manager API: the row's index in its request's events, so
     # per-record diagnostics from requestStatus:retrieve settle exactly this row.
@@ -178,7 +178,7 @@ upload_ledger = sa.Table(
     sa.Index("ix_upload_ledger_state", "account_id", "state"),
 )
 
-# Data Manager API ingest requests (callconv.data_manager): recorded before the send (claim_id,
+# Data Manager API ingest requests (callconv.delivery.data_manager): recorded before the send (claim_id,
 # the ledger rows' request_id) and after (Google's request id), settled later from
 # requestStatus:retrieve. state: sending -> processing -> success | failure | partial; or rejected.
 data_manager_requests = sa.Table(
@@ -243,7 +243,7 @@ retention_audit = sa.Table(
     sa.Column("recorded_at", UTC_TIME, nullable=False),
 )
 
-# Per account, the pseudonym key its rows are keyed under (callconv.pseudonyms): intake and
+# Per account, the pseudonym key its rows are keyed under (callconv.protection.pseudonyms): intake and
 # matching refuse another, so a rotation is a re-key of the account, never a mixture.
 pseudonym_key_state = sa.Table(
     "pseudonym_key_state",
@@ -252,7 +252,7 @@ pseudonym_key_state = sa.Table(
     sa.Column("key_id", sa.String(32), nullable=False),
 )
 
-# The newest generation of every sealed file (callconv.sealed): a file's associated data
+# The newest generation of every sealed file (callconv.protection.sealed): a file's associated data
 # names its generation, so an older copy put back in its place does not decrypt.
 sealed_generations = sa.Table(
     "sealed_generations",

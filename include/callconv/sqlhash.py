@@ -5,7 +5,7 @@ functions registered on the connection that needs them.
 
 HMAC needs no extension (pgcrypto's ``hmac`` is not assumed): it is SHA-256 twice,
 ``H((K ^ opad) || H((K ^ ipad) || m))`` (RFC 2104), with the two padded key blocks
-passed as bound byte parameters (:attr:`callconv.pseudonyms.PseudonymKey.pads`).
+passed as bound byte parameters (:attr:`callconv.protection.pseudonyms.PseudonymKey.pads`).
 """
 
 from __future__ import annotations

@@ -43,8 +43,8 @@ def _permanent_database_errors() -> tuple[type[BaseException], ...]:
 
 
 def _record(scope, stage: str, counts: dict) -> dict:
-    from callconv.intake import business_date_of
-    from callconv.reporting import record_stage
+    from callconv.intake.take_in import business_date_of
+    from callconv.monitoring.reporting import record_stage
 
     window = scope.window
     record_stage(
@@ -61,8 +61,8 @@ def _record(scope, stage: str, counts: dict) -> dict:
 
 
 def take_in_crm_extracts(account_id: str, context, reimport: bool = False, day: str | None = None) -> dict:
-    from callconv.intake import take_in_day
-    from callconv.storage import keyset_for
+    from callconv.intake.take_in import take_in_day
+    from callconv.protection.storage import keyset_for
     from callconv.warehouse import serialised_session
 
     scope = task_scope(account_id, context, day)
@@ -104,7 +104,7 @@ def crm_query_runner(source):
 
 
 def normalise_call_logs(account_id: str, context, day: str | None = None) -> dict:
-    from callconv.call_logs import normalise_call_logs as normalise
+    from callconv.matching.call_logs import normalise_call_logs as normalise
 
     scope = task_scope(account_id, context, day)
     with log_group(f"normalise call logs {account_id}"):
@@ -123,7 +123,7 @@ def normalise_call_logs(account_id: str, context, day: str | None = None) -> dic
 
 def call_logs_ready(account_id: str, context, day: str | None = None) -> bool:
     """The sensor's poke: do the warehouse's call logs cover this run's window yet?"""
-    from callconv.freshness import call_log_coverage
+    from callconv.matching.freshness import call_log_coverage
 
     scope = task_scope(account_id, context, day)
     grace = timedelta(minutes=scope.settings.freshness.grace_minutes)
@@ -133,8 +133,8 @@ def call_logs_ready(account_id: str, context, day: str | None = None) -> bool:
 
 
 def match_sales(account_id: str, context, day: str | None = None, rematch: bool = True) -> dict:
-    from callconv.intake import business_date_of
-    from callconv.match import match_day
+    from callconv.intake.take_in import business_date_of
+    from callconv.matching.match import match_day
 
     scope = task_scope(account_id, context, day)
     with log_group(f"match {account_id}"), fail_at_once(*_permanent_database_errors()):
@@ -151,9 +151,9 @@ def match_sales(account_id: str, context, day: str | None = None, rematch: bool 
 
 
 def write_conversion_file(account_id: str, context, day: str | None = None) -> dict:
-    from callconv.conversion_file import write_conversion_file as write
-    from callconv.intake import business_date_of
-    from callconv.storage import keyset_for
+    from callconv.delivery.conversion_file import write_conversion_file as write
+    from callconv.intake.take_in import business_date_of
+    from callconv.protection.storage import keyset_for
 
     scope = task_scope(account_id, context, day)
     keyset = keyset_for(scope.settings)  # refuses to run without one when encryption is required
@@ -170,14 +170,14 @@ def write_conversion_file(account_id: str, context, day: str | None = None) -> d
 
 def upload_conversions(account_id: str, context, dry_run: bool = False, day: str | None = None) -> dict:
     """Send the account's due conversions (pending, and parked ones now due) to Google Ads."""
-    from callconv.ads_client import client_from_airflow_connection
-    from callconv.upload import ledger_counts, upload_pending
+    from callconv.delivery.ads_client import client_from_airflow_connection
+    from callconv.delivery.upload import ledger_counts, upload_pending
 
     scope = task_scope(account_id, context, day)
     if scope.account.delivery != "api":
         log.info("upload: account %s delivers by file; nothing to send through the API", account_id)
         return _record(scope, "upload", {"skipped": "delivery is file"})
-    from callconv.upload import UploadConfigError
+    from callconv.delivery.upload import UploadConfigError
 
     with (
         log_group(f"upload {account_id}{' (dry run)' if dry_run else ''}"),
@@ -202,10 +202,10 @@ def upload_conversions(account_id: str, context, dry_run: bool = False, day: str
 
 def deliver_through_data_manager(account_id: str, context, dry_run: bool = False, day: str | None = None) -> dict:
     """Settle the account's Data Manager requests, then send its due conversions (delivery 'data_manager')."""
-    from callconv.data_manager.client import service_from_airflow_connection
-    from callconv.data_manager.deliver import deliver_pending
-    from callconv.data_manager.settle import settle_requests
-    from callconv.upload import ledger_counts
+    from callconv.delivery.data_manager.client import service_from_airflow_connection
+    from callconv.delivery.data_manager.deliver import deliver_pending
+    from callconv.delivery.data_manager.settle import settle_requests
+    from callconv.delivery.upload import ledger_counts
 
     scope = task_scope(account_id, context, day)
     if scope.account.delivery != "data_manager":
@@ -242,9 +242,9 @@ def deliver_through_data_manager(account_id: str, context, dry_run: bool = False
 
 def publish_conversion_file(account_id: str, context, day: str | None = None) -> dict:
     """Publish the account's cumulative file where Google Ads' scheduled upload fetches it (delivery 'file')."""
-    from callconv.file_delivery import publish_day_file, sftp_publisher
-    from callconv.intake import business_date_of
-    from callconv.upload import ledger_counts
+    from callconv.delivery.file_delivery import publish_day_file, sftp_publisher
+    from callconv.delivery.upload import ledger_counts
+    from callconv.intake.take_in import business_date_of
 
     scope = task_scope(account_id, context, day)
     if scope.account.delivery != "file":
@@ -267,7 +267,7 @@ def publish_conversion_file(account_id: str, context, day: str | None = None) ->
 
 def pseudonym_keys(settings):
     """The pseudonym keyring from the connection ``pseudonym_conn_id`` (its keys masked in logs)."""
-    from callconv.pseudonyms import keys_from_airflow
+    from callconv.protection.pseudonyms import keys_from_airflow
 
     return keys_from_airflow(settings.pseudonym_conn_id)
 
@@ -290,7 +290,7 @@ def apply_retention(data_class: str, context) -> list[dict]:
     from dataclasses import replace
 
     from callconv.config import load_settings
-    from callconv.retention import (
+    from callconv.protection.retention import (
         cutoff,
         purge_quarantine,
         purge_stored_files,
@@ -341,8 +341,8 @@ def _purge_airflow_stores(account, last_day):
     import sqlalchemy as sa
     from airflow.configuration import conf
 
-    from callconv.airflow_stores import purge_account
-    from callconv.retention import Purge
+    from callconv.protection.airflow_stores import purge_account
+    from callconv.protection.retention import Purge
 
     engine = sa.create_engine(conf.get("database", "sql_alchemy_conn"), hide_parameters=True)
     try:

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from callconv.ads_client import SSL_ROOTS_ENV_VAR, client_from_settings
+from callconv.delivery.ads_client import SSL_ROOTS_ENV_VAR, client_from_settings
+from callconv.protection.sealed import KEYSET_ENV_VAR, keyset_to_json, new_keyset
 from callconv.sandbox import SandboxServer, ensure_certificate
-from callconv.sealed import KEYSET_ENV_VAR, keyset_to_json, new_keyset
 
 _SESSION_KEYSET = new_keyset()
 _SESSION_KEYSET_JSON = keyset_to_json(_SESSION_KEYSET)

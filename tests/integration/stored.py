@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from callconv.storage import Area, open_for_read, sealer_for
+from callconv.protection.storage import Area, open_for_read, sealer_for
 
 
 def read_stored(engine, keyset, path, root, account_id: str, data_class: str) -> bytes:

@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 from test_rerun_dag import ACCOUNT, DAYS, rerun, three_days  # noqa: F401
 
-from callconv.airflow_stores import dag_run, rendered, xcom
+from callconv.protection.airflow_stores import dag_run, rendered, xcom
 
 pytestmark = pytest.mark.integration
 

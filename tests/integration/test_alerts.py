@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 from smtp_sink import SmtpSink, WebhookSink
 
-from callconv.alerts import (
+from callconv.monitoring.alerts import (
     AlertConfig,
     AlertDeliveryError,
     check_anomalies,
@@ -24,8 +24,8 @@ from callconv.alerts import (
     sanitise,
     send_anomaly_alert,
 )
-from callconv.anomalies import MATCH_RATE_DROP, PARKED_PILE_UP, Thresholds, check_run
-from callconv.reporting import record_stage
+from callconv.monitoring.anomalies import MATCH_RATE_DROP, PARKED_PILE_UP, Thresholds, check_run
+from callconv.monitoring.reporting import record_stage
 from callconv.schema import run_summary, upload_ledger
 
 ACCOUNT = "test_shop"

@@ -15,8 +15,8 @@ import pytest
 import sqlalchemy as sa
 
 from callconv.config import load_settings
-from callconv.intake import take_in_day
-from callconv.pseudonyms import DEFAULT_CONN_ID, keys_from_airflow
+from callconv.intake.take_in import take_in_day
+from callconv.protection.pseudonyms import DEFAULT_CONN_ID, keys_from_airflow
 from callconv.runtime import storage_root
 from callconv.schema import crm_sales, quarantine
 

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 import sqlalchemy as sa
 
-from callconv.data_manager.deliver import _claim
-from callconv.data_manager.hashing import hash_phone
+from callconv.delivery.data_manager.deliver import _claim
+from callconv.delivery.data_manager.hashing import hash_phone
 from callconv.schema import data_manager_requests, upload_ledger
 
 pytestmark = pytest.mark.integration

@@ -33,10 +33,10 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from callconv.data_manager.hashing import hash_phone
+from callconv.delivery.data_manager.hashing import hash_phone
+from callconv.protection.sealed import KEYSET_ENV_VAR, keyset_to_json, new_keyset
 from callconv.sandbox.data_manager import DataManagerSandbox, DmAction
 from callconv.schema import call_logs, data_manager_requests, metadata, run_summary, upload_ledger
-from callconv.sealed import KEYSET_ENV_VAR, keyset_to_json, new_keyset
 
 pytestmark = pytest.mark.integration
 

@@ -12,10 +12,10 @@ import pytest
 import sqlalchemy as sa
 from test_data_manager_claim import ACCOUNT, START, rows
 
-from callconv.data_manager.client import build_service, token_credentials
-from callconv.data_manager.deliver import _claim, deliver_pending
-from callconv.data_manager.hashing import hash_phone
-from callconv.data_manager.settle import settle_requests
+from callconv.delivery.data_manager.client import build_service, token_credentials
+from callconv.delivery.data_manager.deliver import _claim, deliver_pending
+from callconv.delivery.data_manager.hashing import hash_phone
+from callconv.delivery.data_manager.settle import settle_requests
 from callconv.sandbox.data_manager import DataManagerSandbox, DmAction
 from callconv.schema import data_manager_requests, upload_ledger
 

@@ -7,8 +7,8 @@ import json
 import pytest
 from googleapiclient.errors import HttpError
 
-from callconv.data_manager.client import build_service, discovery_has_call_info, token_credentials
-from callconv.data_manager.hashing import hash_phone
+from callconv.delivery.data_manager.client import build_service, discovery_has_call_info, token_credentials
+from callconv.delivery.data_manager.hashing import hash_phone
 from callconv.sandbox.data_manager import DataManagerSandbox, DmAction
 
 pytestmark = pytest.mark.integration

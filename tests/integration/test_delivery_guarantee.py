@@ -174,9 +174,9 @@ def test_a_reexport_after_a_late_call_sends_nothing_twice(project, tmp_path, war
 
 
 def test_a_lost_answer_then_a_merge_resends_the_same_bytes(project, tmp_path, warehouse, sandbox):
-    from callconv.ads_client import client_from_settings
     from callconv.config import load_settings
-    from callconv.upload import upload_pending
+    from callconv.delivery.ads_client import client_from_settings
+    from callconv.delivery.upload import upload_pending
 
     drop_extract(tmp_path, "2026-11-27", "deals.csv", [["S1", "91234567", "2026-11-27 12:00:00", "sale", "100", "NOK"]])
     # The first day runs up to its upload; the upload itself is the crash below.

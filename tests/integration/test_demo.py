@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from callconv.conversion_file import TEMPLATE_HEADER
+from callconv.delivery.conversion_file import TEMPLATE_HEADER
 
 pytestmark = pytest.mark.integration
 

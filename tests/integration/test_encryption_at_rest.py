@@ -31,7 +31,7 @@ from test_import_dag import (  # the known data set and its fixtures
     sandbox,  # noqa: F401 - a fixture
 )
 
-from callconv.normalise import normalise_phone
+from callconv.intake.normalise import normalise_phone
 from callconv.schema import crm_imports, crm_sales, run_summary, sealed_generations
 
 pytestmark = pytest.mark.integration

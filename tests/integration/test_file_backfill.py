@@ -3,7 +3,7 @@
 Google's scheduled upload fetches one file on its own clock; in a backfill only
 the last of the week's files may ever be fetched. So the file must be
 cumulative, and a row may count as delivered only under the rule of
-:mod:`callconv.file_delivery`: it leaves the file, delivered, with the first
+:mod:`callconv.delivery.file_delivery`: it leaves the file, delivered, with the first
 publication whose data-interval end puts its call outside the lookback (60
 days), after earlier publications carried it.
 
@@ -26,7 +26,7 @@ import pytest
 import sqlalchemy as sa
 from test_file_delivery import CONN_ID, read_remote, remote_dir, sftp  # noqa: F401 - shared fixtures
 
-from callconv.file_delivery import remote_file_name
+from callconv.delivery.file_delivery import remote_file_name
 from callconv.schema import call_logs, run_summary, upload_ledger
 
 pytestmark = pytest.mark.integration

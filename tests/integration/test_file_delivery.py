@@ -19,8 +19,8 @@ import sqlalchemy as sa
 from sftp_server import SftpServerError, sftp_server
 
 from callconv.config import Account
-from callconv.conversion_file import TEMPLATE_HEADER, render
-from callconv.file_delivery import (
+from callconv.delivery.conversion_file import TEMPLATE_HEADER, render
+from callconv.delivery.file_delivery import (
     FileDeliveryError,
     LocalFolderPublisher,
     SftpPublisher,
@@ -212,7 +212,7 @@ def test_publishes_every_unconfirmed_row_over_sftp_and_freezes_them(seeded, sftp
     before = ledger(seeded)
     # Airflow reconfigures logging when the hook first loads, so listen on our logger itself.
     collected = _Collect()
-    module_log = logging.getLogger("callconv.file_delivery")
+    module_log = logging.getLogger("callconv.delivery.file_delivery")
     module_log.addHandler(collected)
     level = module_log.level
     module_log.setLevel(logging.DEBUG)
@@ -475,7 +475,7 @@ def test_the_local_folder_publisher_replaces_the_file_atomically(seeded, tmp_pat
 
 
 def test_a_row_rematched_before_it_is_frozen_is_left_out_until_the_next_publication(seeded, tmp_path, monkeypatch):
-    from callconv import file_delivery
+    from callconv.delivery import file_delivery
 
     changed_key = DUE[0]["conversion_key"]
     freeze = file_delivery._freeze

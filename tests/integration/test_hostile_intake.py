@@ -16,15 +16,15 @@ import pytest
 import sqlalchemy as sa
 from stored import read_stored
 
-from callconv.call_logs import normalise_call_logs
 from callconv.config import parse_settings
-from callconv.conversion_file import TEMPLATE_HEADER, write_conversion_file
-from callconv.extract import ExtractError
-from callconv.intake import take_in_day
-from callconv.match import match_day
-from callconv.pseudonyms import DEFAULT_CONN_ID, keys_from_airflow
+from callconv.delivery.conversion_file import TEMPLATE_HEADER, write_conversion_file
+from callconv.intake.extract import ExtractError
+from callconv.intake.take_in import take_in_day
+from callconv.matching.call_logs import normalise_call_logs
+from callconv.matching.match import match_day
+from callconv.protection.pseudonyms import DEFAULT_CONN_ID, keys_from_airflow
+from callconv.protection.sealed import Binding, seal_bytes
 from callconv.schema import call_logs, crm_imports, crm_sales, quarantine
-from callconv.sealed import Binding, seal_bytes
 
 pytestmark = pytest.mark.integration
 

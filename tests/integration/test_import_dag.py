@@ -18,7 +18,7 @@ import sqlalchemy as sa
 import yaml
 from stored import read_stored
 
-from callconv.normalise import normalise_phone
+from callconv.intake.normalise import normalise_phone
 from callconv.sandbox import ActionSpec
 from callconv.schema import call_logs, crm_imports, crm_sales, matches, quarantine, run_summary, upload_ledger
 

@@ -22,9 +22,9 @@ import pytest
 import sqlalchemy as sa
 
 from callconv.config import parse_settings
-from callconv.intake import sale_key, take_in_day
-from callconv.match import conversion_key, match_day
-from callconv.pseudonyms import PseudonymKeyRotated, PseudonymKeys, conversion_text, rekey, sale_text
+from callconv.intake.take_in import sale_key, take_in_day
+from callconv.matching.match import conversion_key, match_day
+from callconv.protection.pseudonyms import PseudonymKeyRotated, PseudonymKeys, conversion_text, rekey, sale_text
 from callconv.schema import call_logs, crm_sales, delivery_conflicts, matches, pseudonym_key_state, upload_ledger
 
 pytestmark = pytest.mark.integration

@@ -15,12 +15,12 @@ import pytest
 import sqlalchemy as sa
 
 from callconv.config import parse_settings
-from callconv.extract import ExtractError
-from callconv.intake import take_in_day
-from callconv.pseudonyms import DEFAULT_CONN_ID, keys_from_airflow
-from callconv.retention import purge_day_folders
+from callconv.intake.extract import ExtractError
+from callconv.intake.take_in import take_in_day
+from callconv.protection.pseudonyms import DEFAULT_CONN_ID, keys_from_airflow
+from callconv.protection.retention import purge_day_folders
+from callconv.protection.storage import OutsideAccountFolder
 from callconv.schema import crm_imports, crm_sales, quarantine
-from callconv.storage import OutsideAccountFolder
 
 pytestmark = pytest.mark.integration
 

@@ -14,8 +14,8 @@ import pytest
 import sqlalchemy as sa
 
 from callconv.config import MatchRules
-from callconv.match import _prepare, conversion_key, match_day
-from callconv.pseudonyms import DEFAULT_CONN_ID, keys_from_airflow
+from callconv.matching.match import _prepare, conversion_key, match_day
+from callconv.protection.pseudonyms import DEFAULT_CONN_ID, keys_from_airflow
 from callconv.schema import call_logs, crm_sales, matches, metadata, upload_ledger
 from callconv.warehouse import create_engine, migrate
 

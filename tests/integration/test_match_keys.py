@@ -11,8 +11,8 @@ import pytest
 import sqlalchemy as sa
 
 from callconv import sqlhash
-from callconv.match import conversion_key, conversion_key_sql
-from callconv.pseudonyms import PseudonymKey
+from callconv.matching.match import conversion_key, conversion_key_sql
+from callconv.protection.pseudonyms import PseudonymKey
 
 KEY = PseudonymKey("it-1", bytes(range(7, 39)))
 

@@ -134,7 +134,7 @@ def _legacy_rows():
     from datetime import UTC, date, datetime
     from decimal import Decimal
 
-    from callconv.pseudonyms import conversion_text, sale_text, separate_text
+    from callconv.protection.pseudonyms import conversion_text, sale_text, separate_text
 
     def sha(text: str) -> str:
         return hashlib.sha256(text.encode()).hexdigest()
@@ -241,7 +241,7 @@ def test_0007_rekeys_every_key_of_a_number_consistently_in_every_table(empty_pg_
     from datetime import UTC, datetime
     from decimal import Decimal
 
-    from callconv.pseudonyms import conversion_text, sale_text, separate_text
+    from callconv.protection.pseudonyms import conversion_text, sale_text, separate_text
     from callconv.schema import crm_sales, delivery_conflicts, matches, pseudonym_key_state, upload_ledger
 
     migrate(empty_pg_schema, "0006")
@@ -316,7 +316,7 @@ def test_0007_on_an_empty_warehouse_needs_no_keyring(empty_pg_schema, monkeypatc
 def test_0008_keeps_old_run_summaries_without_a_dag_and_records_the_dag_of_new_ones(empty_pg_schema):
     from datetime import UTC, date, datetime
 
-    from callconv.reporting import record_stage
+    from callconv.monitoring.reporting import record_stage
     from callconv.schema import run_summary
 
     migrate(empty_pg_schema, "0007")

@@ -26,12 +26,12 @@ from decimal import Decimal
 import pytest
 import sqlalchemy as sa
 
-from callconv import normalise
 from callconv.config import parse_settings
-from callconv.intake import sale_key, take_in_day
-from callconv.pseudonyms import DEFAULT_CONN_ID, keys_from_airflow
+from callconv.intake import normalise
+from callconv.intake.take_in import sale_key, take_in_day
+from callconv.intake.validate import ExtractValidator
+from callconv.protection.pseudonyms import DEFAULT_CONN_ID, keys_from_airflow
 from callconv.schema import crm_imports, crm_sales, quarantine
-from callconv.validate import ExtractValidator
 from callconv.warehouse import create_engine
 
 pytestmark = pytest.mark.integration

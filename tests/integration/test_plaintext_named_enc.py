@@ -13,9 +13,9 @@ import pytest
 import sqlalchemy as sa
 
 from callconv.config import parse_settings
-from callconv.extract import ExtractError
-from callconv.intake import take_in_day
-from callconv.pseudonyms import DEFAULT_CONN_ID, keys_from_airflow
+from callconv.intake.extract import ExtractError
+from callconv.intake.take_in import take_in_day
+from callconv.protection.pseudonyms import DEFAULT_CONN_ID, keys_from_airflow
 from callconv.schema import crm_imports, crm_sales
 
 pytestmark = pytest.mark.integration

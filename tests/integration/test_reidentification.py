@@ -26,10 +26,10 @@ import pytest
 import sqlalchemy as sa
 
 from callconv.config import MatchRules
-from callconv.intake import sale_key
-from callconv.match import match_day
-from callconv.pseudonyms import DEFAULT_CONN_ID, keys_from_airflow
-from callconv.retention import caller_hmac
+from callconv.intake.take_in import sale_key
+from callconv.matching.match import match_day
+from callconv.protection.pseudonyms import DEFAULT_CONN_ID, keys_from_airflow
+from callconv.protection.retention import caller_hmac
 from callconv.schema import (
     call_logs,
     crm_sales,

@@ -11,7 +11,7 @@ from datetime import UTC, date, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from callconv.retention import caller_hmac
+from callconv.protection.retention import caller_hmac
 from callconv.schema import crm_sales, matches, quarantine, retention_audit, upload_ledger
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from callconv.ads_client import (
+from callconv.config import parse_settings
+from callconv.delivery.ads_client import (
     API_VERSION,
     SSL_ROOTS_ENV_VAR,
     access_problem,
@@ -21,7 +22,6 @@ from callconv.ads_client import (
     get_upload_service,
     is_empty_result,
 )
-from callconv.config import parse_settings
 from callconv.sandbox import ActionSpec
 from callconv.sandbox.server import ACCESS_DENIALS
 

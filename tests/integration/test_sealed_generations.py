@@ -12,9 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import sqlalchemy as sa
 
+from callconv.protection.sealed import new_keyset
+from callconv.protection.storage import Area, open_for_read, sealer_for, store
 from callconv.schema import sealed_generations
-from callconv.sealed import new_keyset
-from callconv.storage import Area, open_for_read, sealer_for, store
 from callconv.warehouse import create_engine
 
 pytestmark = pytest.mark.integration

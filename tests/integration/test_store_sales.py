@@ -14,7 +14,7 @@ from decimal import Decimal
 import pytest
 import sqlalchemy as sa
 
-from callconv.intake import _store_sales
+from callconv.intake.take_in import _store_sales
 from callconv.schema import crm_sales
 
 pytestmark = pytest.mark.integration

@@ -12,8 +12,8 @@ test tampers with the stored files and restores them:
 * rollback: the older copy of the same path put back.
 
 The archive is read by the pipeline itself (a reimport); the quarantine export and the
-conversion file through :func:`callconv.storage.open_for_read`, the reader of
-``python -m callconv.sealed open``.
+conversion file through :func:`callconv.protection.storage.open_for_read`, the reader of
+``python -m callconv.protection.sealed open``.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ import pytest
 import sqlalchemy as sa
 
 from callconv.config import parse_settings
-from callconv.conversion_file import write_conversion_file
-from callconv.extract import ExtractError
-from callconv.intake import take_in_day
+from callconv.delivery.conversion_file import write_conversion_file
+from callconv.intake.extract import ExtractError
+from callconv.intake.take_in import take_in_day
+from callconv.protection.sealed import SealError, new_keyset
+from callconv.protection.storage import Area, open_for_read, sealer_for
 from callconv.schema import crm_sales, metadata, sealed_generations
-from callconv.sealed import SealError, new_keyset
-from callconv.storage import Area, open_for_read, sealer_for
 from callconv.warehouse import create_engine
 
 pytestmark = pytest.mark.integration
@@ -259,7 +259,7 @@ def test_plaintext_or_the_old_format_under_enc_is_refused(stored, data_class):
     assert_refused(stored, "acme", data_class)
     path.write_bytes(b"CCENC\x01\x07legacy1" + bytes(64))  # the retired format: migrate it first
     message = assert_refused(stored, "acme", data_class, "old CCENC format")
-    assert "python -m callconv.sealed migrate" in message
+    assert "python -m callconv.protection.sealed migrate" in message
 
 
 def test_a_file_moved_to_another_day_is_refused(stored):

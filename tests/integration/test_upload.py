@@ -15,11 +15,11 @@ import grpc
 import pytest
 import sqlalchemy as sa
 
-from callconv.ads_client import client_from_settings
 from callconv.config import Account
+from callconv.delivery.ads_client import client_from_settings
+from callconv.delivery.upload import UploadConfigError, ledger_counts, upload_pending
 from callconv.sandbox import ActionSpec
 from callconv.schema import call_logs, upload_ledger
-from callconv.upload import UploadConfigError, ledger_counts, upload_pending
 
 pytestmark = pytest.mark.integration
 
@@ -359,7 +359,7 @@ def test_quota_exhaustion_parks_the_rest_and_the_next_run_finishes(warehouse, sa
         sandbox.exhaust_quota(next_calls=1)
     expected_first = 3 if mode == "after_accepted" else 0
 
-    with caplog.at_level(logging.WARNING, logger="callconv.upload"):
+    with caplog.at_level(logging.WARNING, logger="callconv.delivery.upload"):
         first = run(warehouse, client, batch_size=3)
 
     assert first.accepted == expected_first
@@ -553,7 +553,7 @@ def test_rows_with_the_same_google_key_never_share_a_request(warehouse, sandbox,
 def test_upload_through_an_airflow_sandbox_connection(warehouse, sandbox, monkeypatch):
     import json
 
-    from callconv.ads_client import client_from_airflow_connection
+    from callconv.delivery.ads_client import client_from_airflow_connection
 
     extra = {"sandbox": True, **sandbox.client_settings(developer_token=DEV_TOKEN)}
     monkeypatch.setenv("AIRFLOW_CONN_ADS_SANDBOX", json.dumps({"conn_type": "google_ads", "extra": extra}))
@@ -575,7 +575,7 @@ def test_upload_through_an_airflow_sandbox_connection(warehouse, sandbox, monkey
     ],
 )
 def test_access_denials_fail_the_upload_with_what_to_do(warehouse, sandbox, client, code):
-    from callconv.ads_client import access_problem
+    from callconv.delivery.ads_client import access_problem
 
     seed(warehouse, sandbox, [ledger_row(0)])
     sandbox.deny_access(code)

@@ -28,7 +28,7 @@ import pytest
 from test_upload import ACCESS_TOKEN, ACTION, CUSTOMER, DEV_TOKEN
 from test_upload_scale import SANDBOX_NOW, seed, states
 
-from callconv.ads_client import API_VERSION
+from callconv.delivery.ads_client import API_VERSION
 from callconv.sandbox import ActionSpec
 
 pytestmark = pytest.mark.integration
@@ -47,8 +47,8 @@ import sqlalchemy as sa
 sys.path.insert(0, sys.argv[5])
 from test_upload import DAY_END, make_account
 
-from callconv.ads_client import client_from_settings
-from callconv.upload import upload_pending
+from callconv.delivery.ads_client import client_from_settings
+from callconv.delivery.upload import upload_pending
 
 url, settings, name, concurrent = sys.argv[1:5]
 engine = sa.create_engine(url, hide_parameters=True)

@@ -23,10 +23,10 @@ import pytest
 import sqlalchemy as sa
 from test_upload import ACCESS_TOKEN, ACTION, CALL_BASE, CUSTOMER, DAY_END, DEV_TOKEN, make_account
 
-from callconv.ads_client import client_from_settings
+from callconv.delivery.ads_client import client_from_settings
+from callconv.delivery.upload import UploadConfigError, due_rows_paged, ledger_counts, upload_pending
 from callconv.sandbox import ActionSpec, SandboxServer
 from callconv.schema import call_logs, upload_ledger
-from callconv.upload import UploadConfigError, due_rows_paged, ledger_counts, upload_pending
 
 pytestmark = pytest.mark.integration
 
@@ -212,7 +212,7 @@ def test_quota_with_concurrency_parks_every_unsent_row_and_the_next_run_finishes
     sandbox.set_delay(0.05)
     sandbox.exhaust_quota(after_accepted=700)
 
-    with caplog.at_level("WARNING", logger="callconv.upload"):
+    with caplog.at_level("WARNING", logger="callconv.delivery.upload"):
         first = run(warehouse, client, batch_size=100, max_concurrent_batches=max_concurrent)
 
     # The sandbox answers one request at a time: the first seven are accepted, then quota.

@@ -1,7 +1,7 @@
 """A writer of the retired CCENC v1 format, for tests only: the pipeline no longer writes it.
 
-The old files still exist in deployments until ``python -m callconv.sealed migrate`` has
-converted them, so the reader (:mod:`callconv.crypto`) and the migration are tested on
+The old files still exist in deployments until ``python -m callconv.protection.sealed migrate`` has
+converted them, so the reader (:mod:`callconv.protection.crypto`) and the migration are tested on
 files made here, byte for byte in the format the old writer produced.
 """
 
@@ -15,9 +15,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from callconv.crypto import CHUNK_SIZE, MAGIC, Keyring
+from callconv.protection.crypto import CHUNK_SIZE, MAGIC, Keyring
 
-_HKDF_INFO = b"callconv.crypto v1 file key"
+_HKDF_INFO = b"callconv.protection.crypto v1 file key"
 
 
 def encrypt_stream(src: BinaryIO, dst: BinaryIO, keyring: Keyring) -> None:

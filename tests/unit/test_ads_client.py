@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from callconv import ads_client
-from callconv.ads_client import (
+from callconv.delivery import ads_client
+from callconv.delivery.ads_client import (
     ACCESS_ERRORS,
     API_VERSION,
     PHONE_MASK,

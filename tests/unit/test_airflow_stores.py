@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 
-from callconv.airflow_stores import _meta, dag_run, expired_runs, purge_runs
+from callconv.protection.airflow_stores import _meta, dag_run, expired_runs, purge_runs
 
 OSLO = ZoneInfo("Europe/Oslo")
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import sqlalchemy as sa
 
-from callconv.anomalies import (
+from callconv.monitoring.anomalies import (
     DELIVERY_CONFLICTS,
     MATCH_RATE_DROP,
     NO_DATA,

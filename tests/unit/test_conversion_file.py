@@ -11,7 +11,7 @@ from decimal import Decimal
 import pytest
 
 from callconv.config import DEFAULT_CONFIG_PATH, load_settings, parse_settings
-from callconv.conversion_file import TEMPLATE_HEADER, file_name, phone_cell, render, safe_text
+from callconv.delivery.conversion_file import TEMPLATE_HEADER, file_name, phone_cell, render, safe_text
 
 SALE_ID = "555000111"
 UPSELL_ID = "555000222"

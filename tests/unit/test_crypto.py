@@ -1,4 +1,4 @@
-"""The retired CCENC format's reader (kept for ``python -m callconv.sealed migrate`` only): keyring
+"""The retired CCENC format's reader (kept for ``python -m callconv.protection.sealed migrate`` only): keyring
 parsing, the chunked file format, tamper detection, streaming. Old files are made by the test-only
 writer :mod:`ccenc_writer`; the pipeline no longer writes this format."""
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from ccenc_writer import encrypt_bytes, encrypt_stream, write_encrypted
 
-from callconv.crypto import (
+from callconv.protection.crypto import (
     CHUNK_SIZE,
     MAGIC,
     DecryptionError,
@@ -522,7 +522,7 @@ def test_missing_env_var(monkeypatch):
 
 
 def test_module_does_not_import_airflow():
-    code = "import sys, callconv.crypto; print(any(m.startswith('airflow') for m in sys.modules))"
+    code = "import sys, callconv.protection.crypto; print(any(m.startswith('airflow') for m in sys.modules))"
     result = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,

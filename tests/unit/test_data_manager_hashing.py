@@ -4,7 +4,7 @@ import hashlib
 
 import pytest
 
-from callconv.data_manager.hashing import UnhashablePhone, format_phone, hash_phone, is_hashed_phone
+from callconv.delivery.data_manager.hashing import UnhashablePhone, format_phone, hash_phone, is_hashed_phone
 
 
 def test_google_example_us_number_is_formatted_as_e164():

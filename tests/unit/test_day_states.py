@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from callconv import report_queries as q
+from callconv.monitoring import report_queries as q
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 OSLO = ZoneInfo("Europe/Oslo")

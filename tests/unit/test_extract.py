@@ -12,7 +12,7 @@ from datetime import date
 import pytest
 
 from callconv.config import CrmColumns, CrmSource
-from callconv.extract import ExtractError, day_folder, landing_files, read_crm_file
+from callconv.intake.extract import ExtractError, day_folder, landing_files, read_crm_file
 
 DAY = date(2026, 3, 2)
 

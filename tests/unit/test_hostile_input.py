@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from callconv import sealed
 from callconv.config import CrmColumns, CrmSource
-from callconv.extract import CrmFileReader, ExtractError, landing_files, read_crm_file
-from callconv.storage import Area, sealer_for
+from callconv.intake.extract import CrmFileReader, ExtractError, landing_files, read_crm_file
+from callconv.protection import sealed
+from callconv.protection.storage import Area, sealer_for
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DAY = date(2026, 11, 27)
@@ -44,7 +44,7 @@ def day_folder(root: Path) -> Path:
 
 
 def seal_landing(path: Path, data: bytes, keyset=KEYSET) -> None:
-    """As the CRM's exporter does (``python -m callconv.sealed seal``): class landing, generation 0."""
+    """As the CRM's exporter does (``python -m callconv.protection.sealed seal``): class landing, generation 0."""
     logical = f"{path.parent.name}/{path.name.removesuffix('.enc')}"
     path.write_bytes(sealed.seal_bytes(data, keyset, sealed.Binding("acme", "landing", logical, 0)))
 
@@ -253,11 +253,11 @@ MEMORY_PROBE = textwrap.dedent(
     from pathlib import Path
     import sqlalchemy as sa
     from callconv.config import parse_settings
-    from callconv.extract import CrmFileReader, ExtractError
-    from callconv.sealed import keyset_from_json
-    from callconv.storage import Area, sealer_for
-    from callconv.intake import take_in_day
-    from callconv.pseudonyms import PseudonymKeys
+    from callconv.intake.extract import CrmFileReader, ExtractError
+    from callconv.protection.sealed import keyset_from_json
+    from callconv.protection.storage import Area, sealer_for
+    from callconv.intake.take_in import take_in_day
+    from callconv.protection.pseudonyms import PseudonymKeys
 
     root, rows = Path(sys.argv[1]), int(sys.argv[2])
     keyset = keyset_from_json(sys.argv[3])

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from callconv.config import DEFAULT_CONFIG_PATH, load_settings
-from callconv.intake import _Extract, _sale_records, business_date_of, normalise_sales, sale_key
-from callconv.pseudonyms import PseudonymKey
+from callconv.intake.take_in import _Extract, _sale_records, business_date_of, normalise_sales, sale_key
+from callconv.protection.pseudonyms import PseudonymKey
 
 KEY = PseudonymKey("unit-1", bytes(range(32)))
 OTHER_KEY = PseudonymKey("unit-2", bytes(range(1, 33)))

@@ -13,7 +13,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy_bigquery import BigQueryDialect
 
 from callconv.config import MatchRules
-from callconv.match import (
+from callconv.matching.match import (
     UNMATCHED_REASONS,
     CreateTemporaryTableAs,
     _call_evidence,
@@ -24,7 +24,7 @@ from callconv.match import (
     conversion_key,
     conversion_key_sql,
 )
-from callconv.pseudonyms import PseudonymKey
+from callconv.protection.pseudonyms import PseudonymKey
 from callconv.schema import crm_sales
 from callconv.sqltime import shift_seconds
 

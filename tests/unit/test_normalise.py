@@ -9,8 +9,8 @@ from zoneinfo import ZoneInfo
 import pandas as pd
 import pytest
 
-from callconv import normalise
-from callconv.normalise import (
+from callconv.intake import normalise
+from callconv.intake.normalise import (
     future_times,
     normalise_currencies,
     normalise_distinct,

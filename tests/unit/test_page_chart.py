@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from callconv import report_queries as q
+from callconv.monitoring import report_queries as q
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 LAST = date(2026, 11, 28)

@@ -16,8 +16,8 @@ import phonenumbers
 import pytest
 from phonenumbers import PhoneNumberFormat, PhoneNumberType
 
-from callconv import normalise, phone_fast
-from callconv.normalise import _normalise_phone_full, normalise_distinct, normalise_phone, normalise_phones
+from callconv.intake import normalise, phone_fast
+from callconv.intake.normalise import _normalise_phone_full, normalise_distinct, normalise_phone, normalise_phones
 
 BENCH = ["SE", "NO", "DE", "GB", "US"]
 OTHERS = ["FI", "DK", "FR", "IT", "RU", "KZ", "CA", "AR", "MX", "IN", "AU", "JP", "CN", "BR", "GG", "JE", "IM", "SJ"]

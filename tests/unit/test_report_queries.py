@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy_bigquery import BigQueryDialect
 
-from callconv import report_queries as q
+from callconv.monitoring import report_queries as q
 from callconv.schema import run_summary, upload_ledger
 from callconv.warehouse import create_engine, migrate
 

@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 from ccenc_writer import encrypt_bytes as legacy_encrypt
 
-from callconv import crypto, sealed
+from callconv.protection import crypto, sealed
 from callconv.schema import metadata, sealed_generations
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -252,7 +252,10 @@ def test_open_command_gives_the_plaintext_of_the_newest_copy_only(tmp_path, monk
 
 
 def test_module_does_not_import_airflow():
-    code = "import sys, callconv.sealed, callconv.storage; print(any(m.startswith('airflow') for m in sys.modules))"
+    code = (
+        "import sys, callconv.protection.sealed, callconv.protection.storage; "
+        "print(any(m.startswith('airflow') for m in sys.modules))"
+    )
     result = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,

@@ -29,7 +29,7 @@ def test_other_errors_pass_through_for_airflow_to_retry():
 
 def test_a_match_on_a_connection_with_leftover_temporary_tables_still_runs(tmp_path, pseudonym_keys):
     """SQLite keeps a temporary table on its pooled connection after a failed attempt."""
-    from callconv.match import OUTCOME, TOUCHED, match_day
+    from callconv.matching.match import OUTCOME, TOUCHED, match_day
     from callconv.warehouse import create_engine, migrate
 
     url = f"sqlite:///{tmp_path / 'warehouse.db'}"

@@ -13,11 +13,10 @@ import logging
 import pytest
 import sqlalchemy as sa
 
-from callconv import sealed
 from callconv.config import parse_settings
-from callconv.schema import metadata, sealed_generations
-from callconv.sealed import SealError
-from callconv.storage import (
+from callconv.protection import sealed
+from callconv.protection.sealed import SealError
+from callconv.protection.storage import (
     Area,
     EncryptionKeyMissing,
     StorageError,
@@ -30,6 +29,7 @@ from callconv.storage import (
     store_tree,
     stored_name,
 )
+from callconv.schema import metadata, sealed_generations
 
 PHONE = b"+4791234567"
 ROW = PHONE + b",2026-11-27 09:00:00,Phone sale,2026-11-27 10:00:00,1234.5,NOK\r\n"
@@ -157,7 +157,7 @@ def test_a_file_named_enc_is_never_read_as_plaintext_or_in_the_old_format(tmp_pa
     assert "\n" not in message and PHONE.decode() not in message
     assert message.startswith(f"export file '{DAY}/conversions.csv' of account 'acme' ")
     if content.startswith(b"CCENC"):
-        assert "old CCENC format" in message and "python -m callconv.sealed migrate" in message
+        assert "old CCENC format" in message and "python -m callconv.protection.sealed migrate" in message
     else:
         assert "does not decrypt as generation 1 or 2" in message
     assert path.read_bytes() == content  # refused, not removed
@@ -326,7 +326,7 @@ def test_plaintext_only_when_the_config_says_so_and_then_a_warning(monkeypatch, 
     monkeypatch.delenv("CALL_CONVERSIONS_ENCRYPTION_KEYS", raising=False)
     caplog.set_level(logging.WARNING, logger="callconv")
     assert keyset_for(settings(required=False)) is None
-    [record] = [r for r in caplog.records if r.name == "callconv.storage"]
+    [record] = [r for r in caplog.records if r.name == "callconv.protection.storage"]
     assert record.levelno == logging.WARNING
     assert "files are stored in plaintext because encryption is disabled in the config" in record.getMessage()
 
@@ -361,7 +361,7 @@ def test_a_malformed_keyset_is_an_error_even_when_encryption_is_optional(monkeyp
 def test_archive_copies_and_quarantine_exports_have_a_retention_class(tmp_path):
     from datetime import date
 
-    from callconv.retention import purge_stored_files, stored_file_roots
+    from callconv.protection.retention import purge_stored_files, stored_file_roots
 
     shipped = settings()
     assert stored_file_roots(shipped, "landing") == ("var/landing", "var/archive")

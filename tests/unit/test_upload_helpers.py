@@ -1,4 +1,4 @@
-"""The pure parts of callconv.upload: time format, batching, outcome, argument checks."""
+"""The pure parts of callconv.delivery.upload: time format, batching, outcome, argument checks."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from callconv.config import Account
-from callconv.upload import (
+from callconv.delivery.upload import (
     MAX_BATCH,
     BatchPlanner,
     UploadOutcome,
@@ -149,7 +149,7 @@ def test_batch_planner_sends_every_row_once_never_two_of_a_google_key_together()
 
 
 def test_build_request_matches_the_proto_plus_message_byte_for_byte():
-    from callconv.ads_client import client_from_settings
+    from callconv.delivery.ads_client import client_from_settings
 
     client = client_from_settings({"developer_token": "d", "access_token": "a", "endpoint": "localhost:1"})
     acme = account(consent={"ad_user_data": "GRANTED", "ad_personalization": "DENIED"})

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from callconv.config import ValidationRules
-from callconv.validate import REASON_CODES, ExtractRejected, ValidationReport, validate_extract
+from callconv.intake.validate import REASON_CODES, ExtractRejected, ValidationReport, validate_extract
 
 OUTCOMES = {"sale", "lead"}
 # Everything may fail in the row-level tests; the share limit has its own tests.
@@ -474,7 +474,7 @@ def test_unknown_decimal_separator_is_a_programming_error():
 
 
 def test_identical_copies_are_dropped_and_counted_the_first_copy_kept():
-    from callconv.validate_prepare import IdenticalRows
+    from callconv.intake.validate_prepare import IdenticalRows
 
     frame = extract(
         {
@@ -499,7 +499,7 @@ def test_identical_copies_are_dropped_and_counted_the_first_copy_kept():
 
 
 def test_identical_copies_are_found_across_chunks_as_in_a_whole_file():
-    from callconv.validate_prepare import IdenticalRows
+    from callconv.intake.validate_prepare import IdenticalRows
 
     rows = {number: {"crm_id": f"C{number % 7}", "caller_phone": f"+4791{number % 7:06d}"} for number in range(2, 22)}
     frame = extract(rows)

@@ -16,7 +16,7 @@ import logging
 import signal
 from datetime import datetime, timedelta
 
-from callconv.ads_client import API_VERSION, SSL_ROOTS_ENV_VAR
+from callconv.delivery.ads_client import API_VERSION, SSL_ROOTS_ENV_VAR
 from callconv.sandbox.server import (
     ActionSpec,
     SandboxServer,
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.calls_from_warehouse:
         import sqlalchemy as sa
 
-        from callconv.call_logs import normalise_pending_call_logs
+        from callconv.matching.call_logs import normalise_pending_call_logs
         from callconv.schema import call_logs
 
         engine = sa.create_engine(args.calls_from_warehouse, hide_parameters=True)

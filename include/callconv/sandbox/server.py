@@ -54,7 +54,7 @@ from types import SimpleNamespace
 
 import grpc
 
-from callconv.ads_client import API_VERSION
+from callconv.delivery.ads_client import API_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -430,7 +430,7 @@ class SandboxServer:
         return f"localhost:{self.port}"
 
     def client_settings(self, developer_token: str | None = None, **extra) -> dict:
-        """Settings for ``callconv.ads_client.client_from_settings`` that reach this sandbox.
+        """Settings for ``callconv.delivery.ads_client.client_from_settings`` that reach this sandbox.
 
         They hold a developer token only when the sandbox checks one or ``developer_token`` is given.
         """

@@ -3,7 +3,7 @@
 The file Google Ads' scheduled upload fetches is cumulative: it carries every
 row of the account not yet confirmed, within Google's lookback, so a row is
 published again and again until it counts as delivered
-(:mod:`callconv.file_delivery`). ``last_published_at`` is the data-interval end
+(:mod:`callconv.delivery.file_delivery`). ``last_published_at`` is the data-interval end
 of the latest publication that carried the row; ``sent_at`` stays the first.
 With it a rerun of a publication counts nothing twice (``sends`` grows only for
 a publication with a later window end), and a row that was frozen for a

@@ -3,14 +3,14 @@
 Until now ``conversion_key`` and a ``sale_key`` without CRM id were a plain SHA-256
 of the number and fields stored beside them: anyone with the table could try the
 whole Norwegian 8-digit space in minutes. From here on they are HMAC-SHA256 under
-the pseudonym keyring (:mod:`callconv.pseudonyms`), and the key id is stored beside
+the pseudonym keyring (:mod:`callconv.protection.pseudonyms`), and the key id is stored beside
 each key: ``crm_sales.sale_key_id`` and ``conversion_key_id``,
 ``matches.conversion_key_id``, ``upload_ledger.conversion_key_id``.
 ``pseudonym_key_state`` records, per account, the key its rows are under.
 
 Existing rows are re-keyed here, in this migration's transaction, by
-:func:`callconv.pseudonyms.rekey_account` (the same code as the rotation command
-``python -m callconv.pseudonyms rekey``): a key whose row still holds its number is
+:func:`callconv.protection.pseudonyms.rekey_account` (the same code as the rotation command
+``python -m callconv.protection.pseudonyms rekey``): a key whose row still holds its number is
 computed afresh; a key whose rows were redacted is keyed over the old key, the same
 way in every table. That needs the keyring: the Airflow connection named by
 ``$CALL_CONVERSIONS_PSEUDONYM_CONN_ID`` (default ``call_conversions_pseudonym``,
@@ -104,7 +104,7 @@ def upgrade() -> None:
 
 
 def _rekey_existing_rows() -> None:
-    from callconv import pseudonyms
+    from callconv.protection import pseudonyms
     from callconv.warehouse import serialise
 
     connection = op.get_bind()

@@ -1,7 +1,7 @@
 """Sealed files: the newest generation of each, so a rolled-back copy is refused
 
 Every stored file is sealed with Tink's Streaming AEAD, its associated data naming the
-account, the data class, the logical path and a generation number (callconv.sealed).
+account, the data class, the logical path and a generation number (callconv.protection.sealed).
 This table holds each path's newest generation, outside the file area, so an older
 copy of a file put back in its place does not decrypt. One row per sealed path.
 

@@ -35,7 +35,7 @@ calls in reach of the day gives, per sale, the best call start and the counts
 that explain a miss; in caller order, the chosen call id is then one index probe
 per matched sale; each sale is written once, in the order it was stored, its
 conversion key an HMAC computed in SQL under the pseudonym key
-(:mod:`callconv.pseudonyms`), its key id beside it. Matches and ledger rows are rebuilt only for the
+(:mod:`callconv.protection.pseudonyms`), its key id beside it. Matches and ledger rows are rebuilt only for the
 (call, action) groups the day touched, before or after.
 """
 
@@ -52,7 +52,7 @@ from sqlalchemy.sql.expression import ClauseElement, Executable
 
 from callconv import sqlhash
 from callconv.config import MatchRules
-from callconv.pseudonyms import (
+from callconv.protection.pseudonyms import (
     PseudonymKey,
     PseudonymKeys,
     as_utc,
@@ -329,7 +329,7 @@ def match_day(
     never matched are looked at, and earlier matches stand.
 
     Conversion keys are HMACs under ``keys.primary``, which must be the key the
-    account's rows are under (:func:`callconv.pseudonyms.require_current`).
+    account's rows are under (:func:`callconv.protection.pseudonyms.require_current`).
     """
     key = keys.primary
     with engine.begin() as connection:

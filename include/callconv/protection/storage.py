@@ -9,15 +9,15 @@ Where files go, each under ``{root}/{account}/{YYYY-MM-DD}/``:
 * ``export_uri`` (``export``): the conversion file, ``call_conversions_{account}_{day}.csv.enc``;
 * ``data_docs_uri`` (``docs``): Great Expectations Data Docs, every file with ``.enc`` appended.
 
-Files are sealed with Tink's Streaming AEAD (:mod:`callconv.sealed`), bound to the account,
+Files are sealed with Tink's Streaming AEAD (:mod:`callconv.protection.sealed`), bound to the account,
 the data class and the logical path (the place under the account's folder without ``.enc``,
 ``2026-11-27/call_conversions_x.csv``) and a generation kept in the warehouse, and written
 atomically: a temporary sibling renamed over the target. Reading is a stream checked one
 segment at a time. A ``.enc`` file that does not decrypt under its binding is refused, never
-read as plaintext or in the old format (old files: ``python -m callconv.sealed migrate``).
+read as plaintext or in the old format (old files: ``python -m callconv.protection.sealed migrate``).
 
 Landing files (``landing``) are written by the CRM: read as dropped, plaintext, or sealed by
-the exporter (``python -m callconv.sealed seal``) if named ``.enc``.
+the exporter (``python -m callconv.protection.sealed seal``) if named ``.enc``.
 
 Without a keyset (only when the config says ``encryption.required: false``) files are stored in
 plaintext under their plain names, with a warning.
@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from callconv.sealed import (
+from callconv.protection.sealed import (
     KEYSET_ENV_VAR,
     Generations,
     SealError,
@@ -134,7 +134,7 @@ def keyset_for(settings):
 
     ``None`` only when the config allows plaintext (``encryption.required: false``) and no
     keyset is set; that is logged as a warning on every call. A keyset that is set but
-    malformed is always an error (:class:`callconv.sealed.SealError`).
+    malformed is always an error (:class:`callconv.protection.sealed.SealError`).
     """
     encryption = settings.encryption
     keyset = keyset_from_airflow(encryption.keys_conn_id)
@@ -146,7 +146,7 @@ def keyset_for(settings):
         raise EncryptionKeyMissing(
             f"encryption is required (encryption.required: true) but no keyset is set: put the Tink keyset JSON "
             f"in the password of Airflow connection {encryption.keys_conn_id!r} or in the environment variable "
-            f"{KEYSET_ENV_VAR} (make one with: python -m callconv.sealed new-keyset)"
+            f"{KEYSET_ENV_VAR} (make one with: python -m callconv.protection.sealed new-keyset)"
         )
     log.warning(
         "storage: files are stored in plaintext because encryption is disabled in the config "
@@ -213,7 +213,7 @@ def open_for_read(path, area: Area | None, sealer: Sealer | None) -> BinaryIO:
     A file named ``.enc`` is opened only if it decrypts under its binding (account, class,
     logical path, newest generation; generation 0 for landing files), checked one segment at a
     time: anything else (plaintext, the old format, another file's ciphertext, an older copy)
-    is refused with a one-line :class:`callconv.sealed.SealError` naming no content. A file with
+    is refused with a one-line :class:`callconv.protection.sealed.SealError` naming no content. A file with
     a plain name is plaintext, opened as it is.
     """
     if isinstance(path, str):
@@ -235,7 +235,7 @@ def open_for_read(path, area: Area | None, sealer: Sealer | None) -> BinaryIO:
             if head.read(len(_OLD_FORMAT_MAGIC)) == _OLD_FORMAT_MAGIC:
                 raise SealError(
                     f"{area.data_class} file {logical!r} of account {area.account_id!r} is in the old CCENC format, "
-                    "which is no longer read here: convert it once with python -m callconv.sealed migrate"
+                    "which is no longer read here: convert it once with python -m callconv.protection.sealed migrate"
                 ) from None
         raise error from None
 

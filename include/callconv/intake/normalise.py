@@ -35,8 +35,8 @@ import phonenumbers
 from dateutil import parser as dateutil_parser
 from phonenumbers import NumberParseException, PhoneNumberFormat, ValidationResult
 
-from callconv.currencies import ISO_4217
-from callconv.phone_fast import read_plain
+from callconv.intake.currencies import ISO_4217
+from callconv.intake.phone_fast import read_plain
 
 Result = tuple[object, str | None]
 

@@ -20,7 +20,7 @@ Exactly once, by claims and frozen payloads (never by guessing Google's key):
   candidates are locked with ``FOR UPDATE SKIP LOCKED``; SQLite has one writer),
   so two runs can never send the same row at once.
 * **Frozen once sent.** From ``sent_at`` on, the row's payload is never changed
-  (matching leaves it alone, see :mod:`callconv.match`), and every request that
+  (matching leaves it alone, see :mod:`callconv.matching.match`), and every request that
   carries it again is built from ``sent_payload``: the same bytes.
 * **Settled after.** The answer is written by a second transaction, only on the
   rows this request claimed. An RPC that fails releases the claim (the row is
@@ -71,7 +71,7 @@ import grpc
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-from callconv.ads_client import (
+from callconv.delivery.ads_client import (
     access_problem,
     decode_partial_failure,
     error_category,

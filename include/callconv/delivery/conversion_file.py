@@ -17,9 +17,9 @@ formulas. The phone column is the exception, since Google must read it as
 written: it gets a leading tab instead, which spreadsheets keep as text and
 Google's importer trims as whitespace.
 
-The file is stored sealed (:mod:`callconv.sealed`), ``call_conversions_{account}_{day}.csv.enc``
+The file is stored sealed (:mod:`callconv.protection.sealed`), ``call_conversions_{account}_{day}.csv.enc``
 under ``{export_uri}/{account}/{YYYY-MM-DD}/``. For a manual upload in the Google Ads UI,
-``python -m callconv.sealed open --account A --data-class export --logical-path DAY/NAME IN OUT``
+``python -m callconv.protection.sealed open --account A --data-class export --logical-path DAY/NAME IN OUT``
 writes the plaintext CSV.
 """
 
@@ -36,9 +36,9 @@ from decimal import Decimal
 import sqlalchemy as sa
 
 from callconv.config import Account
-from callconv.match import as_utc
+from callconv.matching.match import as_utc
+from callconv.protection.storage import Area, sealer_for, store_as
 from callconv.schema import matches
-from callconv.storage import Area, sealer_for, store_as
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def write_conversion_file(
     """Write (or replace) the day's file, sealed with the Tink ``keyset`` as ``.csv.enc``.
 
     The same day always yields the same plaintext. For a manual upload in the Google Ads UI,
-    ``python -m callconv.sealed open`` gives it back. Without a keyset (only when
+    ``python -m callconv.protection.sealed open`` gives it back. Without a keyset (only when
     the config allows plaintext) the file is written as ``.csv``; either way the day's file
     in the other form, left from before a change of settings, is removed.
     """

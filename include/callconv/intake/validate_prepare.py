@@ -20,7 +20,7 @@ row, so the copy is dropped and counted, never quarantined. A CRM id that
 repeats with different content is still a ``duplicate_crm_id``.
 
 Times and values are judged by the normalisation stage's own parsers
-(:mod:`callconv.normalise`), so validation never quarantines a row that
+(:mod:`callconv.intake.normalise`), so validation never quarantines a row that
 normalisation would accept, nor passes one it would refuse as unreadable.
 """
 
@@ -31,7 +31,7 @@ from datetime import UTC
 import numpy as np
 import pandas as pd
 
-from callconv import normalise
+from callconv.intake import normalise
 from callconv.schema import crm_sales
 
 REQUIRED_COLUMNS = ("caller_phone", "conversion_time", "outcome")

@@ -4,7 +4,7 @@ Each file is taken in one transaction: its sales, its quarantine rows and the
 record of its checksum commit together or not at all, so a rerun, a backfill
 or the same file dropped twice never doubles a sale. A file is read, validated,
 normalised and stored ``crm_source.chunk_rows`` rows at a time inside that
-transaction, so memory does not grow with its size (see :mod:`callconv.extract`).
+transaction, so memory does not grow with its size (see :mod:`callconv.intake.extract`).
 
 After a landing file is taken in, or recognised by its checksum in
 ``crm_imports`` as imported before, a sealed copy is kept in the archive,
@@ -41,14 +41,15 @@ from functools import partial
 import pandas as pd
 import sqlalchemy as sa
 
-from callconv import normalise
 from callconv.config import Account, Settings
-from callconv.conversion_file import safe_text
-from callconv.extract import CrmFileReader, frame_from_query, imported_checksums, landing_files
-from callconv.match import as_utc, conversion_sent
-from callconv.pseudonyms import PseudonymKey, PseudonymKeys, crm_text, require_current, sale_text
-from callconv.schema import crm_imports, crm_sales, delivery_conflicts, quarantine
-from callconv.storage import (
+from callconv.delivery.conversion_file import safe_text
+from callconv.intake import normalise
+from callconv.intake.extract import CrmFileReader, frame_from_query, imported_checksums, landing_files
+from callconv.intake.validate import ExtractRejected, ExtractValidator
+from callconv.intake.validate_prepare import CANONICAL_COLUMNS, CRM_ID_MAX_LENGTH, IdenticalRows
+from callconv.matching.match import as_utc, conversion_sent
+from callconv.protection.pseudonyms import PseudonymKey, PseudonymKeys, crm_text, require_current, sale_text
+from callconv.protection.storage import (
     Area,
     Sealer,
     check_in_account,
@@ -59,8 +60,7 @@ from callconv.storage import (
     store_as,
     stored_name,
 )
-from callconv.validate import ExtractRejected, ExtractValidator
-from callconv.validate_prepare import CANONICAL_COLUMNS, CRM_ID_MAX_LENGTH, IdenticalRows
+from callconv.schema import crm_imports, crm_sales, delivery_conflicts, quarantine
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def take_in_day(
     DAG passes one built on the CRM's Airflow connection (common-sql). Every file
     stored (archive copies, the quarantine export, Data Docs) is sealed with the Tink
     ``keyset``, bound to the account, its class and path, with its generation kept in the
-    warehouse (:mod:`callconv.sealed`); without one (allowed only by
+    warehouse (:mod:`callconv.protection.sealed`); without one (allowed only by
     ``encryption.required: false``) in plaintext. Without ``archive_root`` landing files stay where they are. A sale
     without CRM id is keyed by an HMAC of its content under ``keys.primary``.
     """
@@ -498,7 +498,7 @@ def normalise_sales(
 
 def sale_key(account_id: str, crm_id: str | None, row: dict, key: PseudonymKey) -> str:
     """An HMAC of the CRM id when there is one; otherwise of the sale's own content, which
-    holds the caller's number (:mod:`callconv.pseudonyms`)."""
+    holds the caller's number (:mod:`callconv.protection.pseudonyms`)."""
     if crm_id:
         return key.hexdigest(crm_text(account_id, crm_id))
     text = sale_text(account_id, row["caller_e164"], row["conversion_time"], row["outcome"], row["conversion_value"])

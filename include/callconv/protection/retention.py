@@ -35,6 +35,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from callconv.config import Account, Retention
+from callconv.protection.storage import check_in_account
 from callconv.schema import (
     call_logs,
     crm_sales,
@@ -44,7 +45,6 @@ from callconv.schema import (
     retention_audit,
     upload_ledger,
 )
-from callconv.storage import check_in_account
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ code, then digits only; its example is the US number ``(800)555-0100`` as
 ``+18005550100``), leading and trailing whitespace trimmed, then SHA-256, with the hash
 bytes hex- or Base64-encoded. We send hex (the request's ``encoding: HEX``), lower case.
 
-Numbers reach this module already normalised to E.164 by :mod:`callconv.normalise`; the
+Numbers reach this module already normalised to E.164 by :mod:`callconv.intake.normalise`; the
 check here refuses anything else rather than hashing a number Google could never match.
 No message raised here carries the number.
 """

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 
-from callconv.normalise import normalise_distinct
+from callconv.intake.normalise import normalise_distinct
 from callconv.schema import call_logs
 from callconv.warehouse import refresh_statistics
 

@@ -1,7 +1,7 @@
-"""The retired ``CCENC`` file format: read only, for ``python -m callconv.sealed migrate``.
+"""The retired ``CCENC`` file format: read only, for ``python -m callconv.protection.sealed migrate``.
 
 Files are no longer written in this format: every stored file is sealed with Tink's Streaming
-AEAD and bound to what it is (:mod:`callconv.sealed`). This format authenticated its own
+AEAD and bound to what it is (:mod:`callconv.protection.sealed`). This format authenticated its own
 header and chunks but not *which* file it was, so a copy could be swapped, moved or rolled
 back unnoticed; that is why it was replaced. What is left here reads old files once, so the
 migration can rewrite them sealed; the pipeline itself never reads them (a ``.enc`` file that
@@ -73,7 +73,7 @@ CHUNK_SIZE = 1024 * 1024
 _MAX_CIPHERTEXT = CHUNK_SIZE + TAG_BYTES
 _LENGTH = struct.Struct(">I")
 _INDEX = struct.Struct(">Q")
-_HKDF_INFO = b"callconv.crypto v1 file key"
+_HKDF_INFO = b"callconv.protection.crypto v1 file key"
 _NEW_KEY_HINT = "the keys are those the old files were written with"
 
 

@@ -5,7 +5,7 @@ Three entry points:
 * :func:`failure_notifier` returns a callable for ``on_failure_callback`` (in the
   DAG's ``default_args`` for one alert per failed task, or on the DAG itself for one
   per failed run).
-* :func:`send_anomaly_alert` sends the anomalies of :mod:`callconv.anomalies`.
+* :func:`send_anomaly_alert` sends the anomalies of :mod:`callconv.monitoring.anomalies`.
 * :func:`check_anomalies` is the body of a DAG task: check the run, alert, record.
 
 Channels, by name in :attr:`AlertConfig.channels`:
@@ -42,7 +42,7 @@ from datetime import date
 from typing import Any
 from urllib.parse import quote
 
-from callconv.ads_client import PHONE_MASK, mask_phone_numbers
+from callconv.delivery.ads_client import PHONE_MASK, mask_phone_numbers
 
 log = logging.getLogger(__name__)
 
@@ -583,9 +583,9 @@ def check_anomalies(
     thresholds=None,
 ) -> dict:
     """DAG task body: check this run of the account's day, alert on anomalies, record them in run_summary."""
-    from callconv.anomalies import Thresholds, check_run
-    from callconv.intake import business_date_of
-    from callconv.reporting import record_stage
+    from callconv.intake.take_in import business_date_of
+    from callconv.monitoring.anomalies import Thresholds, check_run
+    from callconv.monitoring.reporting import record_stage
     from callconv.runtime import task_scope
 
     scope = task_scope(account_id, context, day)

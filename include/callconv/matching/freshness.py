@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 
-from callconv.match import as_utc
+from callconv.matching.match import as_utc
 from callconv.schema import call_logs
 
 log = logging.getLogger(__name__)

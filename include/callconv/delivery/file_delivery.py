@@ -3,7 +3,7 @@
 For an account with ``delivery: file``, Google Ads runs a *scheduled upload*
 that fetches one fixed file from an SFTP server on its own clock (daily, or
 every few hours). :func:`publish_day_file` renders that file in Google's
-template (:func:`callconv.conversion_file.render`) from the upload ledger and
+template (:func:`callconv.delivery.conversion_file.render`) from the upload ledger and
 publishes it through a :class:`Publisher`.
 
 **The file is cumulative.** It holds every ledger row of the account that is
@@ -42,7 +42,7 @@ too, and Google would refuse it (``EXPIRED_CALL``). Why repeating is safe:
 Google keys a call conversion on caller id, conversion date time and conversion
 action, and a second import of that key is a duplicate, not a new conversion.
 From its first publication a row's payload is frozen (``sent_at``; matching
-never rewrites it, :mod:`callconv.match`), so every file carries it byte for
+never rewrites it, :mod:`callconv.matching.match`), so every file carries it byte for
 byte the same. The price is a bigger file, holding up to ``lookback_days`` of
 conversions, and repeats that Google's upload report may list as duplicates.
 ``sent_payload`` stays null for rows delivered by file: it holds API request
@@ -104,7 +104,7 @@ from typing import Protocol
 import sqlalchemy as sa
 
 from callconv.config import Account
-from callconv.conversion_file import render
+from callconv.delivery.conversion_file import render
 from callconv.schema import CONVERSION_PAYLOAD, upload_ledger
 from callconv.warehouse import serialise
 

@@ -1,5 +1,5 @@
 """Send due ledger rows through the Data Manager API's ``events:ingest``, exactly as safely as
-:mod:`callconv.upload` sends through the Google Ads API.
+:mod:`callconv.delivery.upload` sends through the Google Ads API.
 
 The ledger protocol is upload.py's: rows are claimed in a transaction that commits before
 the send (``FOR UPDATE SKIP LOCKED``, a claim id in ``request_id``, a lease); the request
@@ -8,7 +8,7 @@ recorded after. A sender that died leaves a request in state ``sending`` whose l
 out: the next run resends its stored bytes, unchanged, and counts the resend (Google
 deduplicates call conversions after processing; there is no duplicate error on this path).
 
-The outcome of an accepted request is known later (:mod:`callconv.data_manager.settle`):
+The outcome of an accepted request is known later (:mod:`callconv.delivery.data_manager.settle`):
 its rows wait in state ``processing``.
 
 This module is deliberately separate from upload.py's claim/send code (see the package
@@ -27,9 +27,9 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-from callconv.data_manager.hashing import UnhashablePhone, hash_phone
+from callconv.delivery.data_manager.hashing import UnhashablePhone, hash_phone
+from callconv.delivery.upload import WRITE_CHUNK, due_rows_paged
 from callconv.schema import data_manager_requests, upload_ledger
-from callconv.upload import WRITE_CHUNK, due_rows_paged
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def request_body(account, action_id: str, events: list[dict], validate_only: boo
 
 def _claim(engine, account, rows, *, action_id, run_id, claim_id, now, lease, window_end) -> tuple[list, bytes]:
     """Claim still-due rows and freeze the request body, in one transaction committed before the send."""
-    from callconv.upload import _due  # the same 'due' as the Google Ads path, by import only
+    from callconv.delivery.upload import _due  # the same 'due' as the Google Ads path, by import only
 
     ledger = upload_ledger
     keys = [row.conversion_key for row in rows]

@@ -1,7 +1,7 @@
 """Files sealed with Tink's Streaming AEAD and bound to what they are (issue 13, hole 6).
 
 Why
-    The old hand-written format (``CCENC``, :mod:`callconv.crypto`) authenticated only its own
+    The old hand-written format (``CCENC``, :mod:`callconv.protection.crypto`) authenticated only its own
     header, so an encrypted file could be copied over another account's file, moved to another
     day or rolled back to an older copy, and it still decrypted. Here the format is Tink's
     Streaming AEAD (key template ``AES256_GCM_HKDF_1MB``: 1 MiB segments, each authenticated
@@ -32,19 +32,19 @@ Rollback
 Landing files
     The CRM writes the landing area, not the pipeline, so no counter covers it. A landing file is
     read as dropped: plaintext, or, if its name ends in ``.enc``, sealed by the exporter with
-    ``python -m callconv.sealed seal`` under class ``landing`` and generation 0. A landing file
+    ``python -m callconv.protection.sealed seal`` under class ``landing`` and generation 0. A landing file
     put back after it was taken in is recognised by its checksum (``crm_imports``) and skipped.
 
 Keys
     A Tink keyset (JSON keyset format) in the environment variable
     ``CALL_CONVERSIONS_ENCRYPTION_KEYS`` or the password of the Airflow connection named by
     ``encryption.keys_conn_id``. Rotation adds a new primary key to the keyset
-    (``python -m callconv.sealed rotate``); files written under older keys still decrypt while
+    (``python -m callconv.protection.sealed rotate``); files written under older keys still decrypt while
     those keys stay in the keyset. In production the keyset is wrapped by a Cloud KMS key
     (envelope encryption, see the README's data-protection section).
 
 Old files
-    Files in the old ``CCENC`` format are read only by ``python -m callconv.sealed migrate``,
+    Files in the old ``CCENC`` format are read only by ``python -m callconv.protection.sealed migrate``,
     which decrypts each with the old keyring (``CALL_CONVERSIONS_LEGACY_KEYS``) and rewrites it
     sealed and bound. A sealed reader never falls back to plaintext or to the old format.
 
@@ -74,7 +74,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from tink import cleartext_keyset_handle, secret_key_access, streaming_aead
 from tink.proto import tink_pb2
 
-from callconv.crypto import CryptoError, Keyring
+from callconv.protection.crypto import CryptoError, Keyring
 from callconv.schema import sealed_generations
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ def keyset_from_airflow(conn_id: str) -> tink.KeysetHandle | None:
     """The keyset in the connection's password; None if there is no such connection.
 
     With ``kms_key_uri`` in the connection's extras (production), the password holds the keyset
-    wrapped by that Cloud KMS key (``python -m callconv.sealed wrap``), unwrapped here; the
+    wrapped by that Cloud KMS key (``python -m callconv.protection.sealed wrap``), unwrapped here; the
     extras may name ``credentials_path``, else application-default credentials are used.
     Without it the password holds the plain JSON keyset. Airflow is imported here only.
     """
@@ -501,7 +501,7 @@ def migrate(root, account_id: str, data_class: str, handle, legacy_keyring, gene
     ``root`` is the class's storage root (``archive_uri`` and so on); the logical path of each
     file is its place under the account's folder, without ``.enc``. Files already sealed are left.
     """
-    from callconv.crypto import is_encrypted, open_decrypted
+    from callconv.protection.crypto import is_encrypted, open_decrypted
 
     moved = []
     folder = Path(root) / account_id
@@ -520,7 +520,7 @@ def migrate(root, account_id: str, data_class: str, handle, legacy_keyring, gene
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m callconv.sealed", description="Sealed files (README, data protection)"
+        prog="python -m callconv.protection.sealed", description="Sealed files (README, data protection)"
     )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("new-keyset", help="print a new AES256_GCM_HKDF_1MB keyset (JSON)")

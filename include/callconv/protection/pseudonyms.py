@@ -17,7 +17,7 @@ The key is the **pseudonym keyring**, the password of the Airflow connection
 New keys are made under the primary; its id is stored beside every key
 (``crm_sales.sale_key_id`` and ``conversion_key_id``, ``matches.conversion_key_id``,
 ``upload_ledger.conversion_key_id``; ``delivery_conflicts`` holds copies of keys whose
-ids are on the rows they name). ``python -m callconv.pseudonyms new-keyring
+ids are on the rows they name). ``python -m callconv.protection.pseudonyms new-keyring
 --key-id 2026-12`` prints a new keyring.
 
 It is not the retention key (``hmac_conn_id``): that one stays the same for years, since
@@ -68,7 +68,7 @@ KEY_BYTES = 32
 BLOCK_BYTES = 64  # SHA-256's block size: the HMAC key is padded to it
 KEY_ID = re.compile(r"^[A-Za-z0-9._-]{1,32}$")
 _SHAPE = '{"primary": "<key id>", "keys": {"<key id>": "<urlsafe base64 of 32 random bytes>"}}'
-_NEW_KEYRING_HINT = "make one with: python -m callconv.pseudonyms new-keyring --key-id <id>"
+_NEW_KEYRING_HINT = "make one with: python -m callconv.protection.pseudonyms new-keyring --key-id <id>"
 
 
 class PseudonymKeyError(ValueError):
@@ -292,7 +292,7 @@ def require_current(connection, account_id: str, keys: PseudonymKeys) -> None:
     if recorded != keys.primary.key_id:
         raise PseudonymKeyRotated(
             f"account {account_id!r}: its rows are keyed under pseudonym key {recorded!r} but the keyring's primary "
-            f"is {keys.primary.key_id!r}; re-key them first: python -m callconv.pseudonyms rekey --account "
+            f"is {keys.primary.key_id!r}; re-key them first: python -m callconv.protection.pseudonyms rekey --account "
             f"{account_id} (README, 'Rotating the pseudonym key')"
         )
 
@@ -611,7 +611,8 @@ def local_connection(path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m callconv.pseudonyms", description="Pseudonym keyrings and re-keying (README, data protection)"
+        prog="python -m callconv.protection.pseudonyms",
+        description="Pseudonym keyrings and re-keying (README, data protection)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     new = commands.add_parser("new-keyring", help="print a new keyring JSON with one random key")

@@ -21,9 +21,9 @@ GX never sees a phone number: it validates a frame in which ``caller_phone`` is
 reduced to a presence flag, so neither the Data Docs nor a validation result
 can contain one. The Data Docs do show sample values of other columns, so GX
 renders them into a private temporary folder and every file is stored
-encrypted (:func:`callconv.storage.store_tree`). Values are compared after trimming whitespace (currencies also
-upper-cased, as normalisation does); times and values are read by the
-normalisation stage's own parsers (see :mod:`callconv.validate_prepare`).
+encrypted (:func:`callconv.protection.storage.store_tree`). Values are compared after
+trimming whitespace (currencies also upper-cased, as normalisation does); times and values are read by the
+normalisation stage's own parsers (see :mod:`callconv.intake.validate_prepare`).
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from callconv.currencies import ISO_4217
-from callconv.validate_prepare import (
+from callconv.intake.currencies import ISO_4217
+from callconv.intake.validate_prepare import (
     CANONICAL_COLUMNS,
     CRM_ID_MAX_LENGTH,
     OPTIONAL_COLUMNS,
@@ -53,7 +53,7 @@ from callconv.validate_prepare import (
 
 if TYPE_CHECKING:
     from callconv.config import ValidationRules
-    from callconv.storage import Area, Sealer
+    from callconv.protection.storage import Area, Sealer
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def validate_extract(
     ``rules`` is a :class:`callconv.config.ValidationRules` (or anything with
     ``min_rows``, ``max_rows``, ``max_bad_row_share`` and ``expect_data``).
     With ``data_docs_dir`` set, GX Data Docs for this run are stored there (sealed with
-    ``sealer`` as files of ``docs_area``, see :func:`callconv.storage.store`), also when the extract is
+    ``sealer`` as files of ``docs_area``, see :func:`callconv.protection.storage.store`), also when the extract is
     rejected (the exception then carries ``data_docs_path``). The intake validates
     chunk by chunk with :class:`ExtractValidator` instead.
     """
@@ -456,7 +456,7 @@ class _GxRunner:
     """One ephemeral GX context per extract, with an optional Data Docs site.
 
     GX renders the site into a private temporary folder; :meth:`build_docs` then stores
-    every file of it under ``data_docs_dir`` through :func:`callconv.storage.store_tree`
+    every file of it under ``data_docs_dir`` through :func:`callconv.protection.storage.store_tree`
     (sealed when there is a sealer, bound to ``docs_area``), so the Data Docs, which show
     sample values, are never stored in plaintext. :meth:`close` removes the temporary folder.
     """
@@ -542,7 +542,7 @@ class _GxRunner:
         if self._render_dir is None:
             return None
         if self._docs_path is None:
-            from callconv.storage import Area, store_tree, stored_name
+            from callconv.protection.storage import Area, store_tree, stored_name
 
             self._context.build_data_docs(site_names=[_SITE_NAME])
             if not (self._render_dir / "index.html").is_file():

@@ -1,7 +1,7 @@
 """Stage 1: find and read one day's CRM extracts, as a stream.
 
 Files land under ``{landing_uri}/{account_id}/{YYYY-MM-DD}/`` as ``*.csv`` or
-``*.csv.gz``, in plaintext, or sealed by the exporter (``python -m callconv.sealed seal``,
+``*.csv.gz``, in plaintext, or sealed by the exporter (``python -m callconv.protection.sealed seal``,
 class ``landing``, generation 0) and then named ``*.enc``: the name decides, and a ``.enc``
 file that does not decrypt is refused, never read as plaintext. Each
 is read as text only (no cell is ever evaluated), its CRM column names mapped to
@@ -38,9 +38,8 @@ import pandas as pd
 import sqlalchemy as sa
 
 from callconv.config import CrmSource
-from callconv.schema import crm_imports
-from callconv.sealed import SealError
-from callconv.storage import (
+from callconv.protection.sealed import SealError
+from callconv.protection.storage import (
     Area,
     OutsideAccountFolder,
     Sealer,
@@ -49,6 +48,7 @@ from callconv.storage import (
     open_for_read,
     plain_name,
 )
+from callconv.schema import crm_imports
 
 log = logging.getLogger(__name__)
 

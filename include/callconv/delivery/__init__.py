@@ -1,0 +1,1 @@
+"""Stage 5: deliver conversions by the Google Ads API, the Data Manager API or an import file."""

@@ -1,0 +1,1 @@
+"""The data promises: keyed pseudonyms, sealed files, retention and redaction."""
