@@ -181,8 +181,9 @@ class DataManager(_Strict):
     """The Data Manager API, for accounts with delivery 'data_manager' (callconv.delivery.data_manager).
 
     ``conn_id``: an Airflow Google connection (service account, or authorised user with the
-    datamanager scope). ``api_endpoint``: empty for Google; the local sandbox in the demo and
-    the tests. ``batch_size``: events per ingest request (Google's limit is 2,000).
+    datamanager scope). ``api_endpoint``: empty for Google; the local sandbox in the tests (the
+    demo's sandbox is named by the connection instead, see callconv.delivery.data_manager.client).
+    ``batch_size``: events per ingest request (Google's limit is 2,000).
     ``quota_wait_minutes``: how long a request refused with 429 parks its rows.
     """
 

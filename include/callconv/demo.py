@@ -2,9 +2,11 @@
 
 ``python -m callconv.demo seed --date 2026-11-27`` fills the warehouse's call
 logs for the 30 days before that date and drops one CRM extract for the day in
-the landing area. ``python -m callconv.demo summary --date ...`` prints the
-outcome. ``run`` does both around an ``airflow dags test`` of the day (``make
-demo``); ``ui`` runs the day in a local Airflow (scheduler, api-server, FAB) instead (``make ui-demo``,
+the landing area, for each account in the config. ``python -m callconv.demo summary --date ...``
+prints the outcome. ``run`` does both around an ``airflow dags test`` of each account's day
+(``make demo``): the shipped config's first account uploads to the Google Ads sandbox, its
+second sends through the Data Manager sandbox (:mod:`callconv.demo_dm`). ``ui`` runs the first
+account's day in a local Airflow (scheduler, api-server, FAB) instead (``make ui-demo``,
 :mod:`callconv.demo_ui`). Every number comes from a seeded generator, so each seed is the same.
 """
 
@@ -15,6 +17,8 @@ import csv
 import io
 import os
 import random
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 
 import sqlalchemy as sa
@@ -22,29 +26,61 @@ import sqlalchemy as sa
 from callconv.config import Account, Settings, load_settings
 from callconv.schema import call_logs, crm_sales, quarantine, run_summary, upload_ledger
 
-# National and international ways a Norwegian CRM and switchboard write numbers.
-WRITTEN_FORMS = (
-    lambda n: f"+47 {n[:3]} {n[3:5]} {n[5:]}",
-    lambda n: f"0047{n}",
-    lambda n: f"{n[:3]} {n[3:5]} {n[5:]}",
-    lambda n: f"(+47) {n[:2]}.{n[2:4]}.{n[4:6]}.{n[6:]}",
-    lambda n: f"+47-{n}",
-)
+
+@dataclass(frozen=True)
+class Region:
+    """How a country's CRM and switchboard write its mobile numbers, for one demo account's data."""
+
+    forms: tuple[Callable[[str], str], ...]  # written forms of a national significant number
+    mobile: Callable[[random.Random], str]  # a candidate mobile number, national significant
+    dialled: str  # the shop's own number, which the calls went to
+    bad: tuple[str, str, str, str]  # the bad rows' numbers: unreadable time, unknown outcome, negative, unknown
 
 
-def _callers(rng: random.Random, count: int) -> list[str]:
-    """Valid Norwegian mobile numbers, as national significant numbers."""
+REGIONS = {
+    # National and international ways a Norwegian CRM and switchboard write numbers.
+    "NO": Region(
+        forms=(
+            lambda n: f"+47 {n[:3]} {n[3:5]} {n[5:]}",
+            lambda n: f"0047{n}",
+            lambda n: f"{n[:3]} {n[3:5]} {n[5:]}",
+            lambda n: f"(+47) {n[:2]}.{n[2:4]}.{n[4:6]}.{n[6:]}",
+            lambda n: f"+47-{n}",
+        ),
+        mobile=lambda rng: f"{rng.choice('49')}{rng.randrange(10**6, 10**7):07d}",
+        dialled="+4721000000",
+        bad=("+47 400 00 000", "+47 400 00 001", "+47 912 00 000", "+47 915 55 555"),
+    ),
+    # And Swedish ones: the trunk 0 nationally, 070-123 45 67 as Swedes write it.
+    "SE": Region(
+        forms=(
+            lambda n: f"+46 {n[:2]} {n[2:5]} {n[5:7]} {n[7:]}",
+            lambda n: f"0046{n}",
+            lambda n: f"0{n[:2]}-{n[2:5]} {n[5:7]} {n[7:]}",
+            lambda n: f"0{n}",
+            lambda n: f"+46{n}",
+        ),
+        mobile=lambda rng: f"7{rng.choice('02369')}{rng.randrange(10**7):07d}",
+        dialled="+46812000000",
+        bad=("+46 70 000 00 00", "+46 70 000 00 01", "+46 70 912 00 00", "+46 70 915 55 55"),
+    ),
+}
+WRITTEN_FORMS = REGIONS["NO"].forms
+
+
+def _callers(rng: random.Random, count: int, region: str = "NO") -> list[str]:
+    """Valid mobile numbers of the region, as national significant numbers."""
     import phonenumbers
 
     callers: list[str] = []
     while len(callers) < count:
-        candidate = f"{rng.choice('49')}{rng.randrange(10**6, 10**7):07d}"
-        if phonenumbers.is_valid_number(phonenumbers.parse(candidate, "NO")):
+        candidate = REGIONS[region].mobile(rng)
+        if phonenumbers.is_valid_number(phonenumbers.parse(candidate, region)):
             callers.append(candidate)
     return callers
 
 
-def make_call_logs(account: Account, business_date: date, seed_value: int, callers: list[str]) -> list[dict]:
+def make_call_logs(account: Account, business_date: date, seed_value: int | str, callers: list[str]) -> list[dict]:
     """About 40 calls a day over the match window, a fifth of them not forwarded.
 
     Each day's calls come from a generator seeded by that day alone, so a call id
@@ -52,6 +88,7 @@ def make_call_logs(account: Account, business_date: date, seed_value: int, calle
     day adds calls, it never gives an existing call id another caller.
     """
     tz = account.tz
+    region = REGIONS[account.default_region]
     rows = []
     for day_offset in range(30, -1, -1):
         day = business_date - timedelta(days=day_offset)
@@ -62,10 +99,10 @@ def make_call_logs(account: Account, business_date: date, seed_value: int, calle
                 {
                     "account_id": account.id,
                     "source_call_id": f"call-{day:%Y%m%d}-{index:03d}",
-                    "caller_number": rng.choice(WRITTEN_FORMS)(rng.choice(callers)),
+                    "caller_number": rng.choice(region.forms)(rng.choice(callers)),
                     "call_start": local.replace(tzinfo=tz).astimezone(UTC),
                     "duration_seconds": rng.choice((12, 45, 95, 180, 420, 900)),
-                    "dialled_number": "+4721000000",
+                    "dialled_number": region.dialled,
                     "via_google_forwarding": rng.random() < 0.8,
                 }
             )
@@ -86,6 +123,8 @@ def make_crm_extract(settings: Settings, account: Account, business_date: date, 
         columns.currency,
     ]
     tz = account.tz
+    region = REGIONS[account.default_region]
+    currency = account.default_currency
     day_start = datetime.combine(business_date, time(0), tzinfo=tz)
     recent = [c for c in calls if c["call_start"] >= (day_start - timedelta(days=7)).astimezone(UTC)]
     out = io.StringIO()
@@ -104,39 +143,53 @@ def make_crm_extract(settings: Settings, account: Account, business_date: date, 
         writer.writerow(
             [
                 f"S-{business_date:%Y%m%d}-{case}",  # a deal id of its own day: another day never reuses it
-                rng.choice(WRITTEN_FORMS)(_digits(call["caller_number"])),
+                rng.choice(region.forms)(_national(call["caller_number"], account.default_region)),
                 start_local.strftime("%Y-%m-%d %H:%M:%S") if rng.random() < 0.5 else "",
                 sold_at.strftime("%Y-%m-%d %H:%M:%S"),
                 rng.choice(("sale", "sale", "upsell")),
                 amount,
-                rng.choice(("NOK", "", "nok")),
+                rng.choice((currency, "", currency.lower())),
             ]
         )
     noon = f"{business_date} 12:00:00"
     bad = f"S-{business_date:%Y%m%d}"
-    writer.writerow([f"{bad}-{case + 1}", "12", "", noon, "sale", "100,00", "NOK"])  # too short a number
-    writer.writerow([f"{bad}-{case + 2}", "+47 400 00 000", "", "yesterday", "sale", "", ""])  # unreadable time
-    writer.writerow([f"{bad}-{case + 3}", "+47 400 00 001", "", noon, "refund", "", ""])  # unknown outcome
-    writer.writerow([f"{bad}-{case + 4}", "+47 912 00 000", "", noon, "sale", "-50,00", "NOK"])  # negative value
-    writer.writerow([f"{bad}-{case + 5}", "+47 915 55 555", "", noon, "sale", "990,00", "NOK"])  # no such caller
+    late, refund, negative, stranger = region.bad
+    writer.writerow([f"{bad}-{case + 1}", "12", "", noon, "sale", "100,00", currency])  # too short a number
+    writer.writerow([f"{bad}-{case + 2}", late, "", "yesterday", "sale", "", ""])  # unreadable time
+    writer.writerow([f"{bad}-{case + 3}", refund, "", noon, "refund", "", ""])  # unknown outcome
+    writer.writerow([f"{bad}-{case + 4}", negative, "", noon, "sale", "-50,00", currency])  # negative value
+    writer.writerow([f"{bad}-{case + 5}", stranger, "", noon, "sale", "990,00", currency])  # no such caller
     return out.getvalue().encode("utf-8-sig")
 
 
-def _digits(written: str) -> str:
-    digits = "".join(ch for ch in written if ch.isdigit())
-    return digits[-8:]
+def _national(written: str, region: str) -> str:
+    """The national significant number of a number as the switchboard wrote it."""
+    import phonenumbers
+
+    return str(phonenumbers.parse(written, region).national_number)
 
 
-def seed(engine: sa.Engine, settings: Settings, landing_root, business_date: date, seed_value: int = 7) -> dict:
-    """Add the demo account's call logs for the day's window and drop the day's CRM extract.
+def seed(
+    engine: sa.Engine,
+    settings: Settings,
+    landing_root,
+    business_date: date,
+    seed_value: int = 7,
+    account: Account | None = None,
+) -> dict:
+    """Add a demo account's call logs for the day's window and drop the day's CRM extract.
 
-    Idempotent, and safe for any day in any order: calls already there are kept as they
-    are (normalised or not), only missing ones are added.
+    The account is the config's first unless named. Idempotent, and safe for any day in any
+    order: calls already there are kept as they are (normalised or not), only missing ones are added.
     """
-    account = settings.accounts[0]
-    callers = _callers(random.Random(seed_value), 120)
-    calls = make_call_logs(account, business_date, seed_value, callers)
-    rng = random.Random(f"{seed_value}-crm-{business_date.isoformat()}")
+    account = account or settings.accounts[0]
+    # The first account keeps the plain seed (its demo data is what it always was); any other
+    # adds its id, so its calls and deals are its own.
+    first = account.id == settings.accounts[0].id
+    key = str(seed_value) if first else f"{seed_value}-{account.id}"
+    callers = _callers(random.Random(seed_value if first else key), 120, account.default_region)
+    calls = make_call_logs(account, business_date, key, callers)
+    rng = random.Random(f"{key}-crm-{business_date.isoformat()}")
     with engine.begin() as connection:
         known = set(
             connection.scalars(
@@ -165,12 +218,12 @@ def _sandbox(settings: Settings, business_date: date, cert_dir):
 
 
 def start_sandbox(settings: Settings, calls: list[dict], business_date: date, cert_dir):
-    """The sandbox, knowing the seeded forwarded calls."""
+    """The sandbox, knowing the seeded forwarded calls (of any account: each in its own region)."""
     from callconv.intake.normalise import normalise_phone
 
-    account = settings.accounts[0]
+    regions = {account.id: account.default_region for account in settings.accounts}
     forwarded = [
-        (normalise_phone(call["caller_number"], account.default_region)[0], call["call_start"])
+        (normalise_phone(call["caller_number"], regions[call["account_id"]])[0], call["call_start"])
         for call in calls
         if call["via_google_forwarding"]
     ]
@@ -192,13 +245,16 @@ def start_sandbox_from_warehouse(settings: Settings, engine: sa.Engine, business
     return sandbox.start(), loaded
 
 
+DELIVERIES = {"api": "the Google Ads API", "data_manager": "the Data Manager API", "file": "a file over SFTP"}
+
+
 def run(settings: Settings, warehouse_url: str, business_date: date, log_path) -> int:
-    """Seed the day, serve the sandbox, run the import DAG through Airflow, print what happened."""
+    """Seed the day of every account, serve the sandboxes, run each account's import DAG
+    through Airflow (one ``airflow dags test`` each, in config order), print what happened."""
     import json
     import os
-    import subprocess
-    import sys
 
+    from callconv import demo_dm
     from callconv.config import PROJECT_ROOT
     from callconv.delivery.ads_client import SSL_ROOTS_ENV_VAR
     from callconv.protection.pseudonyms import local_connection
@@ -211,11 +267,15 @@ def run(settings: Settings, warehouse_url: str, business_date: date, log_path) -
         os.environ[pseudonym_env] = local_connection(PROJECT_ROOT / "var" / "demo-pseudonym-keyring.json")
     migrate(warehouse_url)
     engine = create_engine(warehouse_url)
-    account = settings.accounts[0]
-    landing = storage_root(settings.crm_source_for(account).landing_uri, settings)
-    seeded = seed(engine, settings, landing, business_date)
-    print(f"Seeded {seeded['call_logs']} call-log rows and one CRM extract for {account.id}, {business_date}")
-    sandbox = start_sandbox(settings, seeded["calls"], business_date, PROJECT_ROOT / "var" / "sandbox")
+    calls: dict[str, list[dict]] = {}
+    for account in settings.accounts:
+        landing = storage_root(settings.crm_source_for(account).landing_uri, settings)
+        seeded = seed(engine, settings, landing, business_date, account=account)
+        calls[account.id] = seeded["calls"]
+        print(f"Seeded {seeded['call_logs']} call-log rows and one CRM extract for {account.id}, {business_date}")
+    cert_dir = PROJECT_ROOT / "var" / "sandbox"
+    ads_calls = [call for a in settings.accounts if a.delivery == "api" for call in calls[a.id]]
+    sandbox = start_sandbox(settings, ads_calls, business_date, cert_dir)
     print(f"Google Ads sandbox serving on {sandbox.endpoint} (TLS, test certificate)")
     env = {
         **os.environ,
@@ -224,20 +284,47 @@ def run(settings: Settings, warehouse_url: str, business_date: date, log_path) -
             {"conn_type": "google_ads", "extra": {"sandbox": True, **sandbox.client_settings()}}
         ),
     }
+    dm = None
+    code = 0
+    open(log_path, "w").close()  # one log for the day's runs, each appended
+    try:
+        if any(account.delivery == "data_manager" for account in settings.accounts):
+            dm = demo_dm.start(settings, engine, cert_dir)
+            env[f"AIRFLOW_CONN_{settings.data_manager.conn_id.upper()}"] = dm.connection()
+            print(f"Data Manager sandbox serving on {dm.endpoint} (HTTPS, test certificate)")
+        for account in settings.accounts:
+            if account.delivery == "file":
+                print(f"Skipping {account.id}: delivery 'file' needs an SFTP server, which the demo does not start")
+                continue
+            code = _dags_test(account, business_date, env, log_path)
+            print(summary(engine, account, business_date))
+            if account.delivery == "api":
+                print(f"  sandbox holds:      {len(sandbox.accepted(account.customer_id))} accepted conversions")
+            elif code == 0:
+                print("\n".join(demo_dm.after_run(engine, account, business_date, dm)))
+            if code != 0:
+                print(f"The Airflow run of {account.id} failed; see {log_path}")
+                break
+    finally:
+        sandbox.stop()
+        if dm is not None:
+            dm.stop()
+        engine.dispose()
+    return code
+
+
+def _dags_test(account: Account, business_date: date, env: dict, log_path) -> int:
+    """``airflow dags test`` of the account's import DAG for the day, its output appended to the log."""
+    import subprocess
+    import sys
+
     run_after = (business_date + timedelta(days=1)).isoformat()
     command = [sys.executable, "-m", "airflow", "dags", "test", f"call_conversions_import__{account.id}", run_after]
     print(f"Running {' '.join(command[2:])} (log: {log_path})", flush=True)
-    try:
-        with open(log_path, "w") as log_file:
-            result = subprocess.run(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, check=False)
-    finally:
-        accepted = len(sandbox.accepted())
-        sandbox.stop()
-    print(summary(engine, account, business_date))
-    print(f"  sandbox holds:      {accepted} accepted conversions")
-    if result.returncode != 0:
-        print(f"The Airflow run failed; see {log_path}")
-    return result.returncode
+    with open(log_path, "a") as log_file:
+        log_file.write(f"===== {' '.join(command[2:])}\n")
+        log_file.flush()
+        return subprocess.run(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, check=False).returncode
 
 
 def summary(engine: sa.Engine, account: Account, business_date: date) -> str:
@@ -268,7 +355,8 @@ def summary(engine: sa.Engine, account: Account, business_date: date) -> str:
             .order_by(run_summary.c.updated_at.desc())
         ).first()
     lines = [
-        f"Account {account.id}, day {business_date} ({account.timezone})",
+        f"Account {account.id}, day {business_date} ({account.timezone}), through "
+        f"{DELIVERIES.get(account.delivery, account.delivery)}",
         f"  sales normalised:   {sales}",
         f"  quarantined:        {dict(sorted(quarantined))}",
         f"  matched to a call:  {matched}",
@@ -304,6 +392,17 @@ def _this_run(counts: dict) -> list[str]:
             f"  this run uploaded:  sent {upload['sent']}, accepted {upload['accepted']}, "
             f"already existed {upload['already_existed']}, parked {upload['parked']}, failed {upload['failed']}"
         )
+    dm = counts.get("data_manager") or {}
+    if "sent" in dm:
+        settled = dm.get("settled") or {}
+        first = [f"{state} {settled[state]}" for state in ("delivered", "failed", "parked") if settled.get(state)]
+        if settled.get("still_processing"):
+            first.append(f"{settled['still_processing']} request(s) still processing")
+        lines.append(
+            f"  this run sent:      {dm['sent']} events in {dm['requests']} ingest request(s) through the Data "
+            f"Manager API (resent requests {dm.get('resent_requests', 0)}, refused {dm.get('failed') or {}}, "
+            f"parked {dm.get('parked', 0)}); it settled earlier requests first: {', '.join(first) or 'none waited'}"
+        )
     return lines
 
 
@@ -336,12 +435,13 @@ def main(argv: list[str] | None = None) -> None:
         var_dir = Path(args.var_dir).resolve() if args.var_dir else PROJECT_ROOT / "var"
         raise SystemExit(run_ui(settings, args.warehouse_url, args.date, var_dir, args.port))
     engine = create_engine(args.warehouse_url)
-    if args.command == "seed":
-        landing = storage_root(settings.crm_source_for(settings.accounts[0]).landing_uri, settings)
-        result = seed(engine, settings, landing, args.date)
-        print(f"Seeded {result['call_logs']} call-log rows and one CRM extract for {result['account']}, {args.date}")
-    else:
-        print(summary(engine, settings.accounts[0], args.date))
+    for account in settings.accounts:
+        if args.command == "seed":
+            landing = storage_root(settings.crm_source_for(account).landing_uri, settings)
+            result = seed(engine, settings, landing, args.date, account=account)
+            print(f"Seeded {result['call_logs']} call-log rows and one CRM extract for {account.id}, {args.date}")
+        else:
+            print(summary(engine, account, args.date))
 
 
 if __name__ == "__main__":

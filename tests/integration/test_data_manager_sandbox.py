@@ -153,3 +153,26 @@ def test_lost_response_still_records_the_request(sandbox):
         for _ in range(2):
             api.requestStatus().retrieve(requestId=request_id).execute()
     assert answer["requestId"] in box.requests and len(box.accepted) == 1 and box.duplicates == 1
+
+
+def test_a_sandbox_started_again_resumes_a_request_the_warehouse_still_waits_on(sandbox, tmp_path):
+    """The demo's next day starts a new sandbox: it must answer requestStatus for a request an
+    earlier one took (from the stored body), or that day's settle would meet NOT_FOUND."""
+    box, endpoint = sandbox
+    body = request([event()])
+    taken = service(box, endpoint).events().ingest(body=body).execute()["requestId"]
+    again = DataManagerSandbox([DmAction(CUSTOMER, ACTION)], cert_dir=tmp_path / "certs")
+    again_endpoint = again.start()
+    try:
+        api = service(again, again_endpoint)
+        with pytest.raises(HttpError) as unknown:
+            api.requestStatus().retrieve(requestId="never-taken").execute()
+        assert unknown.value.resp.status == 404
+        again.resume(taken, json.loads(json.dumps(body)))
+        states = [
+            api.requestStatus().retrieve(requestId=taken).execute()["requestStatusPerDestination"][0]["requestStatus"]
+            for _ in range(2)
+        ]
+        assert states == ["PROCESSING", "SUCCESS"] and len(again.accepted) == 1
+    finally:
+        again.stop()

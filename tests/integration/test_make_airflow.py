@@ -32,7 +32,12 @@ pytestmark = pytest.mark.integration
 # Migrating a fresh SQLite metadata DB and starting four components takes a minute or two
 # on a loaded 2-core machine; this is a bound on waiting, not a timing assertion.
 START_SECONDS = 240
-PROJECT_DAGS = {"call_conversions_import__nordic_plumbing", "call_conversions_rerun", "call_conversions_retention"}
+PROJECT_DAGS = {
+    "call_conversions_import__nordic_plumbing",
+    "call_conversions_import__svea_heat_pumps",
+    "call_conversions_rerun",
+    "call_conversions_retention",
+}
 COMPONENTS = ("metadatabase", "scheduler", "triggerer", "dag_processor")
 NO_AIRFLOW_ON_PATH = "No such file or directory: 'airflow'"
 TEAM_ROLE = "plumbing_team"
@@ -183,6 +188,7 @@ def test_make_airflow_serves_a_healthy_ui_with_login_and_the_project_dags(tmp_pa
         assert status == 200, role
         granted = {(item["action"]["name"], item["resource"]["name"]) for item in role["actions"]}
         assert ("can_read", "DAG:call_conversions_import__nordic_plumbing") in granted, granted
+        assert ("can_read", "DAG:call_conversions_import__svea_heat_pumps") not in granted  # the other account's
         assert {("can_read", "Task Logs"), ("can_read", "XComs")} <= granted
         assert ("can_read", "DAGs") not in granted and ("can_edit", "DAGs") not in granted
     finally:

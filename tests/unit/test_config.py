@@ -19,6 +19,7 @@ from callconv.config import (
 )
 
 ACCOUNT = "nordic_plumbing"
+DM_ACCOUNT = "svea_heat_pumps"  # the shipped second demo account, on the Data Manager path
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,8 @@ def test_shipped_config_loads_with_its_values():
     assert settings.retention.days("landing") == 90
 
     account = settings.account(ACCOUNT)
-    assert [a.id for a in settings.accounts] == [ACCOUNT]
+    assert [a.id for a in settings.accounts] == [ACCOUNT, DM_ACCOUNT]
+    assert account.delivery == "api"
     assert account.customer_id == "1234567890"  # dashes dropped
     assert account.timezone == "Europe/Oslo"
     assert str(account.tz) == "Europe/Oslo"
@@ -85,9 +87,29 @@ def test_shipped_config_loads_with_its_values():
     assert settings.match_window(account).days == 30
 
 
+def test_shipped_second_account_delivers_through_the_data_manager_api():
+    settings = load_settings(DEFAULT_CONFIG_PATH)
+    account = settings.account(DM_ACCOUNT)
+    assert account.delivery == "data_manager"
+    assert (account.timezone, account.default_region, account.default_currency) == ("Europe/Stockholm", "SE", "SEK")
+    assert account.customer_id == "2345678901"
+    assert {key: a.id for key, a in account.conversion_actions.items()} == {"sale": "555000333", "upsell": "555000444"}
+    assert settings.data_manager.conn_id == "google_data_manager" and settings.data_manager.api_endpoint is None
+    # Its CRM's own column names over the deployment's; the file format is the deployment's.
+    source = settings.crm_source_for(account)
+    assert (source.columns.conversion_time, source.columns.value, source.columns.crm_id) == (
+        "Försäljningstid",
+        "Belopp",
+        "Ärende",
+    )
+    assert (source.delimiter, source.decimal, source.landing_uri) == (";", ",", settings.crm_source.landing_uri)
+
+
 def test_unknown_account_names_the_configured_ones():
     settings = load_settings(DEFAULT_CONFIG_PATH)
-    with pytest.raises(ConfigError, match=r"unknown account 'acme'; configured accounts: nordic_plumbing"):
+    with pytest.raises(
+        ConfigError, match=r"unknown account 'acme'; configured accounts: nordic_plumbing, svea_heat_pumps$"
+    ):
         settings.account("acme")
 
 
@@ -311,7 +333,7 @@ def test_env_var_points_at_the_file(tmp_path, monkeypatch, shipped_raw):
 
     assert config_path() == path
     settings = load_settings()
-    assert [a.id for a in settings.accounts] == ["acme"]
+    assert [a.id for a in settings.accounts] == ["acme", DM_ACCOUNT]  # the first renamed, the second as shipped
     assert settings.account("acme").timezone == "America/New_York"
     assert settings.account("acme").default_currency == "USD"
 

@@ -198,6 +198,16 @@ class DataManagerSandbox:
             self.requests[request_id] = _Request(request_id, destination, events)
         return {"requestId": request_id}
 
+    def resume(self, request_id: str, body: dict) -> None:
+        """Know a request an earlier run of the sandbox took (its id and its stored body).
+
+        Why: Google keeps a request's status after the ingest; a sandbox started again (the
+        demo's next day) must answer ``requestStatus`` for what the warehouse still waits on.
+        """
+        destination = self._check_destination(body)
+        with self._lock:
+            self.requests.setdefault(request_id, _Request(request_id, destination, body.get("events") or []))
+
     def _process(self, request: _Request) -> None:
         """What Google does between the ingest and a final status: fail, deduplicate, count."""
         counts: dict[str, list[int]] = {}

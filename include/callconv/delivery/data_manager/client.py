@@ -57,13 +57,17 @@ def service_from_airflow_connection(conn_id: str, api_endpoint: str | None = Non
     A connection whose extra has ``access_token`` (the sandbox's bearer token) and
     optionally ``ca_certs`` uses that token; any other is read by the Google provider's
     hook (service account key or authorised user), asking for the datamanager scope.
+    Such a token connection may also name its ``api_endpoint`` (the demo's sandbox listens
+    on a port chosen at start, so the connection points at it, as the Google Ads one does);
+    ``api_endpoint`` given here, from the config, wins.
     """
     from airflow.sdk import BaseHook
 
     connection = BaseHook.get_connection(conn_id)
     extra = connection.extra_dejson
     if extra.get("access_token"):
-        return build_service(token_credentials(extra["access_token"]), api_endpoint, extra.get("ca_certs"))
+        endpoint = api_endpoint or extra.get("api_endpoint")
+        return build_service(token_credentials(extra["access_token"]), endpoint, extra.get("ca_certs"))
     from airflow.providers.google.common.hooks.base_google import GoogleBaseHook
 
     hook = GoogleBaseHook(gcp_conn_id=conn_id)
