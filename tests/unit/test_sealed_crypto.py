@@ -265,3 +265,36 @@ def test_module_does_not_import_airflow():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_the_cloud_kms_key_is_tinks_gcp_kms_aead_built_offline(tmp_path):
+    """Production's path: the README's kms_key_uri and credentials_path give Tink's GCP KMS AEAD.
+
+    Building it reads the service-account file and reaches no network (the first encrypt or
+    decrypt would call KMS); a wrong URI is refused before any call.
+    """
+    import json
+
+    import tink
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    account = {
+        "type": "service_account",
+        "project_id": "p",
+        "private_key_id": "k",
+        "private_key": private.decode(),
+        "client_email": "workers@p.iam.gserviceaccount.com",
+        "client_id": "1",
+        "token_uri": "https://oauth2.googleapis.com/token",
+    }
+    credentials = tmp_path / "workers.json"
+    credentials.write_text(json.dumps(account))
+    uri = "gcp-kms://projects/p/locations/global/keyRings/r/cryptoKeys/k"
+    aead = sealed.kms_aead(uri, str(credentials))
+    assert type(aead).__module__.startswith("tink.integration.gcpkms")
+    with pytest.raises(tink.TinkError):
+        sealed.kms_aead("aws-kms://arn:aws:kms:eu-west-1:1:key/k", str(credentials))
