@@ -39,6 +39,7 @@ from callconv.protection.storage import check_in_account
 from callconv.schema import (
     call_logs,
     crm_sales,
+    data_manager_requests,
     delivery_conflicts,
     matches,
     quarantine,
@@ -170,6 +171,7 @@ def redact_warehouse(
     redacted = _redact_expired_calls(engine, scope, batch_size)
     redacted += _redact_leftovers(engine, scope, batch_size)
     redacted += _redact_unused_calls(engine, scope, batch_size)
+    redacted += _purge_request_bodies(engine, scope, _day_end(account, hard_last_day))
     log.info(
         "retention: warehouse for %s: %d rows redacted up to %s (call logs: %s), %d waiting conversions given up",
         account.id,
@@ -185,6 +187,33 @@ def redact_warehouse(
             account.id,
         )
     return Purge("warehouse", account.id, last_day, redacted, forced)
+
+
+# A Data Manager request still needed: its bytes are resent after a crash ('sending'), or its
+# status is still to be settled ('processing').
+OPEN_REQUEST_STATES = ("sending", "processing")
+
+
+def _purge_request_bodies(engine: sa.Engine, scope: _Scope, hard_before: datetime) -> int:
+    """Delete the account's Data Manager requests sent before the window's end, once settled.
+
+    A request's stored body holds each caller as the SHA-256 of the number that Google's
+    format asks for: an unkeyed hash, which a brute force over a country's numbering plan
+    reverses. Kept only while the request may still be resent or settled, and never past
+    the hard maximum.
+    """
+    requests = data_manager_requests
+    with engine.begin() as connection:
+        deleted = connection.execute(
+            requests.delete().where(
+                requests.c.account_id == scope.account_id,
+                requests.c.sent_at < scope.before,
+                sa.or_(requests.c.state.not_in(OPEN_REQUEST_STATES), requests.c.sent_at < hard_before),
+            )
+        ).rowcount
+    if deleted:
+        log.info("retention: %d Data Manager request bodies of %s deleted", deleted, scope.account_id)
+    return deleted
 
 
 REDACTED_CALL_ID = "redacted"
