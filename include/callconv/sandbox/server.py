@@ -426,6 +426,12 @@ class SandboxServer:
             rows = list(self._accepted.values())
         return [r for r in rows if customer_id is None or r.customer_id == customer_id]
 
+    def uploads(self) -> list[dict]:
+        """The logged upload requests that could record conversions: those with ``validate_only``
+        (a preflight's synthetic conversion, a dry run) are left out."""
+        with self._lock:
+            return [request for request in self.requests if not request["validate_only"]]
+
     def in_flight(self) -> int:
         """Requests being served right now (a client killed mid-request leaves its request here)."""
         with self._lock:
