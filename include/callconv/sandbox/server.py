@@ -710,10 +710,11 @@ class SandboxServer:
                 resource.id = int(action.id)
             if "conversion_action.name" in fields:
                 resource.name = action.name
+            # A type or status Google does not have (a test's "PAUSED") reads as UNKNOWN, as from a newer API.
             if "conversion_action.type" in fields:
-                resource.type_ = getattr(t.ActionType, action.type)
+                resource.type_ = getattr(t.ActionType, action.type, t.ActionType.UNKNOWN)
             if "conversion_action.status" in fields:
-                resource.status = getattr(t.ActionStatus, action.status)
+                resource.status = getattr(t.ActionStatus, action.status, t.ActionStatus.UNKNOWN)
             rows.append(t.Row(conversion_action=resource))
         return t.SearchResponse(results=rows, field_mask=field_mask_pb2.FieldMask(paths=fields))
 
