@@ -49,6 +49,7 @@ SYNTHETIC_CALL_ANSWERS = frozenset(
         "TOO_RECENT_CONVERSION_ACTION",
     }
 )
+ACTION_FIX = "each configured action must exist in the customer, be of type UPLOAD_CALLS and ENABLED"
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ def _ads_request_problem(account: Account, error: BaseException, conn_id: str, s
                 + (f" and login_customer_id {account.login_customer_id}" if account.login_customer_id else ""),
             )
         if name in ACTION_CONFIG_ERRORS:
-            return Verdict(account.id, f"Google Ads refused the conversion action ({name}) at the {step}")
+            return Verdict(account.id, f"Google Ads refused the conversion action at the {step} ({name}): {ACTION_FIX}")
         if error_category(item) in ("authentication_error", "authorization_error"):
             return Verdict(
                 account.id,
@@ -176,7 +177,7 @@ def action_problems(account: Account, found: dict[str, tuple[str, str]]) -> list
 def check_api(account: Account, client, now: datetime, conn_id: str = "google_ads_default") -> Verdict:
     """The customer's actions through GAQL, then one synthetic conversion with ``validate_only``."""
     from callconv.ads_client import decode_partial_failure, get_search_service, get_upload_service
-    from callconv.upload import format_ads_time
+    from callconv.upload import ACTION_CONFIG_ERRORS, format_ads_time
 
     try:
         search = get_search_service(client, account.login_customer_id)
@@ -212,7 +213,11 @@ def check_api(account: Account, client, now: datetime, conn_id: str = "google_ad
         return _ads_request_problem(account, error, conn_id, "validate_only upload")
     refused = sorted({code for code, _ in decode_partial_failure(client, response).values()} - SYNTHETIC_CALL_ANSWERS)
     if refused:
-        return Verdict(account.id, f"Google Ads refused a validate_only test conversion ({', '.join(refused)})")
+        where = f"conversion action {action.id} ({action.name})"
+        fix = ACTION_FIX if set(refused) & ACTION_CONFIG_ERRORS else f"check {where} and customer {_customer(account)}"
+        return Verdict(
+            account.id, f"Google Ads refused a validate_only test conversion for {where} ({', '.join(refused)}): {fix}"
+        )
     return Verdict(account.id)
 
 
@@ -252,7 +257,7 @@ def _dm_problem(account: Account, action, error: BaseException, conn_id: str) ->
         return Verdict(
             account.id,
             f"the Data Manager API refused conversion action {action.id} ({action.name}) "
-            "(INVALID_CONVERSION_ACTION_ID): it must exist in the customer, be of type UPLOAD_CALLS and ENABLED",
+            f"(INVALID_CONVERSION_ACTION_ID): {ACTION_FIX}",
         )
     if status in (401, 403):
         return Verdict(
