@@ -349,12 +349,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m callconv.preflight", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="pipeline config file (default: CALL_CONVERSIONS_CONFIG)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    # The verdicts say what went wrong; the google-ads library's own lines about each refused
-    # request would only repeat them between the lines.
-    from callconv.ads_client import LIBRARY_LOGGER
-
-    logging.getLogger(LIBRARY_LOGGER).setLevel(logging.ERROR)
     try:
         settings = load_settings(args.config)
     except ConfigError as error:
@@ -367,5 +361,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(verdict.ok for verdict in verdicts) else 1
 
 
+def _quiet_logging() -> None:
+    """The command's own logging: the verdicts say what went wrong, so the google-ads library's
+    lines about each refused request would only repeat them between the lines."""
+    from callconv.ads_client import LIBRARY_LOGGER
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    logging.getLogger(LIBRARY_LOGGER).setLevel(logging.ERROR)
+
+
 if __name__ == "__main__":
+    _quiet_logging()
     sys.exit(main())
