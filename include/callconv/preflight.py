@@ -75,7 +75,7 @@ def _customer(account: Account) -> str:
 
 
 def _first_line(error: BaseException) -> str:
-    from callconv.ads_client import mask_phone_numbers
+    from callconv.delivery.ads_client import mask_phone_numbers
 
     text = (str(error).strip().splitlines() or [""])[0][:200]
     return mask_phone_numbers(f"{type(error).__name__}: {text}" if text else type(error).__name__)
@@ -109,8 +109,8 @@ def _ads_request_problem(account: Account, error: BaseException, conn_id: str, s
     """A Google Ads RPC failure as a verdict: an outage, or one line saying what to fix."""
     import grpc
 
-    from callconv.ads_client import access_problem, error_category, error_code_name
-    from callconv.upload import ACTION_CONFIG_ERRORS, CUSTOMER_CONFIG_ERRORS, TRANSIENT_STATUS, status_code
+    from callconv.delivery.ads_client import access_problem, error_category, error_code_name
+    from callconv.delivery.upload import ACTION_CONFIG_ERRORS, CUSTOMER_CONFIG_ERRORS, TRANSIENT_STATUS, status_code
 
     if _credentials_refused(error):
         return _missing_credentials(account, conn_id, "Google Ads", error)
@@ -176,8 +176,8 @@ def action_problems(account: Account, found: dict[str, tuple[str, str]]) -> list
 
 def check_api(account: Account, client, now: datetime, conn_id: str = "google_ads_default") -> Verdict:
     """The customer's actions through GAQL, then one synthetic conversion with ``validate_only``."""
-    from callconv.ads_client import decode_partial_failure, get_search_service, get_upload_service
-    from callconv.upload import ACTION_CONFIG_ERRORS, format_ads_time
+    from callconv.delivery.ads_client import decode_partial_failure, get_search_service, get_upload_service
+    from callconv.delivery.upload import ACTION_CONFIG_ERRORS, format_ads_time
 
     try:
         search = get_search_service(client, account.login_customer_id)
@@ -272,7 +272,7 @@ def _dm_problem(account: Account, action, error: BaseException, conn_id: str) ->
 
 def check_data_manager(account: Account, service, now: datetime, conn_id: str = "google_data_manager") -> Verdict:
     """One ``validateOnly`` ingest per configured action, each with one synthetic (hashed) event."""
-    from callconv.data_manager.deliver import event_for, request_body
+    from callconv.delivery.data_manager.deliver import event_for, request_body
 
     call_start, conversion_time = _synthetic_times(account, now)
     row = SimpleNamespace(
@@ -323,7 +323,7 @@ def check_account(settings: Settings, account: Account, now: datetime) -> Verdic
     if account.delivery == "file":
         return check_file(settings, account)
     if account.delivery == "data_manager":
-        from callconv.data_manager.client import service_from_airflow_connection
+        from callconv.delivery.data_manager.client import service_from_airflow_connection
 
         section = settings.data_manager
         try:
@@ -331,7 +331,7 @@ def check_account(settings: Settings, account: Account, now: datetime) -> Verdic
         except Exception as error:  # no connection, or one without usable credentials
             return _missing_credentials(account, section.conn_id, "Data Manager", error)
         return check_data_manager(account, service, now, section.conn_id)
-    from callconv.ads_client import client_from_airflow_connection
+    from callconv.delivery.ads_client import client_from_airflow_connection
 
     try:
         client = client_from_airflow_connection(settings.google_ads_conn_id)
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
 def _quiet_logging() -> None:
     """The command's own logging: the verdicts say what went wrong, so the google-ads library's
     lines about each refused request would only repeat them between the lines."""
-    from callconv.ads_client import LIBRARY_LOGGER
+    from callconv.delivery.ads_client import LIBRARY_LOGGER
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger(LIBRARY_LOGGER).setLevel(logging.ERROR)

@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import yaml
 
-from callconv.ads_client import mask_phone_numbers
+from callconv.delivery.ads_client import mask_phone_numbers
 from callconv.preflight import SYNTHETIC_CALLER
 from callconv.sandbox import ActionSpec, SandboxServer
 from callconv.sandbox.data_manager import DataManagerSandbox, DmAction
