@@ -5,6 +5,11 @@ One DAG per account in `config/call_conversions.yaml` (or `$CALL_CONVERSIONS_CON
 scheduled at local midnight in the account's time zone. Each run covers one
 account-local day, `[data_interval_start, data_interval_end)`:
 
+0. **preflight**: is the account's delivery set up? Its conversion actions exist, are of type
+   `UPLOAD_CALLS` and `ENABLED`, the credentials reach Google, and a `validate_only` request with
+   one synthetic conversion passes (`python -m callconv.preflight` asks the same for every
+   account). A set-up problem fails the run at once with one line saying what to fix; an outage
+   is retried.
 1. **take_in_crm_extracts**: read the day's CRM files from the landing area,
    validate them with Great Expectations, normalise phones, times and money,
    and store sales and quarantined rows. Files already imported are skipped.
@@ -103,6 +108,13 @@ def build_import_dag(account_id: str, timezone: str, settings: Settings | None =
         params=_params(delivery),
     )
     def call_conversions_import():
+        @task
+        def preflight(**context) -> dict:
+            """A set-up problem (action, customer, credentials) fails at once; an outage is retried."""
+            from callconv.steps import preflight as run
+
+            return run(account_id, context)
+
         @task(retries=0)
         def take_in_crm_extracts(**context) -> dict:
             """Validation failures are about the data, so retrying cannot help."""
@@ -167,9 +179,10 @@ def build_import_dag(account_id: str, timezone: str, settings: Settings | None =
 
             return run(account_id, context)
 
+        checked = preflight()
         matched = match_sales()
-        take_in_crm_extracts() >> matched
-        wait_for_call_logs() >> normalise_call_logs() >> matched
+        checked >> take_in_crm_extracts() >> matched
+        checked >> wait_for_call_logs() >> normalise_call_logs() >> matched
         # Only the delivery that applies to the account is built.
         if delivery == "api":
             delivered = upload_conversions()

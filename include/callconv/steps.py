@@ -60,6 +60,31 @@ def _record(scope, stage: str, counts: dict) -> dict:
     return counts
 
 
+class PreflightUnreachable(RuntimeError):
+    """Google could not be asked (unreachable, 5xx, quota): Airflow's retries may get through."""
+
+
+def preflight(account_id: str, context) -> dict:
+    """The account's delivery set-up, checked before the day's work (see :mod:`callconv.preflight`).
+
+    A set-up problem fails the task at once (a retry would meet the same set-up); an outage is
+    raised as an ordinary error, so Airflow retries it. Nothing is written to the warehouse.
+    """
+    from callconv.preflight import check_account
+
+    scope = task_scope(account_id, context)
+    with log_group(f"preflight {account_id}"):
+        verdict = check_account(scope.settings, scope.account, now=scope.window.end)
+        log.info("preflight %s", verdict.line())
+    if verdict.outage:
+        raise PreflightUnreachable(verdict.line())
+    if not verdict.ok:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException(f"preflight {verdict.line()} (not retried: fix the set-up, then clear the task)")
+    return {"preflight": "ok"}
+
+
 def take_in_crm_extracts(account_id: str, context, reimport: bool = False, day: str | None = None) -> dict:
     from callconv.intake.take_in import take_in_day
     from callconv.protection.storage import keyset_for

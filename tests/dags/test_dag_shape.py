@@ -1,5 +1,5 @@
-"""What the DAGs show in the UI: descriptions, time zones, one delivery task per account, labelled
-mapped days and the rerun's trigger form.
+"""What the DAGs show in the UI: descriptions, time zones, the preflight first, one delivery task per
+account, labelled mapped days and the rerun's trigger form.
 
 The DAG files are parsed by a real DagBag from a config with two accounts in two zones,
 one delivering through the API and one by file. Nothing is mocked.
@@ -140,6 +140,18 @@ def test_an_import_dag_builds_only_its_accounts_delivery(dag_bag, account_id, de
     deliver = dag.get_task(DELIVERY_TASKS[delivery])
     assert {t.task_id for t in deliver.upstream_list} == {"write_conversion_file"}
     assert {t.task_id for t in deliver.downstream_list} == {"check_anomalies"}
+
+
+@pytest.mark.parametrize("account_id", [API, FILE, DM])
+def test_the_preflight_is_the_first_task_of_every_import_dag(dag_bag, account_id):
+    """Nothing of the day's work starts before the set-up is checked, and a failed check stops it all."""
+    dag = import_dag(dag_bag, account_id)
+    assert {task.task_id for task in dag.roots} == {"preflight"}
+    first = dag.get_task("preflight")
+    assert first.downstream_task_ids == {"take_in_crm_extracts", "wait_for_call_logs"}
+    assert first.get_flat_relative_ids(upstream=False) == set(dag.task_ids) - {"preflight"}
+    # An outage is left to Airflow's retries; a set-up problem fails at once (AirflowFailException).
+    assert first.retries >= 2
 
 
 def test_dry_run_is_offered_only_where_it_applies(dag_bag):

@@ -53,8 +53,10 @@ def test_backfill_of_three_days_across_dst_uploads_each_sale_once(airflow_stack,
     assert states == [("uploaded", 9)]
     assert len(sandbox.accepted()) == 9
 
-    requests_before = len(sandbox.requests)
+    # Uploads only: each run's preflight sends one validate_only test conversion, which records nothing.
+    requests_before = len(sandbox.uploads())
     again = run_backfill(env, "--reprocess-behavior", "completed")
     assert [run["state"] for run in again] == ["success"] * 3, again
     assert len(sandbox.accepted()) == 9
-    assert len(sandbox.requests) == requests_before
+    assert len(sandbox.uploads()) == requests_before
+    assert len(sandbox.searches) == 6  # each run's preflight read the account's actions

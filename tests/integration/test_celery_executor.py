@@ -46,6 +46,7 @@ pytestmark = pytest.mark.integration
 
 DAG_ID = f"call_conversions_import__{ACCOUNT}"
 TASKS = {
+    "preflight",
     "take_in_crm_extracts",
     "wait_for_call_logs",
     "normalise_call_logs",

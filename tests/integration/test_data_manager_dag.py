@@ -17,6 +17,9 @@ states by caller, what the sandbox received) is what the tests below assert, one
 
 At the end Google finishes processing every request it took, the lost ones included, and must
 hold exactly one event per conversion that was not refused.
+
+Each import run starts with its preflight, which sends one validateOnly test event: those bodies
+are told apart (:func:`is_preflight`), so the counts below are of the delivery's own requests.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import sqlalchemy as sa
 import yaml
 
 from callconv.delivery.data_manager.hashing import hash_phone
+from callconv.preflight import SYNTHETIC_CALLER
 from callconv.protection.sealed import KEYSET_ENV_VAR, keyset_to_json, new_keyset
 from callconv.sandbox.data_manager import DataManagerSandbox, DmAction
 from callconv.schema import call_logs, data_manager_requests, metadata, run_summary, upload_ledger
@@ -74,6 +78,18 @@ def callers(day_index: int) -> list[str]:
     return [e164(day_index, n) for n in range(SALES[DAYS[day_index]])]
 
 
+def is_preflight(body: bytes) -> bool:
+    """The preflight's validateOnly test event: one event, the synthetic caller's hash."""
+    request = json.loads(body)
+    phones = [event["userData"]["userIdentifiers"][0]["phoneNumber"] for event in request["events"]]
+    return request["validateOnly"] is True and phones == [hash_phone(SYNTHETIC_CALLER)]
+
+
+def deliveries(box) -> list[bytes]:
+    """The bodies the Data Manager task sent, without the preflights'."""
+    return [body for body in box.received if not is_preflight(body)]
+
+
 @dataclass
 class Snapshot:
     """What one DAG run left: its state, its Data Manager counts, the ledger and the sandbox."""
@@ -81,7 +97,7 @@ class Snapshot:
     state: str
     counts: dict  # the Data Manager task's counts of the run's last day
     ledger: dict[str, tuple]  # E.164 -> (state, error_code, sends)
-    received: int  # request bodies the sandbox had received by then
+    received: int  # request bodies the delivery had sent by then (not the preflight's)
     requests: list[tuple]  # data_manager_requests: (state, events, sends, body), oldest first
     tasks: dict[str, str] = field(default_factory=dict)  # task id -> state
     labels: set[str] = field(default_factory=set)  # rendered map indices of the Data Manager task
@@ -91,7 +107,8 @@ class Snapshot:
 class Journey:
     box: DataManagerSandbox
     runs: dict[str, Snapshot]
-    bodies: list[bytes]
+    bodies: list[bytes]  # the delivery's
+    preflights: list[bytes]  # each import run's validateOnly test event
     accepted: Counter  # phone hash -> events Google counted, once it processed everything
 
 
@@ -145,7 +162,7 @@ def _snapshot(engine, box, dag_run, stage: str = "data_manager") -> Snapshot:
         state=dag_run.state,
         counts=([c[stage] for c in counts if stage in c] or [{}])[-1],
         ledger={row.caller_e164: (row.state, row.error_code, row.sends) for row in ledger},
-        received=len(box.received),
+        received=len(deliveries(box)),
         requests=[tuple(row) for row in requests],
         tasks={ti.task_id: ti.state for ti in tis},
         labels={ti.rendered_map_index for ti in tis if ti.task_id.endswith("deliver_through_data_manager")},
@@ -262,7 +279,8 @@ def _journey(root, box, endpoint, engine, pg_schema_url, pseudonym_keys) -> Jour
     for request_id in list(box.requests):
         box.retrieve(request_id)
     accepted = Counter(key[2] for key in box.accepted)
-    return Journey(box, runs, list(box.received), accepted)
+    preflights = [body for body in box.received if is_preflight(body)]
+    return Journey(box, runs, deliveries(box), preflights, accepted)
 
 
 def states(snapshot: Snapshot, day_index: int) -> list[str]:
@@ -382,7 +400,8 @@ def test_google_holds_exactly_one_event_per_conversion_not_refused(journey):
 
 def test_no_request_body_holds_an_unhashed_phone_number(journey):
     assert len(journey.bodies) == journey.runs["day 6"].received == 11
-    for body in journey.bodies:
+    assert len(journey.preflights) == 8  # one per import run; the rerun DAG has no preflight
+    for body in journey.bodies + journey.preflights:
         text = body.decode()
         hashes = re.findall(r"[0-9a-f]{64}", text)
         assert len(hashes) == len(json.loads(text)["events"])  # one hashed identifier per event

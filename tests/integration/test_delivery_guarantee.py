@@ -113,8 +113,9 @@ def run_day(day: str, **options):
 
 
 def sent_rows(sandbox) -> list[bytes]:
-    """Every conversion that reached the sandbox, request by request, as it came on the wire."""
-    return [payload for request in sandbox.requests for payload in request["payloads"]]
+    """Every conversion sent to be recorded, request by request, as it came on the wire (the preflight's
+    validate_only test conversion records nothing, so it is not one of them)."""
+    return [payload for request in sandbox.uploads() for payload in request["payloads"]]
 
 
 def conflicts(engine) -> dict[str, str]:

@@ -207,7 +207,7 @@ def test_the_import_and_a_rerun_of_one_day_at_once_end_as_one_run_alone(
     assert build_import_dag(ACCOUNT, "Europe/Oslo").test(logical_date=oslo("2026-11-28 00:00:00")).state == "success"
     reference_tables = snapshot(reference)
 
-    sent_together = sum(len(request["payloads"]) for request in both.requests)
+    sent_together = sum(len(request["payloads"]) for request in both.uploads())  # not the preflight's test
     print(f"overlapping runs: {sent_together} rows sent for {len(together['upload_ledger'])} conversions")
     assert len(reference_tables["upload_ledger"]) == SALES
     assert {row["state"] for row in together["upload_ledger"]} == {"uploaded"}

@@ -19,6 +19,7 @@ from callconv.delivery.ads_client import (
     client_from_settings,
     decode_partial_failure,
     error_code_name,
+    get_search_service,
     get_upload_service,
     is_empty_result,
 )
@@ -367,3 +368,41 @@ def test_access_denials_reach_the_real_client_and_map_to_what_to_do(sandbox, cli
     assert sandbox.accepted() == []
     # Only the next call was denied.
     assert len(upload(client, [conversion(client)]).results) == 1
+
+
+ACTIONS_QUERY = (
+    "SELECT conversion_action.id, conversion_action.type, conversion_action.status "
+    "FROM conversion_action WHERE conversion_action.id IN (111, 222, 333)"
+)
+
+
+def search(client, query=ACTIONS_QUERY, customer=CUSTOMER) -> list[tuple]:
+    rows = get_search_service(client).search(customer_id=customer, query=query)
+    return [(r.conversion_action.id, r.conversion_action.type_.name, r.conversion_action.status.name) for r in rows]
+
+
+def test_search_answers_the_configured_actions_with_the_uploads_caller_checks(sandbox, client):
+    """What the preflight asks: GAQL on conversion_action, answered from the configured actions."""
+    from google.ads.googleads.errors import GoogleAdsException
+
+    assert search(client) == [
+        (111, "UPLOAD_CALLS", "ENABLED"),
+        (222, "UPLOAD_CALLS", "UNKNOWN"),
+        (333, "WEBPAGE", "ENABLED"),
+    ]
+    sandbox.set_action(CUSTOMER, ActionSpec(id="111", name="Phone sale", status="REMOVED", type="AD_CALL"))
+    assert search(client, ACTIONS_QUERY.replace("IN (111, 222, 333)", "= 111")) == [(111, "AD_CALL", "REMOVED")]
+
+    def refused(**options) -> list[str]:
+        with pytest.raises(GoogleAdsException) as raised:
+            search(client, **options)
+        return [error_code_name(e) for e in raised.value.failure.errors]
+
+    assert refused(customer="9998887777") == ["USER_PERMISSION_DENIED"]
+    assert refused(query="SELECT campaign.id FROM campaign") == ["PROHIBITED_RESOURCE_TYPE_IN_FROM_CLAUSE"]
+    assert refused(query="SELECT conversion_action.tag_snippets FROM conversion_action") == ["UNRECOGNIZED_FIELD"]
+    sandbox.deny_access("ACTION_NOT_PERMITTED", next_calls=1)
+    assert refused() == ["ACTION_NOT_PERMITTED"]
+    sandbox.access_token = "another-token"
+    assert refused() == ["OAUTH_TOKEN_INVALID"]
+    assert sandbox.requests == [] and len(sandbox.searches) == 7

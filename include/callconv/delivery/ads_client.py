@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 API_VERSION = "v26"
 
 UPLOAD_SERVICE = "ConversionUploadService"
+SEARCH_SERVICE = "GoogleAdsService"
 SSL_ROOTS_ENV_VAR = "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH"
 
 # The google-ads library logs through this logger; at INFO it dumps the whole
@@ -260,12 +261,21 @@ def access_problem(code: str, account) -> str | None:
 
 def get_upload_service(client, login_customer_id: str | None = None):
     """The ``ConversionUploadService`` client, optionally for another manager account."""
+    return _service(client, UPLOAD_SERVICE, login_customer_id)
+
+
+def get_search_service(client, login_customer_id: str | None = None):
+    """The ``GoogleAdsService`` client (GAQL ``search``), optionally for another manager account."""
+    return _service(client, SEARCH_SERVICE, login_customer_id)
+
+
+def _service(client, name: str, login_customer_id: str | None):
     protect_library_logging()
     login = _clean_customer_id(login_customer_id)
     if login and login != client.login_customer_id:
         client = copy.copy(client)
         client.login_customer_id = login
-    return client.get_service(UPLOAD_SERVICE, version=API_VERSION)
+    return client.get_service(name, version=API_VERSION)
 
 
 def error_code_name(error) -> str:

@@ -76,6 +76,14 @@ class RequestRejected(Exception):
         self.status, self.reason, self.violations = status, reason, violations
 
 
+def _validate_only(raw: bytes) -> bool:
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return False
+    return isinstance(body, dict) and bool(body.get("validateOnly"))
+
+
 def _parse_time(value: object) -> datetime | None:
     if not isinstance(value, str) or not _RFC3339.match(value):
         return None
@@ -101,7 +109,10 @@ class DataManagerSandbox:
         self.processing_polls = processing_polls
         self.cert_dir = Path(cert_dir)
         self.received: list[bytes] = []  # every body, as it arrived
-        self.faults: deque[str] = deque()  # '503', '429', 'lost': one per ingest request, in order
+        # '503', '429', 'lost': one per ingest request that would take events, in order. A validateOnly
+        # request (a preflight's test event, a dry run) is never faulted, so a fault meant for a send
+        # still meets that send when a preflight checks the set-up first.
+        self.faults: deque[str] = deque()
         self.processing_failures: dict[str, str] = {}  # phone hash -> reason, applied at processing
         # phone hash -> reason, refused at ingest: a rule of Google's that we do not check locally
         self.ingest_rejections: dict[str, str] = {}
@@ -324,7 +335,7 @@ class DataManagerSandbox:
                 if not self._authorised():
                     return None
                 with sandbox._lock:
-                    fault = sandbox.faults.popleft() if sandbox.faults else None
+                    fault = sandbox.faults.popleft() if sandbox.faults and not _validate_only(raw) else None
                 if fault == "503":
                     return self._error(503, "UNAVAILABLE", [])
                 if fault == "429":

@@ -65,6 +65,13 @@ KEY_FILE = "sandbox-key.pem"
 _E164 = re.compile(r"^\+[1-9]\d{6,14}$")
 _DATE_TIME = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}[+-]\d{2}:\d{2}$")
 _ACTION_RESOURCE = re.compile(r"^customers/(\d+)/conversionActions/(\d+)$")
+# The one GAQL shape Search answers (the preflight's): fields of conversion_action, an id filter.
+_GAQL = re.compile(
+    r"^\s*SELECT\s+(?P<fields>.+?)\s+FROM\s+(?P<resource>\w+)(?:\s+WHERE\s+(?P<where>.+?))?\s*$",
+    re.IGNORECASE | re.DOTALL,
+)
+_ID_FILTER = re.compile(r"^conversion_action\.id\s*(?:IN\s*\((?P<list>[^)]*)\)|=\s*(?P<one>\d+))$", re.IGNORECASE)
+_ACTION_FIELDS = frozenset(f"conversion_action.{name}" for name in ("resource_name", "id", "name", "type", "status"))
 
 Clock = Callable[[], datetime]
 
@@ -240,11 +247,19 @@ def _types(version: str) -> SimpleNamespace:
         return importlib.import_module(f"{base}.{path}")
 
     service = module("services.types.conversion_upload_service")
+    search = module("services.types.google_ads_service")
     errors = module("errors.types.errors")
     return SimpleNamespace(
         Request=service.UploadCallConversionsRequest,
         Response=service.UploadCallConversionsResponse,
         Result=service.CallConversionResult,
+        SearchRequest=search.SearchGoogleAdsRequest,
+        SearchResponse=search.SearchGoogleAdsResponse,
+        Row=search.GoogleAdsRow,
+        ConversionAction=module("resources.types.conversion_action").ConversionAction,
+        ActionType=module("enums.types.conversion_action_type").ConversionActionTypeEnum.ConversionActionType,
+        ActionStatus=module("enums.types.conversion_action_status").ConversionActionStatusEnum.ConversionActionStatus,
+        Query=module("errors.types.query_error").QueryErrorEnum,
         Failure=errors.GoogleAdsFailure,
         Error=errors.GoogleAdsError,
         ErrorCode=errors.ErrorCode,
@@ -257,6 +272,7 @@ def _types(version: str) -> SimpleNamespace:
         Date=module("errors.types.date_error").DateErrorEnum,
         NotAllowlisted=module("errors.types.not_allowlisted_error").NotAllowlistedErrorEnum,
         service_name=f"{base}.services.ConversionUploadService",
+        search_service_name=f"{base}.services.GoogleAdsService",
         failure_key=f"{base}.errors.googleadsfailure-bin",
         failure_type_url=f"type.googleapis.com/{base}.errors.GoogleAdsFailure",
     )
@@ -324,6 +340,7 @@ class SandboxServer:
         self._accepted: dict[tuple, AcceptedConversion] = {}
         self._request_ids = itertools.count(1)
         self.requests: list[dict] = []  # per RPC: metadata (no token) and row count
+        self.searches: list[dict] = []  # per GoogleAdsService.Search: customer and query
         self._in_flight = 0
         self.clear_faults()
 
@@ -409,6 +426,12 @@ class SandboxServer:
             rows = list(self._accepted.values())
         return [r for r in rows if customer_id is None or r.customer_id == customer_id]
 
+    def uploads(self) -> list[dict]:
+        """The logged upload requests that could record conversions: those with ``validate_only``
+        (a preflight's synthetic conversion, a dry run) are left out."""
+        with self._lock:
+            return [request for request in self.requests if not request["validate_only"]]
+
     def in_flight(self) -> int:
         """Requests being served right now (a client killed mid-request leaves its request here)."""
         with self._lock:
@@ -419,6 +442,7 @@ class SandboxServer:
         with self._lock:
             self._accepted.clear()
             self.requests.clear()
+            self.searches.clear()
         self.clear_faults()
 
     # -- life cycle -----------------------------------------------------------
@@ -460,7 +484,17 @@ class SandboxServer:
                 )
             },
         )
-        server.add_generic_rpc_handlers((handler,))
+        search = grpc.method_handlers_generic_handler(
+            self._t.search_service_name,
+            {
+                "Search": grpc.unary_unary_rpc_method_handler(
+                    self._search,
+                    request_deserializer=self._t.SearchRequest.deserialize,
+                    response_serializer=self._t.SearchResponse.serialize,
+                )
+            },
+        )
+        server.add_generic_rpc_handlers((handler, search))
         port = server.add_secure_port(f"127.0.0.1:{self._requested_port}", credentials)
         if not port:
             raise RuntimeError(f"the sandbox could not bind 127.0.0.1:{self._requested_port}")
@@ -496,6 +530,7 @@ class SandboxServer:
             "partial_failure_error": t.PartialFailure.PartialFailureError,
             "date_error": t.Date.DateError,
             "not_allowlisted_error": t.NotAllowlisted.NotAllowlistedError,
+            "query_error": t.Query.QueryError,
         }[category]
         elements = []
         for name, index in path:
@@ -561,6 +596,128 @@ class SandboxServer:
             context.abort(grpc.StatusCode.UNAVAILABLE, "sandbox: connection lost after the upload was recorded")
         return response
 
+    def _check_caller(self, metadata: Mapping[str, str]) -> None:
+        """Who is calling, checked the same way for every method: the OAuth token, the optional
+        developer token and any injected answer about API access. Call it holding the lock."""
+        if self.access_token and metadata.get("authorization") != f"Bearer {self.access_token}":
+            raise _Abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "Request is missing required authentication credential.",
+                [self._error("authentication_error", "OAUTH_TOKEN_INVALID", "OAuth token is invalid.")],
+            )
+        sent_token = metadata.get("developer-token")
+        if self.developer_token and sent_token is not None and sent_token != self.developer_token:
+            raise _Abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "The developer token is not valid.",
+                [self._error("authentication_error", "DEVELOPER_TOKEN_INVALID", "The developer token is not valid.")],
+            )
+        if self._access_denial is not None:
+            denial = self._access_denial
+            if self._access_denials_left is not None:
+                self._access_denials_left -= 1
+                if self._access_denials_left <= 0:
+                    self._access_denial = self._access_denials_left = None
+            category, message = ACCESS_DENIALS[denial]
+            raise _Abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "The caller does not have permission",
+                [self._error(category, denial, message, ("customer_id", None))],
+            )
+
+    def _no_access_to_customer(self) -> _Abort:
+        return _Abort(
+            grpc.StatusCode.PERMISSION_DENIED,
+            "The caller does not have permission",
+            [
+                self._error(
+                    "authorization_error",
+                    "USER_PERMISSION_DENIED",
+                    "User doesn't have permission to access customer. Note: If you're accessing "
+                    "a client customer, the manager's customer id must be set in the "
+                    "'login-customer-id' header.",
+                    ("customer_id", None),
+                )
+            ],
+        )
+
+    def _search(self, request, context: grpc.ServicerContext):
+        """``GoogleAdsService.Search`` over ``conversion_action``: what the preflight asks.
+
+        The caller is checked as for uploads (token, developer token, access answers, the
+        customer); injected faults and quotas are the upload's alone. A request is logged in
+        :attr:`searches`, not in :attr:`requests`, so upload counts stay what tests expect.
+        """
+        request_id = f"sandbox-{next(self._request_ids)}-{uuid.uuid4().hex[:8]}"
+        metadata = {key: value for key, value in context.invocation_metadata()}
+        try:
+            with self._lock:
+                self.searches.append(
+                    {"request_id": request_id, "customer_id": request.customer_id, "query": request.query}
+                )
+                self._check_caller(metadata)
+                actions = self._customers.get(request.customer_id.replace("-", ""))
+                if actions is None and request.customer_id.replace("-", "") not in self._other_customers:
+                    raise self._no_access_to_customer()
+                fields, ids = self._parse_query(request.query)
+                found = [a for a in (actions or {}).values() if ids is None or a.id in ids]
+        except _Abort as abort:
+            self._abort(context, request_id, abort)
+        context.set_trailing_metadata((("request-id", request_id),))
+        return self._search_response(request.customer_id.replace("-", ""), found, fields)
+
+    def _parse_query(self, query: str) -> tuple[list[str], set[str] | None]:
+        """The selected fields and the ids filtered on, from the one GAQL shape the sandbox knows:
+        ``SELECT conversion_action.<field>, ... FROM conversion_action [WHERE conversion_action.id
+        IN (...) | = ...]``. Anything else is a QueryError, as Google answers a query it cannot run."""
+
+        def refuse(code: str, message: str) -> _Abort:
+            return _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "Request contains an invalid argument.",
+                [self._error("query_error", code, message, ("query", None))],
+            )
+
+        shape = _GAQL.match(query or "")
+        if shape is None:
+            raise refuse("UNEXPECTED_INPUT", "The sandbox answers SELECT ... FROM conversion_action [WHERE id].")
+        if shape["resource"].lower() != "conversion_action":
+            raise refuse("PROHIBITED_RESOURCE_TYPE_IN_FROM_CLAUSE", "The sandbox serves conversion_action only.")
+        fields = [field.strip() for field in shape["fields"].split(",")]
+        for field in fields:
+            if field not in _ACTION_FIELDS:
+                raise refuse("UNRECOGNIZED_FIELD", f"Unrecognized field in the query: '{field}'.")
+        if shape["where"] is None:
+            return fields, None
+        condition = _ID_FILTER.match(shape["where"])
+        if condition is None:
+            raise refuse("PROHIBITED_FIELD_IN_WHERE_CLAUSE", "The sandbox filters on conversion_action.id only.")
+        values = condition["list"] if condition["list"] is not None else condition["one"]
+        ids = {value.strip() for value in values.split(",")}
+        if not all(value.isdigit() for value in ids):
+            raise refuse("BAD_NUMBER", "Invalid number in the filter on conversion_action.id.")
+        return fields, ids
+
+    def _search_response(self, customer_id: str, actions: list[ActionSpec], fields: list[str]):
+        """Rows carrying only the selected fields (and the resource name), as Google returns them."""
+        from google.protobuf import field_mask_pb2
+
+        t = self._t
+        rows = []
+        for action in sorted(actions, key=lambda a: int(a.id)):
+            resource = t.ConversionAction(resource_name=f"customers/{customer_id}/conversionActions/{action.id}")
+            if "conversion_action.id" in fields:
+                resource.id = int(action.id)
+            if "conversion_action.name" in fields:
+                resource.name = action.name
+            # A type or status Google does not have (a test's "PAUSED") reads as UNKNOWN, as from a newer API.
+            if "conversion_action.type" in fields:
+                resource.type_ = getattr(t.ActionType, action.type, t.ActionType.UNKNOWN)
+            if "conversion_action.status" in fields:
+                resource.status = getattr(t.ActionStatus, action.status, t.ActionStatus.UNKNOWN)
+            rows.append(t.Row(conversion_action=resource))
+        return t.SearchResponse(results=rows, field_mask=field_mask_pb2.FieldMask(paths=fields))
+
     def _handle(self, request, metadata: Mapping[str, str]):
         t = self._t
         with self._lock:
@@ -573,35 +730,7 @@ class SandboxServer:
             if self._quota_after_accepted is not None and len(self._accepted) >= self._quota_after_accepted:
                 raise self._quota_abort()
 
-            if self.access_token and metadata.get("authorization") != f"Bearer {self.access_token}":
-                raise _Abort(
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    "Request is missing required authentication credential.",
-                    [self._error("authentication_error", "OAUTH_TOKEN_INVALID", "OAuth token is invalid.")],
-                )
-            sent_token = metadata.get("developer-token")
-            if self.developer_token and sent_token is not None and sent_token != self.developer_token:
-                raise _Abort(
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    "The developer token is not valid.",
-                    [
-                        self._error(
-                            "authentication_error", "DEVELOPER_TOKEN_INVALID", "The developer token is not valid."
-                        )
-                    ],
-                )
-            if self._access_denial is not None:
-                denial = self._access_denial
-                if self._access_denials_left is not None:
-                    self._access_denials_left -= 1
-                    if self._access_denials_left <= 0:
-                        self._access_denial = self._access_denials_left = None
-                category, message = ACCESS_DENIALS[denial]
-                raise _Abort(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    "The caller does not have permission",
-                    [self._error(category, denial, message, ("customer_id", None))],
-                )
+            self._check_caller(metadata)
             customer_id = request.customer_id.replace("-", "")
             actions = self._customers.get(customer_id)
             if actions is None:
@@ -619,20 +748,7 @@ class SandboxServer:
                             )
                         ],
                     )
-                raise _Abort(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    "The caller does not have permission",
-                    [
-                        self._error(
-                            "authorization_error",
-                            "USER_PERMISSION_DENIED",
-                            "User doesn't have permission to access customer. Note: If you're accessing "
-                            "a client customer, the manager's customer id must be set in the "
-                            "'login-customer-id' header.",
-                            ("customer_id", None),
-                        )
-                    ],
-                )
+                raise self._no_access_to_customer()
             if not request.partial_failure:
                 raise _Abort(
                     grpc.StatusCode.INVALID_ARGUMENT,
