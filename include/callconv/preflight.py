@@ -148,7 +148,11 @@ def _ads_request_problem(account: Account, error: BaseException, conn_id: str, s
 
 
 def _action_query(account: Account) -> str:
-    ids = ", ".join(sorted({action.id for action in account.conversion_actions.values()}, key=int))
+    """GAQL has no bound parameters: the ids go in as text, so only digits are let in."""
+    ids = sorted({action.id for action in account.conversion_actions.values()}, key=int)
+    if not all(action_id.isascii() and action_id.isdigit() for action_id in ids):
+        raise ValueError(f"accounts[{account.id}]: a conversion action id that is not digits")
+    ids = ", ".join(ids)
     return (
         "SELECT conversion_action.id, conversion_action.name, conversion_action.type, conversion_action.status "
         f"FROM conversion_action WHERE conversion_action.id IN ({ids})"
