@@ -589,6 +589,35 @@ def _write(engine, changes: list[dict], request_id: str) -> None:
 _KEYS = sa.bindparam("keys", expanding=True)
 
 
+def mark_sending(connection, account_id: str, keys: Sequence[str], *, due_by, now, run_id, claim_id, lease) -> None:
+    """Claim those of ``keys`` that are still due: state ``sending``, ``claim_id`` in ``request_id``, a lease.
+
+    The one claim both API paths make (the Data Manager path imports it). ``FOR UPDATE SKIP
+    LOCKED`` leaves a row another run holds to that run; a row sent before keeps its
+    ``sent_at``, and every claim counts in ``sends``. Run it in the transaction that
+    commits before the send.
+    """
+    ledger = upload_ledger
+    candidates = (
+        sa.select(ledger.c.conversion_key)
+        .where(ledger.c.conversion_key.in_(_KEYS), _due(account_id, due_by, now))
+        .with_for_update(skip_locked=True)
+    )
+    connection.execute(
+        sa.update(ledger)
+        .where(ledger.c.conversion_key.in_(candidates))
+        .values(
+            state="sending",
+            claimed_by=run_id,
+            request_id=claim_id,
+            lease_until=now + lease,
+            sent_at=sa.func.coalesce(ledger.c.sent_at, now),
+            sends=ledger.c.sends + 1,
+        ),
+        {"keys": list(keys)},
+    )
+
+
 def _claim(engine, client, account, rows: Sequence, *, due_by, run_id, request_id, now, lease) -> list:
     """Claim the rows of a batch that are still due, in one transaction that commits before the send.
 
@@ -599,24 +628,9 @@ def _claim(engine, client, account, rows: Sequence, *, due_by, run_id, request_i
     """
     ledger = upload_ledger
     keys = [row.conversion_key for row in rows]
-    candidates = (
-        sa.select(ledger.c.conversion_key)
-        .where(ledger.c.conversion_key.in_(_KEYS), _due(account.id, due_by, now))
-        .with_for_update(skip_locked=True)
-    )
     with engine.begin() as connection:
-        connection.execute(
-            sa.update(ledger)
-            .where(ledger.c.conversion_key.in_(candidates))
-            .values(
-                state="sending",
-                claimed_by=run_id,
-                request_id=request_id,
-                lease_until=now + lease,
-                sent_at=sa.func.coalesce(ledger.c.sent_at, now),
-                sends=ledger.c.sends + 1,
-            ),
-            {"keys": keys},
+        mark_sending(
+            connection, account.id, keys, due_by=due_by, now=now, run_id=run_id, claim_id=request_id, lease=lease
         )
         claimed = {
             row.conversion_key: row

@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from callconv.delivery.data_manager.hashing import UnhashablePhone, hash_phone
-from callconv.delivery.upload import WRITE_CHUNK, due_rows_paged
+from callconv.delivery.upload import WRITE_CHUNK, due_rows_paged, mark_sending
 from callconv.schema import data_manager_requests, upload_ledger
 
 log = logging.getLogger(__name__)
@@ -99,28 +99,11 @@ def request_body(account, action_id: str, events: list[dict], validate_only: boo
 
 def _claim(engine, account, rows, *, action_id, run_id, claim_id, now, lease, window_end) -> tuple[list, bytes]:
     """Claim still-due rows and freeze the request body, in one transaction committed before the send."""
-    from callconv.delivery.upload import _due  # the same 'due' as the Google Ads path, by import only
-
     ledger = upload_ledger
     keys = [row.conversion_key for row in rows]
-    candidates = (
-        sa.select(ledger.c.conversion_key)
-        .where(ledger.c.conversion_key.in_(_KEYS), _due(account.id, window_end, now))
-        .with_for_update(skip_locked=True)
-    )
     with engine.begin() as connection:
-        connection.execute(
-            sa.update(ledger)
-            .where(ledger.c.conversion_key.in_(candidates))
-            .values(
-                state="sending",
-                claimed_by=run_id,
-                request_id=claim_id,
-                lease_until=now + lease,
-                sent_at=sa.func.coalesce(ledger.c.sent_at, now),
-                sends=ledger.c.sends + 1,
-            ),
-            {"keys": keys},
+        mark_sending(
+            connection, account.id, keys, due_by=window_end, now=now, run_id=run_id, claim_id=claim_id, lease=lease
         )
         claimed = list(
             connection.execute(
