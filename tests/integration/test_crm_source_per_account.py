@@ -11,12 +11,11 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 from decimal import Decimal
 
+import intake_project
 import pytest
 import sqlalchemy as sa
 
 from callconv.config import load_settings
-from callconv.intake.take_in import take_in_day
-from callconv.protection.pseudonyms import DEFAULT_CONN_ID, keys_from_airflow
 from callconv.runtime import storage_root
 from callconv.schema import crm_sales, quarantine
 
@@ -30,53 +29,36 @@ AUSTIN_WINDOW = (datetime(2026, 11, 27, 6, tzinfo=UTC), datetime(2026, 11, 28, 6
 def write_config(tmp_path, monkeypatch):
     import yaml
 
-    config = {
-        "export_uri": str(tmp_path / "export"),
-        "data_docs_uri": str(tmp_path / "docs"),
-        "archive_uri": str(tmp_path / "archive"),
-        "quarantine_uri": str(tmp_path / "quarantine"),
+    config = intake_project.config(
+        tmp_path,
         # The deployment default: a US-style CRM (UTF-8, comma-separated, decimal point).
-        "crm_source": {
-            "landing_uri": str(tmp_path / "landing"),
-            "delimiter": ",",
-            "encoding": "utf-8",
-            "decimal": ".",
-            "columns": {
-                "crm_id": "id",
-                "caller_phone": "phone",
-                "conversion_time": "sold_at",
-                "outcome": "outcome",
-                "value": "amount",
-            },
-        },
-        "validation": {"max_bad_row_share": 1.0},
-        "accounts": [
-            {
-                "id": "oslo",
-                "customer_id": "1112223333",
-                "timezone": "Europe/Oslo",
-                "default_region": "NO",
-                "default_currency": "NOK",
-                "conversion_actions": {"salg": {"id": "1", "name": "Telefonsalg"}},
+        header=["id", "phone", "sold_at", "outcome", "amount"],
+        crm_source={"delimiter": ",", "encoding": "utf-8", "decimal": "."},
+        validation={"max_bad_row_share": 1.0},
+        accounts=[
+            intake_project.account(
+                "oslo",
+                timezone="Europe/Oslo",
+                conversion_actions={"salg": {"id": "1", "name": "Telefonsalg"}},
                 # A Norwegian CRM: Latin-1, semicolons, decimal comma, Norwegian headers.
-                "crm_source": {
+                crm_source={
                     "landing_uri": str(tmp_path / "landing-no"),
                     "delimiter": ";",
                     "encoding": "latin-1",
                     "decimal": ",",
                     "columns": {"caller_phone": "Telefon", "outcome": "Utfall", "value": "Beløp"},
                 },
-            },
-            {
-                "id": "austin",
-                "customer_id": "4445556666",
-                "timezone": "America/Chicago",
-                "default_region": "US",
-                "default_currency": "USD",
-                "conversion_actions": {"sale": {"id": "2", "name": "Phone sale"}},
-            },
+            ),
+            intake_project.account(
+                "austin",
+                customer_id="4445556666",
+                timezone="America/Chicago",
+                default_region="US",
+                default_currency="USD",
+                conversion_actions={"sale": {"id": "2", "name": "Phone sale"}},
+            ),
         ],
-    }
+    )
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
     monkeypatch.setenv("CALL_CONVERSIONS_CONFIG", str(path))
@@ -110,18 +92,14 @@ def test_a_norwegian_and_a_us_account_with_different_crm_files_share_one_config(
     land(tmp_path / "landing", "austin", OSLO_DAY, "sales.csv", american)
 
     for account, window in ((oslo, OSLO_WINDOW), (austin, AUSTIN_WINDOW)):
-        outcome = take_in_day(
+        outcome = intake_project.take_in(
             warehouse,
             settings,
-            account,
-            *window,
-            "run-1",
+            tmp_path,
+            test_keyset,
+            account_id=account.id,
+            window=window,
             landing_root=storage_root(settings.crm_source_for(account).landing_uri, settings),
-            data_docs_root=tmp_path / "docs",
-            archive_root=tmp_path / "archive",
-            quarantine_root=tmp_path / "quarantine",
-            keyset=test_keyset,
-            keys=keys_from_airflow(DEFAULT_CONN_ID),
         )
         assert outcome.files_seen == 1, account.id
 

@@ -12,14 +12,13 @@ import io
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
+import intake_project
 import pytest
 import sqlalchemy as sa
 from stored import read_stored
 
-from callconv.config import parse_settings
 from callconv.delivery.conversion_file import TEMPLATE_HEADER, write_conversion_file
 from callconv.intake.extract import ExtractError
-from callconv.intake.take_in import take_in_day
 from callconv.matching.call_logs import normalise_call_logs
 from callconv.matching.match import match_day
 from callconv.protection.pseudonyms import DEFAULT_CONN_ID, keys_from_airflow
@@ -37,72 +36,35 @@ HEADER = ["id", "phone", "sold_at", "outcome", "amount", "currency"]
 
 
 def make_settings(tmp_path, validation: dict | None = None, **crm_source):
-    return parse_settings(
-        {
-            "export_uri": str(tmp_path / "export"),
-            "data_docs_uri": str(tmp_path / "docs"),
-            "archive_uri": str(tmp_path / "archive"),
-            "quarantine_uri": str(tmp_path / "quarantine"),
-            "crm_source": {
-                "landing_uri": str(tmp_path / "landing"),
-                "columns": {
-                    "crm_id": "id",
-                    "caller_phone": "phone",
-                    "conversion_time": "sold_at",
-                    "outcome": "outcome",
-                    "value": "amount",
-                    "currency": "currency",
+    return intake_project.make_settings(
+        tmp_path,
+        header=HEADER,
+        crm_source=crm_source,
+        validation={"max_bad_row_share": 1.0} if validation is None else validation,
+        match={"min_duration_seconds": 0},
+        accounts=[
+            intake_project.account(
+                ACCOUNT,
+                delivery="file",
+                conversion_actions={
+                    "sale": {"id": "1", "name": "Phone sale"},
+                    FORMULA_OUTCOME: {"id": "2", "name": FORMULA_ACTION_NAME},
                 },
-                **crm_source,
-            },
-            "validation": {"max_bad_row_share": 1.0} if validation is None else validation,
-            "match": {"min_duration_seconds": 0},
-            "accounts": [
-                {
-                    "id": ACCOUNT,
-                    "customer_id": "1112223333",
-                    "timezone": "UTC",
-                    "default_region": "NO",
-                    "default_currency": "NOK",
-                    "delivery": "file",
-                    "conversion_actions": {
-                        "sale": {"id": "1", "name": "Phone sale"},
-                        FORMULA_OUTCOME: {"id": "2", "name": FORMULA_ACTION_NAME},
-                    },
-                }
-            ],
-        }
+            )
+        ],
     )
 
 
 def csv_bytes(rows: list[list[str]]) -> bytes:
-    out = io.StringIO()
-    csv.writer(out, lineterminator="\r\n").writerows([HEADER, *rows])
-    return out.getvalue().encode("utf-8")
+    return intake_project.csv_bytes(HEADER, rows)
 
 
 def drop(tmp_path, name: str, payload: bytes):
-    folder = tmp_path / "landing" / ACCOUNT / DAY.isoformat()
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / name).write_bytes(payload)
-    return folder / name
+    return intake_project.drop(tmp_path, ACCOUNT, DAY, name, payload)
 
 
 def take_in(settings, tmp_path, warehouse, keyset, **kwargs):
-    return take_in_day(
-        warehouse,
-        settings,
-        settings.account(ACCOUNT),
-        *WINDOW,
-        "run-1",
-        landing_root=tmp_path / "landing",
-        data_docs_root=tmp_path / "docs",
-        archive_root=tmp_path / "archive",
-        quarantine_root=tmp_path / "quarantine",
-        keyset=keyset,
-        keys=keys_from_airflow(DEFAULT_CONN_ID),
-        **kwargs,
-    )
+    return intake_project.take_in(warehouse, settings, tmp_path, keyset, account_id=ACCOUNT, window=WINDOW, **kwargs)
 
 
 FORMULA_ROWS = [

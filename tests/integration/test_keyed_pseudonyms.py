@@ -11,18 +11,16 @@ without losing deduplication.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import hmac
-import io
 import json
 from datetime import UTC, date, datetime, timedelta
 
+import intake_project
 import pytest
 import sqlalchemy as sa
 
-from callconv.config import parse_settings
-from callconv.intake.take_in import sale_key, take_in_day
+from callconv.intake.take_in import sale_key
 from callconv.matching.match import conversion_key, match_day
 from callconv.protection.pseudonyms import PseudonymKeyRotated, PseudonymKeys, conversion_text, rekey, sale_text
 from callconv.schema import call_logs, crm_sales, delivery_conflicts, matches, pseudonym_key_state, upload_ledger
@@ -41,32 +39,10 @@ HEADER = ["phone", "sold_at", "outcome", "amount"]
 
 
 def make_settings(tmp_path):
-    return parse_settings(
-        {
-            "export_uri": str(tmp_path / "export"),
-            "data_docs_uri": str(tmp_path / "docs"),
-            "archive_uri": str(tmp_path / "archive"),
-            "quarantine_uri": str(tmp_path / "quarantine"),
-            "crm_source": {
-                "landing_uri": str(tmp_path / "landing"),
-                "columns": {
-                    "caller_phone": "phone",
-                    "conversion_time": "sold_at",
-                    "outcome": "outcome",
-                    "value": "amount",
-                },
-            },
-            "accounts": [
-                {
-                    "id": ACCOUNT,
-                    "customer_id": "1112223333",
-                    "timezone": "UTC",
-                    "default_region": "NO",
-                    "default_currency": "NOK",
-                    "conversion_actions": {"sale": {"id": ACTION, "name": "Phone sale"}},
-                }
-            ],
-        }
+    return intake_project.make_settings(
+        tmp_path,
+        header=HEADER,
+        accounts=[intake_project.account(ACCOUNT, conversion_actions={"sale": {"id": ACTION, "name": "Phone sale"}})],
     )
 
 
@@ -75,11 +51,7 @@ def call_start(index: int) -> datetime:
 
 
 def drop_extract(tmp_path, rows: list[list[str]], name: str = "deals.csv") -> None:
-    folder = tmp_path / "landing" / ACCOUNT / DAY.isoformat()
-    folder.mkdir(parents=True, exist_ok=True)
-    out = io.StringIO()
-    csv.writer(out, lineterminator="\r\n").writerows([HEADER, *rows])
-    (folder / name).write_text(out.getvalue(), encoding="utf-8")
+    intake_project.drop(tmp_path, ACCOUNT, DAY, name, intake_project.csv_bytes(HEADER, rows))
 
 
 def sale_rows() -> list[list[str]]:
@@ -95,17 +67,18 @@ def sale_rows() -> list[list[str]]:
 
 
 def take_in(engine, settings, tmp_path, keys, keyset, reimport=False):
-    return take_in_day(
+    """The intake under ``keys``, writing no Data Docs and no quarantine export."""
+    return intake_project.take_in(
         engine,
         settings,
-        settings.account(ACCOUNT),
-        *WINDOW,
-        "run-1",
-        landing_root=tmp_path / "landing",
-        archive_root=tmp_path / "archive",
-        keyset=keyset,
+        tmp_path,
+        keyset,
+        account_id=ACCOUNT,
+        window=WINDOW,
         keys=keys,
         reimport=reimport,
+        data_docs_root=None,
+        quarantine_root=None,
     )
 
 

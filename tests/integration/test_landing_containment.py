@@ -11,13 +11,11 @@ from __future__ import annotations
 import os
 from datetime import UTC, date, datetime
 
+import intake_project
 import pytest
 import sqlalchemy as sa
 
-from callconv.config import parse_settings
 from callconv.intake.extract import ExtractError
-from callconv.intake.take_in import take_in_day
-from callconv.protection.pseudonyms import DEFAULT_CONN_ID, keys_from_airflow
 from callconv.protection.retention import purge_day_folders
 from callconv.protection.storage import OutsideAccountFolder
 from callconv.schema import crm_imports, crm_sales, quarantine
@@ -26,65 +24,27 @@ pytestmark = pytest.mark.integration
 
 DAY = date(2026, 11, 27)
 WINDOW = (datetime(2026, 11, 27, tzinfo=UTC), datetime(2026, 11, 28, tzinfo=UTC))
+HEADER = ["id", "phone", "sold_at", "outcome"]  # the first line of both files
 ACME_FILE = b"id;phone;sold_at;outcome\r\nA-1;+47 912 34 567;2026-11-27 10:00:00;sale\r\n"
 OTHER_FILE = b"id;phone;sold_at;outcome\r\nO-1;+47 913 45 678;2026-11-27 11:00:00;sale\r\n"
 
 
 def make_settings(tmp_path):
-    def account(account_id: str, customer_id: str) -> dict:
-        return {
-            "id": account_id,
-            "customer_id": customer_id,
-            "timezone": "UTC",
-            "default_region": "NO",
-            "default_currency": "NOK",
-            "conversion_actions": {"sale": {"id": "1", "name": "Phone sale"}},
-        }
-
-    return parse_settings(
-        {
-            "export_uri": str(tmp_path / "export"),
-            "data_docs_uri": str(tmp_path / "docs"),
-            "archive_uri": str(tmp_path / "archive"),
-            "quarantine_uri": str(tmp_path / "quarantine"),
-            "crm_source": {
-                "landing_uri": str(tmp_path / "landing"),
-                "delimiter": ";",
-                "columns": {
-                    "crm_id": "id",
-                    "caller_phone": "phone",
-                    "conversion_time": "sold_at",
-                    "outcome": "outcome",
-                },
-            },
-            "accounts": [account("acme", "1112223333"), account("other", "4445556666")],
-        }
+    return intake_project.make_settings(
+        tmp_path,
+        header=HEADER,
+        crm_source={"delimiter": ";"},
+        accounts=[intake_project.account("acme"), intake_project.account("other", customer_id="4445556666")],
     )
 
 
 def take_in(tmp_path, warehouse, keyset, account_id: str, **kwargs):
     settings = make_settings(tmp_path)
-    return take_in_day(
-        warehouse,
-        settings,
-        settings.account(account_id),
-        *WINDOW,
-        "run-1",
-        landing_root=tmp_path / "landing",
-        data_docs_root=tmp_path / "docs",
-        archive_root=tmp_path / "archive",
-        quarantine_root=tmp_path / "quarantine",
-        keyset=keyset,
-        keys=keys_from_airflow(DEFAULT_CONN_ID),
-        **kwargs,
-    )
+    return intake_project.take_in(warehouse, settings, tmp_path, keyset, account_id=account_id, window=WINDOW, **kwargs)
 
 
 def acme_landing_file(tmp_path):
-    path = tmp_path / "landing" / "acme" / DAY.isoformat() / "deals.csv"
-    path.parent.mkdir(parents=True)
-    path.write_bytes(ACME_FILE)
-    return path
+    return intake_project.drop(tmp_path, "acme", DAY, "deals.csv", ACME_FILE)
 
 
 def refused_for_other(tmp_path, warehouse, keyset, error=ExtractError, **kwargs) -> str:
@@ -147,9 +107,7 @@ def test_an_archive_day_folder_symlinked_into_another_account_is_refused_before_
     with warehouse.begin() as connection:
         for table in (crm_imports, crm_sales, quarantine):
             connection.execute(table.delete())
-    other_file = tmp_path / "landing" / "other" / DAY.isoformat() / "deals.csv"
-    other_file.parent.mkdir(parents=True)
-    other_file.write_bytes(OTHER_FILE)
+    other_file = intake_project.drop(tmp_path, "other", DAY, "deals.csv", OTHER_FILE)
     (tmp_path / "archive" / "other").mkdir()
     (tmp_path / "archive" / "other" / DAY.isoformat()).symlink_to(f"../acme/{DAY}", target_is_directory=True)
 

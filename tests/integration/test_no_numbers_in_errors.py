@@ -14,8 +14,6 @@ Through the real intake on the real PostgreSQL warehouse, with the production en
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import re
 import threading
@@ -23,12 +21,12 @@ import traceback
 from datetime import UTC, date, datetime
 from decimal import Decimal
 
+import intake_project
 import pytest
 import sqlalchemy as sa
 
-from callconv.config import parse_settings
 from callconv.intake import normalise
-from callconv.intake.take_in import sale_key, take_in_day
+from callconv.intake.take_in import sale_key
 from callconv.intake.validate import ExtractValidator
 from callconv.protection.pseudonyms import DEFAULT_CONN_ID, keys_from_airflow
 from callconv.schema import crm_imports, crm_sales, quarantine
@@ -58,47 +56,8 @@ def bad_row(**cells) -> list[str]:
     return [row[name] for name in HEADER]
 
 
-def make_settings(tmp_path):
-    return parse_settings(
-        {
-            "export_uri": str(tmp_path / "export"),
-            "data_docs_uri": str(tmp_path / "docs"),
-            "archive_uri": str(tmp_path / "archive"),
-            "quarantine_uri": str(tmp_path / "quarantine"),
-            "crm_source": {
-                "landing_uri": str(tmp_path / "landing"),
-                "columns": {
-                    "crm_id": "id",
-                    "caller_phone": "phone",
-                    "conversion_time": "sold_at",
-                    "outcome": "outcome",
-                    "value": "amount",
-                    "currency": "currency",
-                    "call_start": "call_at",
-                },
-            },
-            "validation": {"max_bad_row_share": 1.0},
-            "accounts": [
-                {
-                    "id": ACCOUNT,
-                    "customer_id": "1112223333",
-                    "timezone": "Europe/Oslo",
-                    "default_region": "NO",
-                    "default_currency": "NOK",
-                    "conversion_actions": {"sale": {"id": "1", "name": "Phone sale"}},
-                }
-            ],
-        }
-    )
-
-
 def drop_file(tmp_path, rows: list[list[str]]):
-    out = io.StringIO()
-    csv.writer(out, lineterminator="\r\n").writerows([HEADER, *rows])
-    path = tmp_path / "landing" / ACCOUNT / DAY.isoformat() / "deals.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(out.getvalue().encode("utf-8"))
-    return path
+    return intake_project.drop(tmp_path, ACCOUNT, DAY, "deals.csv", intake_project.csv_bytes(HEADER, rows))
 
 
 @pytest.fixture()
@@ -110,20 +69,13 @@ def production_engine(pg_schema_url, warehouse):
 
 
 def take_in(tmp_path, engine, keyset):
-    settings = make_settings(tmp_path)
-    return take_in_day(
-        engine,
-        settings,
-        settings.account(ACCOUNT),
-        *WINDOW,
-        "run-1",
-        landing_root=tmp_path / "landing",
-        data_docs_root=tmp_path / "docs",
-        archive_root=tmp_path / "archive",
-        quarantine_root=tmp_path / "quarantine",
-        keyset=keyset,
-        keys=keys_from_airflow(DEFAULT_CONN_ID),
+    settings = intake_project.make_settings(
+        tmp_path,
+        header=HEADER,
+        validation={"max_bad_row_share": 1.0},
+        accounts=[intake_project.account(ACCOUNT, timezone="Europe/Oslo")],
     )
+    return intake_project.take_in(engine, settings, tmp_path, keyset, account_id=ACCOUNT, window=WINDOW)
 
 
 def numbers_in(text: str) -> list[str]:

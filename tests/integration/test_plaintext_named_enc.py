@@ -9,13 +9,11 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime
 
+import intake_project
 import pytest
 import sqlalchemy as sa
 
-from callconv.config import parse_settings
 from callconv.intake.extract import ExtractError
-from callconv.intake.take_in import take_in_day
-from callconv.protection.pseudonyms import DEFAULT_CONN_ID, keys_from_airflow
 from callconv.schema import crm_imports, crm_sales
 
 pytestmark = pytest.mark.integration
@@ -23,53 +21,16 @@ pytestmark = pytest.mark.integration
 ACCOUNT = "acme"
 DAY = date(2026, 11, 27)
 WINDOW = (datetime(2026, 11, 27, tzinfo=UTC), datetime(2026, 11, 28, tzinfo=UTC))
+HEADER = ["id", "phone", "sold_at", "outcome"]  # the first line of both files
 PAYLOAD = b"id;phone;sold_at;outcome\r\nA-1;+47 912 34 567;2026-11-27 10:00:00;sale\r\n"
 FORGED = b"id;phone;sold_at;outcome\r\nF-1;+47 913 45 678;2026-11-27 11:00:00;sale\r\n"
 
 
 def take_in(tmp_path, warehouse, keyset, **kwargs):
-    settings = parse_settings(
-        {
-            "export_uri": str(tmp_path / "export"),
-            "data_docs_uri": str(tmp_path / "docs"),
-            "archive_uri": str(tmp_path / "archive"),
-            "quarantine_uri": str(tmp_path / "quarantine"),
-            "crm_source": {
-                "landing_uri": str(tmp_path / "landing"),
-                "delimiter": ";",
-                "columns": {
-                    "crm_id": "id",
-                    "caller_phone": "phone",
-                    "conversion_time": "sold_at",
-                    "outcome": "outcome",
-                },
-            },
-            "accounts": [
-                {
-                    "id": ACCOUNT,
-                    "customer_id": "1112223333",
-                    "timezone": "UTC",
-                    "default_region": "NO",
-                    "default_currency": "NOK",
-                    "conversion_actions": {"sale": {"id": "1", "name": "Phone sale"}},
-                }
-            ],
-        }
+    settings = intake_project.make_settings(
+        tmp_path, header=HEADER, crm_source={"delimiter": ";"}, accounts=[intake_project.account(ACCOUNT)]
     )
-    return take_in_day(
-        warehouse,
-        settings,
-        settings.account(ACCOUNT),
-        *WINDOW,
-        "run-1",
-        landing_root=tmp_path / "landing",
-        data_docs_root=tmp_path / "docs",
-        archive_root=tmp_path / "archive",
-        quarantine_root=tmp_path / "quarantine",
-        keyset=keyset,
-        keys=keys_from_airflow(DEFAULT_CONN_ID),
-        **kwargs,
-    )
+    return intake_project.take_in(warehouse, settings, tmp_path, keyset, account_id=ACCOUNT, window=WINDOW, **kwargs)
 
 
 def sale_ids(warehouse) -> list[str]:
@@ -78,9 +39,7 @@ def sale_ids(warehouse) -> list[str]:
 
 
 def test_a_plaintext_landing_file_named_enc_is_refused_and_left_in_place(tmp_path, warehouse, test_keyset):
-    dropped = tmp_path / "landing" / ACCOUNT / DAY.isoformat() / "deals.csv.enc"
-    dropped.parent.mkdir(parents=True)
-    dropped.write_bytes(PAYLOAD)
+    dropped = intake_project.drop(tmp_path, ACCOUNT, DAY, "deals.csv.enc", PAYLOAD)
 
     with pytest.raises(ExtractError) as caught:
         take_in(tmp_path, warehouse, test_keyset)
@@ -98,9 +57,7 @@ def test_a_plaintext_landing_file_named_enc_is_refused_and_left_in_place(tmp_pat
 
 
 def test_a_plaintext_file_put_over_an_archived_copy_is_refused_on_reimport(tmp_path, warehouse, test_keyset):
-    landing = tmp_path / "landing" / ACCOUNT / DAY.isoformat() / "deals.csv"
-    landing.parent.mkdir(parents=True)
-    landing.write_bytes(PAYLOAD)
+    intake_project.drop(tmp_path, ACCOUNT, DAY, "deals.csv", PAYLOAD)
     take_in(tmp_path, warehouse, test_keyset)
     archived = tmp_path / "archive" / ACCOUNT / DAY.isoformat() / "deals.csv.enc"
     assert sale_ids(warehouse) == ["A-1"] and archived.exists()

@@ -24,13 +24,12 @@ import shutil
 from datetime import UTC, date, datetime
 from pathlib import Path
 
+import intake_project
 import pytest
 import sqlalchemy as sa
 
-from callconv.config import parse_settings
 from callconv.delivery.conversion_file import write_conversion_file
 from callconv.intake.extract import ExtractError
-from callconv.intake.take_in import take_in_day
 from callconv.protection.sealed import SealError, new_keyset
 from callconv.protection.storage import Area, open_for_read, sealer_for
 from callconv.schema import crm_sales, metadata, sealed_generations
@@ -52,34 +51,15 @@ def crm_file(account: str, extra_rows: int = 0) -> bytes:
     rows = [[f"{ids}-{n}", NUMBERS[n % 2], "2026-11-27 10:00:00", "sale", FILLER] for n in range(400 + extra_rows)]
     rows[3][1] = "12"  # too short: quarantined
     rows[5][2] = "whenever"  # unparseable: quarantined
-    out = io.StringIO()
-    csv.writer(out, lineterminator="\r\n").writerows([HEADER, *rows])
-    return out.getvalue().encode()
+    return intake_project.csv_bytes(HEADER, rows)
 
 
 def make_settings(root: Path):
-    account = {"customer_id": "1112223333", "timezone": "UTC", "default_region": "NO", "default_currency": "NOK"}
-    return parse_settings(
-        {
-            "export_uri": str(root / "export"),
-            "data_docs_uri": str(root / "docs"),
-            "archive_uri": str(root / "archive"),
-            "quarantine_uri": str(root / "quarantine"),
-            "crm_source": {
-                "landing_uri": str(root / "landing"),
-                "columns": {
-                    "crm_id": "id",
-                    "caller_phone": "phone",
-                    "conversion_time": "sold_at",
-                    "outcome": "outcome",
-                },
-            },
-            "validation": {"max_bad_row_share": 1.0},
-            "accounts": [
-                {"id": name, **account, "conversion_actions": {"sale": {"id": "1", "name": "Phone sale"}}}
-                for name in ACCOUNTS
-            ],
-        }
+    return intake_project.make_settings(
+        root,
+        header=HEADER,
+        validation={"max_bad_row_share": 1.0},
+        accounts=[intake_project.account(name) for name in ACCOUNTS],
     )
 
 
@@ -102,20 +82,14 @@ class Run:
 
     def stage(self, account: str, landing: bytes | None, **kwargs):
         if landing is not None:
-            folder = self.root / "landing" / account / DAY.isoformat()
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "deals.csv").write_bytes(landing)
-        outcome = take_in_day(
+            intake_project.drop(self.root, account, DAY, "deals.csv", landing)
+        outcome = intake_project.take_in(
             self.engine,
             self.settings,
-            self.settings.account(account),
-            *WINDOW,
-            "run-1",
-            landing_root=self.root / "landing",
-            data_docs_root=self.root / "docs",
-            archive_root=self.root / "archive",
-            quarantine_root=self.root / "quarantine",
-            keyset=self.keyset,
+            self.root,
+            self.keyset,
+            account_id=account,
+            window=WINDOW,
             keys=self.keys,
             **kwargs,
         )
