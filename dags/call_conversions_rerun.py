@@ -16,8 +16,9 @@ then refuses, before any day runs, an end before the start and a range of more t
 366 days. **api_days**, **file_days** and **dm_days** pick the planned days of the
 accounts that deliver each way.
 
-Each (account, day) runs the same steps as the daily import, with the day's
-local-midnight window, in a mapped task group named after the account's delivery:
+Each (account, day) runs the same steps as the daily import, the **preflight** first, with
+the day's local-midnight window (an account whose set-up is broken fails its days at once,
+and the other accounts' days go on), in a mapped task group named after the account's delivery:
 **api_day** ends in `upload_conversions`, **file_day** in `publish_conversion_file`,
 **dm_day** in `deliver_through_data_manager` (it settles the account's earlier requests
 from `requestStatus`, then sends its due events).
@@ -133,7 +134,14 @@ def _rerun_dag(account_ids: list[str], deliveries: dict[str, str], timezone: str
             return split_by_delivery(plan, deliveries)[delivery]
 
         def day_steps(account_id: str, day: str):
-            """Intake, call logs and matching of one day; returns the task the delivery follows."""
+            """Preflight, intake, call logs and matching of one day; returns the task the delivery follows."""
+
+            @task
+            def preflight(account_id: str, day: str, **context) -> dict:
+                """As in the daily import: a set-up problem fails this day at once, an outage is retried."""
+                from callconv.steps import preflight as run
+
+                return run(account_id, context, day=day)
 
             @task(retries=0)
             def take_in_crm_extracts(account_id: str, day: str, **context) -> dict:
@@ -159,9 +167,10 @@ def _rerun_dag(account_ids: list[str], deliveries: dict[str, str], timezone: str
 
                 return run(account_id, context, day=day)
 
+            checked = preflight(account_id=account_id, day=day)
             matched = match_sales(account_id=account_id, day=day)
-            take_in_crm_extracts(account_id=account_id, day=day) >> matched
-            normalise_call_logs(account_id=account_id, day=day) >> matched
+            checked >> take_in_crm_extracts(account_id=account_id, day=day) >> matched
+            checked >> normalise_call_logs(account_id=account_id, day=day) >> matched
             written = write_conversion_file(account_id=account_id, day=day)
             matched >> written
             return written

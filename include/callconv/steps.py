@@ -64,7 +64,7 @@ class PreflightUnreachable(RuntimeError):
     """Google could not be asked (unreachable, 5xx, quota): Airflow's retries may get through."""
 
 
-def preflight(account_id: str, context) -> dict:
+def preflight(account_id: str, context, day: str | None = None) -> dict:
     """The account's delivery set-up, checked before the day's work (see :mod:`callconv.preflight`).
 
     A set-up problem fails the task at once (a retry would meet the same set-up); an outage is
@@ -72,7 +72,7 @@ def preflight(account_id: str, context) -> dict:
     """
     from callconv.preflight import check_account
 
-    scope = task_scope(account_id, context)
+    scope = task_scope(account_id, context, day)
     with log_group(f"preflight {account_id}"):
         verdict = check_account(scope.settings, scope.account, now=scope.window.end)
         log.info("preflight %s", verdict.line())

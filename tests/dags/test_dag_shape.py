@@ -173,7 +173,14 @@ def test_the_rerun_maps_one_group_per_delivery_each_with_its_own_delivery_task(d
     for task in dag.tasks:
         group, _, name = task.task_id.rpartition(".")
         by_group.setdefault(group, set()).add(name)
-    steps = {"take_in_crm_extracts", "normalise_call_logs", "match_sales", "write_conversion_file", "check_anomalies"}
+    steps = {
+        "preflight",
+        "take_in_crm_extracts",
+        "normalise_call_logs",
+        "match_sales",
+        "write_conversion_file",
+        "check_anomalies",
+    }
     assert by_group == {
         "": {"plan", "api_days", "file_days", "dm_days"},
         "api_day": steps | {"upload_conversions"},
@@ -185,6 +192,12 @@ def test_the_rerun_maps_one_group_per_delivery_each_with_its_own_delivery_task(d
     assert upstream["file_day.check_anomalies"] == {"file_days", "file_day.publish_conversion_file"}
     assert upstream["dm_day.deliver_through_data_manager"] == {"dm_days", "dm_day.write_conversion_file"}
     assert upstream["dm_day.check_anomalies"] == {"dm_days", "dm_day.deliver_through_data_manager"}
+    # The preflight comes first in each day, as in the daily import.
+    for group in ("api_day", "file_day", "dm_day"):
+        planned = f"{group}s"  # api_days, file_days, dm_days
+        assert upstream[f"{group}.preflight"] == {planned}
+        for first in ("take_in_crm_extracts", "normalise_call_logs"):
+            assert upstream[f"{group}.{first}"] == {planned, f"{group}.preflight"}
     # Each delivery takes turns with the other days of the run.
     for task_id in (
         "api_day.upload_conversions",

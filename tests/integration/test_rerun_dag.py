@@ -119,11 +119,18 @@ def test_three_days_across_dst_upload_each_sale_once_and_again_nothing(three_day
     assert labels == {f"{ACCOUNT} {day}" for day in DAYS}
     assert not [ti for ti in tis if "publish_conversion_file" in ti.task_id or ti.state == "skipped"]
 
-    requests_before = len(three_days.requests)
+    def uploads():  # each day's preflight sends one validate_only test conversion, which records nothing
+        return [request for request in three_days.requests if not request["validate_only"]]
+
+    uploads_before = len(uploads())
+    checks_before = len(three_days.requests) - uploads_before
     second = rerun({**conf, "rematch": True, "reimport": True})
     assert second.state == "success"
     assert len(three_days.accepted()) == 9
-    assert len(three_days.requests) == requests_before  # nothing was even sent
+    assert len(uploads()) == uploads_before  # nothing was even sent
+    # The preflight ran first on each of the three days, in both runs.
+    assert checks_before == 3
+    assert len(three_days.requests) - len(uploads()) == 6
     with warehouse.connect() as connection:
         counts = connection.scalars(sa.select(run_summary.c.counts).where(run_summary.c.run_id == second.run_id)).all()
     assert [c["upload"]["sent"] for c in counts] == [0, 0, 0]
