@@ -152,3 +152,20 @@ def test_end_before_start_fails_at_once_and_runs_no_day(three_days, warehouse):
     assert states["plan"] == "failed"
     with warehouse.connect() as connection:
         assert connection.scalar(sa.select(sa.func.count()).select_from(upload_ledger)) == 0
+
+
+def test_a_broken_set_up_fails_the_days_at_their_preflight_before_any_work(three_days, warehouse):
+    three_days.set_action("2223334444", ActionSpec(id="77", name="Phone sale", status="REMOVED"))
+    run = rerun({"start_date": "2026-10-24", "end_date": "2026-10-25", "accounts": [ACCOUNT]})
+    assert run.state == "failed"
+    states = {}
+    for ti in run.get_task_instances():
+        states.setdefault(ti.task_id, set()).add(ti.state)
+    assert states["api_day.preflight"] == {"failed"}
+    # Nothing after the preflight ran: no sale was read, matched or sent.
+    for task_id in ("take_in_crm_extracts", "normalise_call_logs", "match_sales", "upload_conversions"):
+        assert states[f"api_day.{task_id}"] == {"upstream_failed"}, task_id
+    with warehouse.connect() as connection:
+        assert connection.scalar(sa.select(sa.func.count()).select_from(upload_ledger)) == 0
+        assert connection.scalar(sa.select(sa.func.count()).select_from(run_summary)) == 0
+    assert [request for request in three_days.requests if not request["validate_only"]] == []
