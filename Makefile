@@ -60,10 +60,11 @@ airflow: $(STAMP)
 		&& $(BIN)/python -m callconv.warehouse migrate \
 		&& $(BIN)/python -m callconv.local_airflow --port $(AIRFLOW__API__PORT)
 
-# The demo day in the Airflow UI: seeds it, starts the sandbox and Airflow (as make airflow) with the
-# connections set, runs the day through the scheduler (real task logs) and waits for Ctrl-C.
+# The demo day in the Airflow UI: seeds it for each account, starts the sandboxes (Google Ads, and
+# Data Manager for an account that delivers through it) and Airflow (as make airflow) with the
+# connections set, runs each account's day through the scheduler (real task logs) and waits for Ctrl-C.
 # The logic is in callconv/demo_ui.py; AIRFLOW__API__PORT=8090 make ui-demo moves the UI. `exec`:
-# on Ctrl-C make waits for the demo itself, which stops Airflow and the sandbox before it exits.
+# on Ctrl-C make waits for the demo itself, which stops Airflow and the sandboxes before it exits.
 ui-demo: export AIRFLOW__API__PORT ?= 8080
 ui-demo: export AIRFLOW__CORE__EXECUTION_API_SERVER_URL ?= http://localhost:$(AIRFLOW__API__PORT)/execution/
 ui-demo: UI_DEMO_VAR ?= $(CURDIR)/var

@@ -5,9 +5,9 @@ logs for the 30 days before that date and drops one CRM extract for the day in
 the landing area, for each account in the config. ``python -m callconv.demo summary --date ...``
 prints the outcome. ``run`` does both around an ``airflow dags test`` of each account's day
 (``make demo``): the shipped config's first account uploads to the Google Ads sandbox, its
-second sends through the Data Manager sandbox (:mod:`callconv.demo_dm`). ``ui`` runs the first
-account's day in a local Airflow (scheduler, api-server, FAB) instead (``make ui-demo``,
-:mod:`callconv.demo_ui`). Every number comes from a seeded generator, so each seed is the same.
+second sends through the Data Manager sandbox (:mod:`callconv.demo_dm`). ``ui`` runs every
+account's day in a local Airflow (scheduler, api-server, FAB) instead, with the same sandboxes
+(``make ui-demo``, :mod:`callconv.demo_ui`). Every number comes from a seeded generator, so each seed is the same.
 """
 
 from __future__ import annotations
@@ -234,12 +234,15 @@ def start_sandbox(settings: Settings, calls: list[dict], business_date: date, ce
 
 def start_sandbox_from_warehouse(settings: Settings, engine: sa.Engine, business_date: date, cert_dir):
     """The sandbox, knowing the forwarded calls in the warehouse, as ``--calls-from-warehouse`` loads
-    them: the call logs not yet normalised are normalised first. Returns it and the calls loaded."""
+    them: the call logs not yet normalised are normalised first. Returns it and the calls loaded.
+
+    Only the accounts that upload through the Google Ads API: no other account's conversions reach
+    this sandbox, and their call logs are left for their own run's ``normalise_call_logs``."""
     from callconv.matching.call_logs import normalise_pending_call_logs
 
     sandbox = _sandbox(settings, business_date, cert_dir)
     loaded = 0
-    for account in settings.accounts:
+    for account in [account for account in settings.accounts if account.delivery == "api"]:
         normalise_pending_call_logs(engine, account.id, account.default_region)
         loaded += sandbox.add_calls_from_warehouse(engine, account.id)
     return sandbox.start(), loaded
@@ -248,17 +251,68 @@ def start_sandbox_from_warehouse(settings: Settings, engine: sa.Engine, business
 DELIVERIES = {"api": "the Google Ads API", "data_manager": "the Data Manager API", "file": "a file over SFTP"}
 
 
+def seed_accounts(engine: sa.Engine, settings: Settings, business_date: date) -> dict[str, list[dict]]:
+    """Seed the day of every account in the config, each in its own CRM source's landing area,
+    and say so. ``seed`` alone seeds the first account only. Returns each account's seeded calls."""
+    from callconv.runtime import storage_root
+
+    calls: dict[str, list[dict]] = {}
+    for account in settings.accounts:
+        landing = storage_root(settings.crm_source_for(account).landing_uri, settings)
+        seeded = seed(engine, settings, landing, business_date, account=account)
+        calls[account.id] = seeded["calls"]
+        print(f"Seeded {seeded['call_logs']} call-log rows and one CRM extract for {account.id}, {business_date}")
+    return calls
+
+
+def runnable_accounts(settings: Settings) -> list[Account]:
+    """The accounts the demo runs, in config order. A 'file' account is left out, and said so:
+    its delivery needs an SFTP server, which the demo does not start."""
+    for account in settings.accounts:
+        if account.delivery == "file":
+            print(f"Skipping {account.id}: delivery 'file' needs an SFTP server, which the demo does not start")
+    return [account for account in settings.accounts if account.delivery != "file"]
+
+
+def start_data_manager(settings: Settings, engine: sa.Engine, cert_dir, env: dict[str, str]):
+    """The Data Manager sandbox when an account delivers through that API, else None.
+
+    Its connection goes into ``env``, the environment Airflow's tasks get, so the account's
+    ``deliver_through_data_manager`` reaches the sandbox and never Google.
+    """
+    from callconv import demo_dm
+
+    if not any(account.delivery == "data_manager" for account in settings.accounts):
+        return None
+    dm = demo_dm.start(settings, engine, cert_dir)
+    env[f"AIRFLOW_CONN_{settings.data_manager.conn_id.upper()}"] = dm.connection()
+    print(f"Data Manager sandbox serving on {dm.endpoint} (HTTPS, test certificate)")
+    return dm
+
+
+def report(engine: sa.Engine, account: Account, business_date: date, sandbox, dm, succeeded: bool) -> str:
+    """The account's summary once its run has ended, and what its sandbox holds: the Google Ads
+    sandbox's accepted conversions, or (after a run that succeeded) what the Data Manager sandbox
+    received, what its requestStatus says, and the outcome a later run's settle step records."""
+    from callconv import demo_dm
+
+    lines = [summary(engine, account, business_date)]
+    if account.delivery == "api":
+        lines.append(f"  sandbox holds:      {len(sandbox.accepted(account.customer_id))} accepted conversions")
+    elif account.delivery == "data_manager" and succeeded:
+        lines.extend(demo_dm.after_run(engine, account, business_date, dm))
+    return "\n".join(lines)
+
+
 def run(settings: Settings, warehouse_url: str, business_date: date, log_path) -> int:
     """Seed the day of every account, serve the sandboxes, run each account's import DAG
     through Airflow (one ``airflow dags test`` each, in config order), print what happened."""
     import json
     import os
 
-    from callconv import demo_dm
     from callconv.config import PROJECT_ROOT
     from callconv.delivery.ads_client import SSL_ROOTS_ENV_VAR
     from callconv.protection.pseudonyms import local_connection
-    from callconv.runtime import storage_root
     from callconv.warehouse import create_engine, migrate
 
     # The demo's pseudonym keyring, kept in var/ beside its data unless a connection is set.
@@ -267,12 +321,7 @@ def run(settings: Settings, warehouse_url: str, business_date: date, log_path) -
         os.environ[pseudonym_env] = local_connection(PROJECT_ROOT / "var" / "demo-pseudonym-keyring.json")
     migrate(warehouse_url)
     engine = create_engine(warehouse_url)
-    calls: dict[str, list[dict]] = {}
-    for account in settings.accounts:
-        landing = storage_root(settings.crm_source_for(account).landing_uri, settings)
-        seeded = seed(engine, settings, landing, business_date, account=account)
-        calls[account.id] = seeded["calls"]
-        print(f"Seeded {seeded['call_logs']} call-log rows and one CRM extract for {account.id}, {business_date}")
+    calls = seed_accounts(engine, settings, business_date)
     cert_dir = PROJECT_ROOT / "var" / "sandbox"
     ads_calls = [call for a in settings.accounts if a.delivery == "api" for call in calls[a.id]]
     sandbox = start_sandbox(settings, ads_calls, business_date, cert_dir)
@@ -288,20 +337,10 @@ def run(settings: Settings, warehouse_url: str, business_date: date, log_path) -
     code = 0
     open(log_path, "w").close()  # one log for the day's runs, each appended
     try:
-        if any(account.delivery == "data_manager" for account in settings.accounts):
-            dm = demo_dm.start(settings, engine, cert_dir)
-            env[f"AIRFLOW_CONN_{settings.data_manager.conn_id.upper()}"] = dm.connection()
-            print(f"Data Manager sandbox serving on {dm.endpoint} (HTTPS, test certificate)")
-        for account in settings.accounts:
-            if account.delivery == "file":
-                print(f"Skipping {account.id}: delivery 'file' needs an SFTP server, which the demo does not start")
-                continue
+        dm = start_data_manager(settings, engine, cert_dir, env)
+        for account in runnable_accounts(settings):
             code = _dags_test(account, business_date, env, log_path)
-            print(summary(engine, account, business_date))
-            if account.delivery == "api":
-                print(f"  sandbox holds:      {len(sandbox.accepted(account.customer_id))} accepted conversions")
-            elif code == 0:
-                print("\n".join(demo_dm.after_run(engine, account, business_date, dm)))
+            print(report(engine, account, business_date, sandbox, dm, code == 0))
             if code != 0:
                 print(f"The Airflow run of {account.id} failed; see {log_path}")
                 break
@@ -407,7 +446,6 @@ def _this_run(counts: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from callconv.runtime import storage_root
     from callconv.warehouse import create_engine
 
     parser = argparse.ArgumentParser(prog="python -m callconv.demo")
@@ -435,13 +473,11 @@ def main(argv: list[str] | None = None) -> None:
         var_dir = Path(args.var_dir).resolve() if args.var_dir else PROJECT_ROOT / "var"
         raise SystemExit(run_ui(settings, args.warehouse_url, args.date, var_dir, args.port))
     engine = create_engine(args.warehouse_url)
+    if args.command == "seed":
+        seed_accounts(engine, settings, args.date)
+        return
     for account in settings.accounts:
-        if args.command == "seed":
-            landing = storage_root(settings.crm_source_for(account).landing_uri, settings)
-            result = seed(engine, settings, landing, args.date, account=account)
-            print(f"Seeded {result['call_logs']} call-log rows and one CRM extract for {account.id}, {args.date}")
-        else:
-            print(summary(engine, account, args.date))
+        print(summary(engine, account, args.date))
 
 
 if __name__ == "__main__":

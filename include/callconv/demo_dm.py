@@ -1,4 +1,4 @@
-"""The Data Manager half of ``make demo``: its sandbox, the connection to it, and what it says of a run.
+"""The Data Manager half of ``make demo`` and ``make ui-demo``: its sandbox, its connection, what it says of a run.
 
 Why apart from :mod:`callconv.demo`: an account with ``delivery: data_manager`` ends its run with
 its rows in ``processing``; Google reports a request's outcome between 30 minutes and 24 hours
@@ -43,6 +43,10 @@ class DmSandbox:
         from callconv.delivery.data_manager.client import build_service, token_credentials
 
         return build_service(token_credentials(self.box.token), self.endpoint, str(self.box.cert_path))
+
+    def events_received(self, account: Account) -> int:
+        """The events of the account's ingest requests (validateOnly ones carry none) since it started."""
+        return _received(self.box, account)[1]
 
     def stop(self) -> None:
         self.box.stop()

@@ -1,4 +1,4 @@
-"""``python -m callconv.demo ui``: the demo day in the Airflow UI, run by the scheduler.
+"""``python -m callconv.demo ui``: the demo day of every account in the Airflow UI, run by the scheduler.
 
 ``make demo`` runs the day with ``airflow dags test``. That writes no task log
 files, so every task log in the UI says "Log file not found", and the run's
@@ -6,15 +6,19 @@ start date is its logical date, so it shows a duration of days. Here the day
 is run as production runs it: the scheduler, api-server, dag-processor and
 triggerer under the FAB auth manager (:mod:`callconv.local_airflow`, as
 ``make airflow``; standalone would force the simple auth manager), with the
-Google Ads sandbox behind the DAG's connection, and one run of the demo day created through the REST API, which
-alone lets a manual run cover a given data interval (``airflow dags trigger``
-would give it the interval before now). The scheduler creates no other run
+Google Ads sandbox behind the Google Ads connection and, when an account
+delivers through the Data Manager API, the Data Manager sandbox behind that
+connection (both as ``make demo`` sets them up). Each account's import DAG gets
+one run of the demo day, created through the REST API, which alone lets a
+manual run cover a given data interval (``airflow dags trigger`` would give it
+the interval before now). The scheduler creates no other run
 (``use_job_schedule`` off), and the command keeps everything up until Ctrl-C.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -33,6 +37,8 @@ from callconv.config import Account, Settings
 # on a small machine; a bound on waiting, after which the command gives up and says why.
 START_SECONDS = 600
 PASSWORD_FILE = "admin-password"  # written by callconv.local_airflow
+# The task that hands an account's conversions to Google, by delivery: the log worth opening first.
+DELIVERY_TASKS = {"api": "upload_conversions", "data_manager": "deliver_through_data_manager"}
 
 
 class Api:
@@ -181,19 +187,16 @@ def _interrupt(signum, frame):
 
 
 def run_ui(settings: Settings, warehouse_url: str, business_date: date, var_dir: Path, port: int) -> int:
-    """Seeds the day, starts the sandbox and Airflow, runs the day, and waits for Ctrl-C."""
-    from callconv.demo import seed, start_sandbox_from_warehouse, summary
-    from callconv.runtime import storage_root
+    """Seeds the day, starts the sandboxes and Airflow, runs each account's day, and waits for Ctrl-C."""
+    from callconv.demo import report, runnable_accounts, seed_accounts, start_data_manager, start_sandbox_from_warehouse
+    from callconv.monitoring.report_queries import import_dag_id
     from callconv.warehouse import create_engine, migrate
 
-    account = settings.accounts[0]
-    dag_id = f"call_conversions_import__{account.id}"
     var_dir.mkdir(parents=True, exist_ok=True)
     migrate(warehouse_url)
     engine = create_engine(warehouse_url)
-    landing = storage_root(settings.crm_source_for(account).landing_uri, settings)
-    seeded = seed(engine, settings, landing, business_date)
-    print(f"Seeded {seeded['call_logs']} call-log rows and one CRM extract for {account.id}, {business_date}")
+    seed_accounts(engine, settings, business_date)
+    accounts = runnable_accounts(settings)
     sandbox, loaded = start_sandbox_from_warehouse(settings, engine, business_date, var_dir / "sandbox")
     print(f"Google Ads sandbox serving on {sandbox.endpoint}, knowing {loaded} forwarded calls from the warehouse")
 
@@ -204,9 +207,11 @@ def run_ui(settings: Settings, warehouse_url: str, business_date: date, var_dir:
     signal.signal(signal.SIGTERM, _interrupt)
     api = Api(port)
     process: subprocess.Popen | None = None
+    dm = None
     code = 0
     try:
         env = airflow_env(settings, warehouse_url, sandbox, port, var_dir)
+        dm = start_data_manager(settings, engine, var_dir / "sandbox", env)
         home = airflow_home(env)
         home.mkdir(parents=True, exist_ok=True)
         print(f"Starting Airflow (FAB auth manager) in {home} (its output: {log_path}); the first start takes minutes")
@@ -220,32 +225,34 @@ def run_ui(settings: Settings, warehouse_url: str, business_date: date, var_dir:
             )
         wait_until("healthy api-server", lambda: _healthy(api), process, log_path)
         password_file = home / PASSWORD_FILE
-        password = wait_until(
-            "admin password", lambda: password_file.read_text().strip(), process, log_path
-        )
+        password = wait_until("admin password", lambda: password_file.read_text().strip(), process, log_path)
         api.login(password)
-        wait_until(
-            f"DAG {dag_id} parsed", lambda: api.call("GET", f"/api/v2/dags/{dag_id}")[0] == 200, process, log_path
-        )
-        status, answer = api.call("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
-        if status != 200:
-            raise RuntimeError(f"unpausing {dag_id} failed ({status}): {answer}")
-        run_id = day_run(api, account, business_date)
-        print(_banner(port, password, password_file, dag_id, run_id, business_date), flush=True)
-        state = wait_until(f"end of run {run_id}", lambda: _ended(api, dag_id, run_id), process, log_path, 3600)
-        print(f"Run {run_id} ended: {state}")
-        if state != "success":
-            print("Open the run in the UI and read the log of its failed task.")
-            code = 1
-        print(summary(engine, account, business_date))
-        print(f"  sandbox holds:      {len(sandbox.accepted())} accepted conversions")
+        # Every account's run is created before any is waited on: the scheduler runs them side by side.
+        runs: list[tuple[Account, str, str]] = []
+        for account in accounts:
+            dag_id = import_dag_id(account.id)
+            parsed = functools.partial(_parsed, api, dag_id)
+            wait_until(f"DAG {dag_id} parsed", parsed, process, log_path)
+            status, answer = api.call("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
+            if status != 200:
+                raise RuntimeError(f"unpausing {dag_id} failed ({status}): {answer}")
+            runs.append((account, dag_id, day_run(api, account, business_date)))
+        print(_banner(port, password, password_file, runs, business_date), flush=True)
+        for account, dag_id, run_id in runs:
+            ended = functools.partial(_ended, api, dag_id, run_id)
+            state = wait_until(f"end of run {run_id} of {dag_id}", ended, process, log_path, 3600)
+            print(f"Run {run_id} of {dag_id} ended: {state}")
+            if state != "success":
+                print("Open the run in the UI and read the log of its failed task.")
+                code = 1
+            print(report(engine, account, business_date, sandbox, dm, state == "success"), flush=True)
         print("Everything keeps running for you to click through; Ctrl-C stops it.", flush=True)
         while process.poll() is None:
             time.sleep(1)
         print(f"Airflow exited with {process.returncode}; see {log_path}")
         code = 1
     except KeyboardInterrupt:
-        print("\nStopping Airflow and the sandbox ...", flush=True)
+        print("\nStopping Airflow and the sandboxes ...", flush=True)
     except RuntimeError as error:
         print(f"The UI demo could not finish: {error}", flush=True)
         code = 1
@@ -256,8 +263,13 @@ def run_ui(settings: Settings, warehouse_url: str, business_date: date, var_dir:
             stop_airflow(process)
         accepted = len(sandbox.accepted())
         sandbox.stop()
+        received = None
+        if dm is not None:
+            received = sum(dm.events_received(a) for a in accounts if a.delivery == "data_manager")
+            dm.stop()
         engine.dispose()
-    print(f"Stopped. The sandbox accepted {accepted} conversions.", flush=True)
+    told = "" if received is None else f" The Data Manager sandbox received {received} events."
+    print(f"Stopped. The sandbox accepted {accepted} conversions.{told}", flush=True)
     return code
 
 
@@ -267,21 +279,41 @@ def _healthy(api: Api) -> bool:
     return status == 200 and all(health.get(part, {}).get("status") == "healthy" for part in parts)
 
 
+def _parsed(api: Api, dag_id: str) -> bool:
+    return api.call("GET", f"/api/v2/dags/{dag_id}")[0] == 200
+
+
 def _ended(api: Api, dag_id: str, run_id: str) -> str | None:
     status, run = api.call("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")
     return run["state"] if status == 200 and run["state"] in ("success", "failed") else None
 
 
-def _banner(port: int, password: str, password_file: Path, dag_id: str, run_id: str, day: date) -> str:
+def _banner(port: int, password: str, password_file: Path, runs: list[tuple[Account, str, str]], day: date) -> str:
+    from callconv.demo import DELIVERIES
+
     url = f"http://localhost:{port}"
+    listed = "\n".join(
+        f"    {account.id}, through {DELIVERIES.get(account.delivery, account.delivery)}: {dag_id}, run {run_id}\n"
+        f"      {url}/dags/{dag_id}/runs/{run_id}"
+        for account, dag_id, run_id in runs
+    )
+    tasks = " or ".join(f"{DELIVERY_TASKS[a.delivery]} ({a.id})" for a, _, _ in runs if a.delivery in DELIVERY_TASKS)
+    waits = ""
+    if any(account.delivery == "data_manager" for account, _, _ in runs):
+        waits = (
+            "  A Data Manager account's rows end its run in 'processing' (Google answers within 30 minutes to\n"
+            "  24 hours); once its run has ended, this command asks requestStatus and settles them as the next\n"
+            "  run's first step would, and prints the outcome below.\n"
+        )
     return f"""
 The Airflow UI is up: {url}
   Log in as admin with password {password} (kept in {password_file}).
-  The scheduler is running {run_id}, the demo day {day}. Then click:
-  1. Dags > {dag_id}: the DAG, its graph and its runs.
-  2. The run {run_id}: each task's state and duration (a minute or two, not days).
-  3. A task, e.g. upload_conversions > Logs: its real task log (counts and reason codes, no phone numbers).
-  4. "Call conversions" in the navigation bar: the plugin page, with {day} and the run's link.
-  Direct link to the run: {url}/dags/{dag_id}/runs/{run_id}
-Ctrl-C stops it all.
+  The scheduler is running the demo day {day} of each account, one run each:
+{listed}
+  Then click:
+  1. Dags > an account's DAG (call_conversions_import__<account>): the DAG, its graph and its runs.
+  2. Its run: each task's state and duration (a minute or two, not days).
+  3. A task, e.g. {tasks} > Logs: its real task log (counts and reason codes, no phone numbers).
+  4. "Call conversions" in the navigation bar: the plugin page, each account's {day} with its run's link.
+{waits}Ctrl-C stops it all.
 """
