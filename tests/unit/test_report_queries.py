@@ -398,9 +398,7 @@ def test_chart_of_an_empty_period_says_so(page_module):
     data = {
         "first_day": FIRST,
         "last_day": LAST,
-        "accounts": [
-            {"id": "shop_a", "dag_id": "d", "days": [], "chart": points, "code_counts": [], "problems": []}
-        ],
+        "accounts": [{"id": "shop_a", "dag_id": "d", "days": [], "chart": points, "code_counts": [], "problems": []}],
     }
     page = page_module.render_page(data, all_accounts=["shop_a"], selected=None)
     assert "No runs in this period" in page

@@ -30,8 +30,8 @@ def upgrade() -> None:
         sa.Column("run_id", sa.String(250), nullable=False),
         sa.Column("state", sa.String(16), nullable=False),
         sa.Column("events", sa.Integer, nullable=False),
-    # The request body as first sent; a resend after a crash sends exactly these bytes.
-    sa.Column("body", sa.LargeBinary, nullable=False),
+        # The request body as first sent; a resend after a crash sends exactly these bytes.
+        sa.Column("body", sa.LargeBinary, nullable=False),
         sa.Column("google_request_id", sa.String(128)),
         sa.Column("sent_at", UTC_TIME),
         sa.Column("answered_at", UTC_TIME),
