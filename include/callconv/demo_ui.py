@@ -227,18 +227,21 @@ def run_ui(settings: Settings, warehouse_url: str, business_date: date, var_dir:
         password_file = home / PASSWORD_FILE
         password = wait_until("admin password", lambda: password_file.read_text().strip(), process, log_path)
         api.login(password)
-        # Every account's run is created before any is waited on: the scheduler runs them side by side.
+        # Every account's run is created up front (the banner links them all), each DAG still
+        # paused; the DAGs are then unpaused one at a time, so the runs take turns. The embedded
+        # SQLite warehouse has one writer: two matches side by side can meet "database is locked"
+        # (a transaction that read, then writes after the other's commit), and a retry waits minutes.
         runs: list[tuple[Account, str, str]] = []
         for account in accounts:
             dag_id = import_dag_id(account.id)
             parsed = functools.partial(_parsed, api, dag_id)
             wait_until(f"DAG {dag_id} parsed", parsed, process, log_path)
-            status, answer = api.call("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
-            if status != 200:
-                raise RuntimeError(f"unpausing {dag_id} failed ({status}): {answer}")
             runs.append((account, dag_id, day_run(api, account, business_date)))
         print(_banner(port, password, password_file, runs, business_date), flush=True)
         for account, dag_id, run_id in runs:
+            status, answer = api.call("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
+            if status != 200:
+                raise RuntimeError(f"unpausing {dag_id} failed ({status}): {answer}")
             ended = functools.partial(_ended, api, dag_id, run_id)
             state = wait_until(f"end of run {run_id} of {dag_id}", ended, process, log_path, 3600)
             print(f"Run {run_id} of {dag_id} ended: {state}")
@@ -308,7 +311,7 @@ def _banner(port: int, password: str, password_file: Path, runs: list[tuple[Acco
     return f"""
 The Airflow UI is up: {url}
   Log in as admin with password {password} (kept in {password_file}).
-  The scheduler is running the demo day {day} of each account, one run each:
+  The scheduler runs the demo day {day} of each account, one run each, one after the other:
 {listed}
   Then click:
   1. Dags > an account's DAG (call_conversions_import__<account>): the DAG, its graph and its runs.
