@@ -97,7 +97,9 @@ def prepare(env: dict[str, str], home: Path) -> str:
     password, made = admin_password(home)
     if made:
         _airflow(
-            env, "users", "create", "--role", "Admin", "--username", ADMIN_USER, "--password", password,
+            # "--password=…" in one word: a generated password may start with "-", which
+            # argparse would take for an option in a word of its own.
+            env, "users", "create", "--role", "Admin", "--username", ADMIN_USER, f"--password={password}",
             "--firstname", "Admin", "--lastname", "User", "--email", "admin@example.invalid",
         )  # fmt: skip
     existing = set(_airflow(env, "roles", "list", "--output", "plain").stdout.split())
