@@ -10,6 +10,7 @@ at once and which conversions each one carries; the sandbox itself is unchanged.
 from __future__ import annotations
 
 import gc
+import json
 import subprocess
 import sys
 import threading
@@ -380,8 +381,65 @@ def _clear(engine) -> None:
         connection.execute(call_logs.delete())
 
 
-def _upload_peak(engine, url: str, cert_dir: Path, rows: int, **kwargs) -> tuple[int, float, object]:
-    """Seed ``rows``, upload them to a sandbox process; returns (tracemalloc peak bytes, seconds, outcome)."""
+# Each figure is taken in a fresh process of its own, and tracemalloc is never stopped there:
+# the process prints its figures and leaves with os._exit. In-process, once a pytest worker
+# hung after an upload (a gRPC native thread spinning while holding the GIL), and once a
+# measuring process crashed (SIGSEGV); the likeliest cause is tracemalloc.stop() racing
+# threads that allocate meanwhile, which gRPC's do (a race fixed in later CPythons, gh-128679).
+# A fresh process also has the small heap the figures are meant for, not the leftovers of
+# the worker's earlier tests. The upload warms up (imports, descriptors, channel code) with
+# 50 untraced rows first.
+MEASURE_SCRIPT = """
+import json
+import os
+import sys
+from pathlib import Path
+
+import sqlalchemy as sa
+
+sys.path.insert(0, sys.argv[1])
+import test_upload_scale as scale
+
+what, url, cert_dir, rows, options = sys.argv[2], sys.argv[3], Path(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+engine = sa.create_engine(url)
+if what == "upload":
+    scale.measure_upload(engine, url, cert_dir, 50, trace=False, **json.loads(options))
+    peak, seconds, outcome = scale.measure_upload(engine, url, cert_dir, rows, **json.loads(options))
+    figures = {"peak": peak, "seconds": seconds, "batches": outcome.batches}
+else:
+    figures = {"peak": scale.measure_held(engine, rows)}
+print(json.dumps(figures), flush=True)
+os._exit(0)
+"""
+
+
+def _measure(what: str, url: str, cert_dir: Path, rows: int, **options) -> dict:
+    command = [sys.executable, "-X", "faulthandler", "-c", MEASURE_SCRIPT, str(Path(__file__).parent), what, url]
+    command += [str(cert_dir), str(rows), json.dumps(options)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"the {what} measurement ended with {done.returncode}: {done.stderr[-3000:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _upload_peak(url: str, cert_dir: Path, rows: int, **options) -> tuple[int, float, int]:
+    """``measure_upload`` of ``rows`` in a fresh process; returns (peak bytes, seconds, batches)."""
+    figures = _measure("upload", url, cert_dir, rows, **options)
+    return figures["peak"], figures["seconds"], figures["batches"]
+
+
+def _held_peak(url: str, cert_dir: Path) -> int:
+    """``measure_held`` of the 60,000 uploaded rows, in a fresh process; peak bytes."""
+    return _measure("held", url, cert_dir, 60_000)["peak"]
+
+
+def measure_upload(engine, url: str, cert_dir: Path, rows: int, trace: bool = True, **kwargs):
+    """Seed ``rows``, upload them to a sandbox process; returns (tracemalloc peak bytes, seconds, outcome).
+
+    With ``trace``, tracing starts here and is left running (see MEASURE_SCRIPT), as is the
+    cyclic collector left off: in a worker with a large heap full collections are rare, so
+    anything a batch leaves in a reference cycle piles up there; with it off, such leftovers
+    show in the peak too.
+    """
     _clear(engine)
     seed(engine, rows)
     sandbox = SandboxProcess(url, cert_dir)
@@ -389,19 +447,15 @@ def _upload_peak(engine, url: str, cert_dir: Path, rows: int, **kwargs) -> tuple
         client = client_from_settings(
             {"developer_token": DEV_TOKEN, "access_token": ACCESS_TOKEN, "endpoint": f"localhost:{sandbox.port}"}
         )
-        gc.collect()
-        # No cyclic collection while measuring: in a worker with a large heap (or this whole
-        # suite) full collections are rare, so anything a batch leaves in a reference cycle
-        # piles up there. With it off, such leftovers show here too, not only in CI.
-        gc.disable()
-        tracemalloc.start()
+        peak = 0
+        if trace:
+            gc.collect()
+            gc.disable()
+            tracemalloc.start()
         started = time.monotonic()
-        try:
-            outcome = run(engine, client, **kwargs)
+        outcome = run(engine, client, **kwargs)
+        if trace:
             _, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
-            gc.enable()
         seconds = time.monotonic() - started
         assert outcome.accepted == rows
         assert sandbox.accepted() == rows
@@ -411,51 +465,44 @@ def _upload_peak(engine, url: str, cert_dir: Path, rows: int, **kwargs) -> tuple
     return peak, seconds, outcome
 
 
-def _held_peak(engine) -> int:
+def measure_held(engine, rows: int) -> int:
     """tracemalloc peak of merely reading every due row into one list, as the old upload did first."""
     with engine.begin() as connection:
         connection.execute(upload_ledger.update().values(state="pending"))
     gc.collect()
     tracemalloc.start()
-    try:
-        rows = len(list(due_rows_paged(engine, "acme", DAY_END)))
-        _, held = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert rows == 60_000
+    held_rows = len(list(due_rows_paged(engine, "acme", DAY_END)))
+    _, held = tracemalloc.get_traced_memory()
+    assert held_rows == rows
     return held
 
 
 def test_upload_memory_does_not_grow_with_the_number_of_due_rows(warehouse, pg_schema_url, sandbox_cert):
     cert_dir = sandbox_cert.parent
-    _upload_peak(warehouse, pg_schema_url, cert_dir, 50)  # warm up: imports, descriptors, channel code
-
-    small, small_seconds, _ = _upload_peak(warehouse, pg_schema_url, cert_dir, 10_000, batch_size=2000)
-    large, large_seconds, outcome = _upload_peak(warehouse, pg_schema_url, cert_dir, 60_000, batch_size=2000)
-    held = _held_peak(warehouse)
+    small, small_seconds, _ = _upload_peak(pg_schema_url, cert_dir, 10_000, batch_size=2000)
+    large, large_seconds, batches = _upload_peak(pg_schema_url, cert_dir, 60_000, batch_size=2000)
+    held = _held_peak(pg_schema_url, cert_dir)
 
     report = (
         f"one batch in flight, tracemalloc peak: 10k rows {small / 2**20:.1f} MiB in {small_seconds:.1f} s, "
         f"60k rows {large / 2**20:.1f} MiB in {large_seconds:.1f} s; 60k rows merely held: {held / 2**20:.1f} MiB"
     )
     print(report)
-    assert outcome.batches == 30
+    assert batches == 30
     assert large < 1.5 * small, report
     assert large < held / 2, report
 
 
 def test_upload_memory_stays_bounded_with_four_batches_in_flight(warehouse, pg_schema_url, sandbox_cert):
     cert_dir = sandbox_cert.parent
-    _upload_peak(warehouse, pg_schema_url, cert_dir, 50, max_concurrent_batches=4)  # warm up
-
-    peak, seconds, outcome = _upload_peak(warehouse, pg_schema_url, cert_dir, 60_000, max_concurrent_batches=4)
-    held = _held_peak(warehouse)
+    peak, seconds, batches = _upload_peak(pg_schema_url, cert_dir, 60_000, max_concurrent_batches=4)
+    held = _held_peak(pg_schema_url, cert_dir)
 
     report = (
         f"four batches in flight, tracemalloc peak: 60k rows {peak / 2**20:.1f} MiB in {seconds:.1f} s; "
         f"60k rows merely held: {held / 2**20:.1f} MiB"
     )
     print(report)
-    assert outcome.batches == 30
+    assert batches == 30
     # Four batches of 2,000 in flight, one planned and one page read: a few batches, far from all 30.
     assert peak < held / 2, report
