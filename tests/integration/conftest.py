@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 import yaml
 
 from callconv.delivery.ads_client import SSL_ROOTS_ENV_VAR, client_from_settings
@@ -135,3 +137,20 @@ def write_settings(tmp_path, monkeypatch):
         return path
 
     return write
+
+
+@pytest.fixture()
+def metadata_database(pg_admin_engine):
+    """A fresh PostgreSQL database for a real Airflow's metadata (and Celery's results), dropped
+    afterwards. Not SQLite: there a CLI write beside a busy scheduler meets the file lock, and
+    pysqlite's savepoints commit each backfill day on its own, so a lock half-way through
+    ``backfill create`` leaves a backfill with only some of its days."""
+    name = f"airflow_meta_{uuid.uuid4().hex[:12]}"
+    admin = pg_admin_engine.execution_options(isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'create database "{name}"'))
+    try:
+        yield pg_admin_engine.url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'drop database if exists "{name}" with (force)'))

@@ -1,4 +1,5 @@
-"""A real Airflow backfill of the daily import DAG: scheduler, LocalExecutor and api-server.
+"""A real Airflow backfill of the daily import DAG: scheduler, LocalExecutor and api-server,
+with a fresh PostgreSQL database for Airflow's metadata.
 
 ``airflow backfill create`` makes the runs from the DAG's own timetable, the
 scheduler runs them, and the tasks talk to PostgreSQL and the Google Ads
@@ -24,10 +25,10 @@ DAG_ID = f"call_conversions_import__{ACCOUNT}"
 
 
 @pytest.fixture()
-def airflow_stack(tmp_path, three_days):  # noqa: F811 - pytest fixture
+def airflow_stack(tmp_path, metadata_database, three_days):  # noqa: F811 - pytest fixture
     """An Airflow home of its own, with an api-server and a scheduler running the LocalExecutor."""
     port = free_port()
-    env = airflow_env(tmp_path, port, "LocalExecutor")
+    env = airflow_env(tmp_path, port, "LocalExecutor", AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=metadata_database)
     prepare_home(env, DAG_ID)
     logs = tmp_path / "logs"
     commands = {"api-server": ["api-server", "--port", str(port)], "scheduler": ["scheduler"]}

@@ -85,20 +85,6 @@ def redis_broker():
 
 
 @pytest.fixture()
-def metadata_database(pg_admin_engine):
-    """A fresh PostgreSQL database for Airflow's metadata and Celery's results, dropped afterwards."""
-    name = f"airflow_celery_{uuid.uuid4().hex[:12]}"
-    admin = pg_admin_engine.execution_options(isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(sa.text(f'create database "{name}"'))
-    try:
-        yield pg_admin_engine.url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(sa.text(f'drop database if exists "{name}" with (force)'))
-
-
-@pytest.fixture()
 def celery_stack(tmp_path, redis_broker, metadata_database, three_days):  # noqa: F811 - pytest fixture
     """Scheduler and api-server, then a Celery worker that names itself; yields what the test checks."""
     broker_url, queue = redis_broker
