@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
+import intake_project
 import pytest
 import sqlalchemy as sa
 import yaml
@@ -48,14 +49,8 @@ OSLO = ZoneInfo("Europe/Oslo")
 ACCOUNT, CUSTOMER, ACTION = "dm_shop", "3334445555", "901"
 DAYS = [date(2026, 11, 23) + timedelta(days=n) for n in range(6)]
 SALES = {day: 2 for day in DAYS[:5]} | {DAYS[5]: 2000}
-COLUMNS = {
-    "crm_id": "id",
-    "caller_phone": "phone",
-    "conversion_time": "sold_at",
-    "outcome": "outcome",
-    "value": "amount",
-    "currency": "currency",
-}
+# The CRM file's header: the shared test CRM's names, without a call start (matching finds the call).
+HEADER = ["id", "phone", "sold_at", "outcome", "amount", "currency"]
 # Day 2's first caller fails in Google's processing; one of day 6's callers is refused at ingest.
 EXPIRED, REFUSED = (1, 0), (5, 1234)
 REFUSAL = "A_RULE_WE_DO_NOT_CHECK"
@@ -118,7 +113,7 @@ def _write_landing(root, calls: list[dict]) -> None:
         folder.mkdir(parents=True)
         with open(folder / "sales.csv", "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
-            writer.writerow(list(COLUMNS.values()))
+            writer.writerow(HEADER)
             for n in range(SALES[day]):
                 call_start = local(day, time(6)) + timedelta(seconds=10 * n)
                 sold_at = call_start + timedelta(hours=1)
@@ -213,29 +208,23 @@ def _journey(root, box, endpoint, engine, pg_schema_url, pseudonym_keys) -> Jour
     _empty(engine)
     with engine.begin() as connection:
         connection.execute(call_logs.insert(), calls)
-    config = {
-        "export_uri": str(root / "export"),
-        "data_docs_uri": str(root / "docs"),
-        "archive_uri": str(root / "archive"),
-        "quarantine_uri": str(root / "quarantine"),
-        "warehouse_conn_id": "dm_dag_warehouse",
-        "crm_source": {"landing_uri": str(root / "landing"), "columns": COLUMNS},
+    account = intake_project.account(
+        ACCOUNT,
+        customer_id=CUSTOMER,
+        timezone="Europe/Oslo",
+        delivery="data_manager",
+        conversion_actions={"sale": {"id": ACTION, "name": "Phone sale"}},
+        consent={"ad_user_data": "GRANTED", "ad_personalization": "DENIED"},
+    )
+    config = intake_project.config(
+        root,
+        header=HEADER,
+        accounts=[account],
+        warehouse_conn_id="dm_dag_warehouse",
         # The call logs are loaded for every day up front: they cover each window at once.
-        "freshness": {"grace_minutes": 60 * 24 * 10},
-        "data_manager": {"conn_id": "dm_dag_google", "api_endpoint": endpoint},
-        "accounts": [
-            {
-                "id": ACCOUNT,
-                "customer_id": CUSTOMER,
-                "timezone": "Europe/Oslo",
-                "default_region": "NO",
-                "default_currency": "NOK",
-                "delivery": "data_manager",
-                "conversion_actions": {"sale": {"id": ACTION, "name": "Phone sale"}},
-                "consent": {"ad_user_data": "GRANTED", "ad_personalization": "DENIED"},
-            }
-        ],
-    }
+        freshness={"grace_minutes": 60 * 24 * 10},
+        data_manager={"conn_id": "dm_dag_google", "api_endpoint": endpoint},
+    )
     (root / "config.yaml").write_text(yaml.safe_dump(config))
     google = {
         "conn_type": "google_cloud_platform",
