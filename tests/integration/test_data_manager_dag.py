@@ -24,7 +24,6 @@ are told apart (:func:`is_preflight`), so the counts below are of the delivery's
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 from collections import Counter
@@ -108,28 +107,24 @@ class Journey:
 
 
 def _write_landing(root, calls: list[dict]) -> None:
+    """Each day's CRM file into ``root``'s landing area, and each sale's call into ``calls``."""
     for index, day in enumerate(DAYS):
-        folder = root / ACCOUNT / day.isoformat()
-        folder.mkdir(parents=True)
-        with open(folder / "sales.csv", "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(HEADER)
-            for n in range(SALES[day]):
-                call_start = local(day, time(6)) + timedelta(seconds=10 * n)
-                sold_at = call_start + timedelta(hours=1)
-                writer.writerow(
-                    [f"{day}-{n}", national(index, n), f"{sold_at:%Y-%m-%d %H:%M:%S}", "sale", "100", "NOK"]
-                )
-                calls.append(
-                    {
-                        "account_id": ACCOUNT,
-                        "source_call_id": f"{day}-{n}",
-                        "caller_number": national(index, n),
-                        "call_start": call_start.astimezone(UTC),
-                        "duration_seconds": 120,
-                        "via_google_forwarding": True,
-                    }
-                )
+        rows = []
+        for n in range(SALES[day]):
+            call_start = local(day, time(6)) + timedelta(seconds=10 * n)
+            sold_at = call_start + timedelta(hours=1)
+            rows.append([f"{day}-{n}", national(index, n), f"{sold_at:%Y-%m-%d %H:%M:%S}", "sale", "100", "NOK"])
+            calls.append(
+                {
+                    "account_id": ACCOUNT,
+                    "source_call_id": f"{day}-{n}",
+                    "caller_number": national(index, n),
+                    "call_start": call_start.astimezone(UTC),
+                    "duration_seconds": 120,
+                    "via_google_forwarding": True,
+                }
+            )
+        intake_project.drop(root, ACCOUNT, day, "sales.csv", intake_project.csv_bytes(HEADER, rows))
 
 
 def _snapshot(engine, box, dag_run, stage: str = "data_manager") -> Snapshot:
@@ -204,7 +199,7 @@ def _empty(engine) -> None:
 def _journey(root, box, endpoint, engine, pg_schema_url, pseudonym_keys) -> Journey:
     """The six days, each run recorded as a snapshot; then Google processes what it took."""
     calls: list[dict] = []
-    _write_landing(root / "landing", calls)
+    _write_landing(root, calls)
     _empty(engine)
     with engine.begin() as connection:
         connection.execute(call_logs.insert(), calls)
